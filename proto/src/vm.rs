@@ -1,0 +1,163 @@
+//! VM descriptions shared by every role: what a client asks for, what the
+//! parent tells a VM process, and what status reports.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest VM name accepted (OpenBSD's limit).
+pub const MAX_NAME_LEN: usize = 64;
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 64;
+/// Smallest and largest guest memory, in bytes.
+pub const MIN_MEMORY: u64 = 1 << 20;
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Memory a VM gets when nothing says otherwise (OpenBSD's default).
+pub const DEFAULT_MEMORY: u64 = 512 << 20;
+/// Longest kernel command line we pass (Linux's COMMAND_LINE_SIZE on x86).
+pub const MAX_CMDLINE: usize = 2047;
+
+/// A client's request to start a VM (`vmctl start`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StartRequest {
+    pub name: String,
+    /// Kernel image: bzImage, ELF vmlinux or any PVH ELF.
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+    /// Bytes; `None` means the default.
+    pub memory: Option<u64>,
+    pub vcpus: Option<u32>,
+}
+
+/// Why a VM is not running (or why it last stopped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitReason {
+    /// The guest powered itself off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042, ACPI reset register).
+    Reboot,
+    /// Stopped on request (`vmctl stop`).
+    Stopped,
+    /// The guest crashed the VM: triple fault, emulation failure, ...
+    /// The text names the KVM exit and carries the registers.
+    GuestCrash(String),
+    /// The VM process failed on its own (setup error, bad device state).
+    VmmError(String),
+    /// The VM process was killed by a signal.
+    Signal(i32),
+    /// The VM process exited without saying why.
+    Exited(i32),
+    /// Restarted too often in a short time (reboot loop).
+    RebootLoop,
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => write!(f, "guest powered off"),
+            ExitReason::Reboot => write!(f, "guest rebooted"),
+            ExitReason::Stopped => write!(f, "stopped on request"),
+            ExitReason::GuestCrash(s) => write!(f, "guest crashed: {s}"),
+            ExitReason::VmmError(s) => write!(f, "vm process failed: {s}"),
+            ExitReason::Signal(n) => write!(f, "vm process killed by signal {n}"),
+            ExitReason::Exited(n) => write!(f, "vm process exited with status {n}"),
+            ExitReason::RebootLoop => write!(f, "rebooted too often, stopped"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+        })
+    }
+}
+
+/// One row of `vmctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: u32,
+    /// PID of the VM process, 0 when not running.
+    pub pid: u32,
+    pub vcpus: u32,
+    /// Bytes of guest memory configured.
+    pub max_mem: u64,
+    /// Bytes of guest memory in use (resident), 0 when not running.
+    pub cur_mem: u64,
+    /// Console pty path, empty when none.
+    pub tty: String,
+    pub owner: String,
+    pub state: VmState,
+    pub name: String,
+    /// Why it last stopped, if it has.
+    pub last_exit: Option<ExitReason>,
+    /// How many times the guest rebooted in this run.
+    pub restarts: u32,
+}
+
+/// Which host file a VM needs, when the parent asks priv to open one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenKind {
+    /// /dev/kvm, read-write.
+    Kvm,
+    /// A kernel image, read-only.
+    Kernel,
+    /// An initrd, read-only.
+    Initrd,
+}
+
+/// Everything a VM process needs to build its VM; its fds travel with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmParams {
+    pub id: u32,
+    pub name: String,
+    pub memory: u64,
+    pub vcpus: u32,
+    pub cmdline: String,
+    /// Whether an initrd fd follows the kernel fd.
+    pub has_initrd: bool,
+    /// Unprivileged user and group the VM process switches to.
+    pub uid: u32,
+    pub gid: u32,
+    /// Log verbosely.
+    pub verbose: bool,
+}
+
+impl VmmParams {
+    /// fds sent with these params, in order: /dev/kvm, console tty,
+    /// kernel, and the initrd when there is one.
+    pub fn fd_count(&self) -> usize {
+        3 + usize::from(self.has_initrd)
+    }
+}
+
+/// Checks a VM name: 1..=64 characters of letters, digits, '-', '_', '.'.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("VM name is empty".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("VM name is longer than {MAX_NAME_LEN} characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!("VM name {name:?} contains invalid character {c:?}"));
+    }
+    if name.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!("VM name {name:?} is all digits (reserved for ids)"));
+    }
+    Ok(())
+}
