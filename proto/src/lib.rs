@@ -9,6 +9,7 @@
 pub mod channel;
 pub mod frame;
 pub mod msg;
+pub mod size;
 pub mod vm;
 
 pub use channel::{Channel, ChannelError, Listener};
