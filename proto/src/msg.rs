@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::frame::MAX_PAYLOAD;
 use crate::vm::{ExitReason, OpenKind, StartRequest, VmInfo, VmmParams};
 
 /// What a client may ask of the daemon.
@@ -32,7 +33,9 @@ pub enum Reply {
     Status(Vec<VmInfo>),
     /// The console is attached; one fd follows: a stream socket relaying
     /// the VM's serial console. `tty` is the guest-side pty path.
-    Console { tty: String },
+    Console {
+        tty: String,
+    },
 }
 
 /// A client's credentials as the control process read them (SO_PEERCRED).
@@ -57,7 +60,11 @@ pub enum Msg {
     /// priv -> parent: the file is open; one fd follows.
     PrivOpened { kind: OpenKind },
     /// priv -> parent: the file could not be opened.
-    PrivFailed { kind: OpenKind, path: String, reason: String },
+    PrivFailed {
+        kind: OpenKind,
+        path: String,
+        reason: String,
+    },
     /// parent -> VM process: build and run this VM; `params.fd_count()`
     /// fds follow.
     VmmStart(VmmParams),
@@ -69,23 +76,100 @@ pub enum Msg {
     VmmExited(ExitReason),
 }
 
-impl Msg {
-    /// The wire type code of this message.
-    pub fn type_code(&self) -> u16 {
-        match self {
-            Msg::Request(_) => 1,
-            Msg::ClientRequest { .. } => 2,
-            Msg::Reply(_) => 3,
-            Msg::PrivOpen { .. } => 20,
-            Msg::PrivOpened { .. } => 21,
-            Msg::PrivFailed { .. } => 22,
-            Msg::VmmStart(_) => 40,
-            Msg::VmmRunning => 41,
-            Msg::VmmTerminate => 42,
-            Msg::VmmExited(_) => 43,
-        }
-    }
+/// Bincode settings for payloads. The limit caps what a decoder may
+/// allocate; bincode counts decoded (in-memory) bytes, and a varint can
+/// grow 8x from wire to memory, so 8 * MAX_PAYLOAD never rejects a payload
+/// we could have sent while still bounding a hostile length prefix.
+pub(crate) const PAYLOAD_LIMIT: usize = 8 * MAX_PAYLOAD;
 
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<PAYLOAD_LIMIT>()
+}
+
+fn decode_inner<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    bincode::serde::decode_from_slice(bytes, bincode_config())
+}
+
+// Helpers for `wire_table!`, one arm per variant shape: newtype
+// (`Variant(binding: Type)`) and struct (`Variant { field: Type, .. }`);
+// unit variants are written `Variant {}` (braces work for any variant).
+macro_rules! wire_pat {
+    ($v:ident ($b:ident : $t:ty)) => { Msg::$v($b) };
+    ($v:ident { $($b:ident : $t:ty),* $(,)? }) => { Msg::$v { $($b),* } };
+}
+macro_rules! wire_encode {
+    ($v:ident ($b:ident : $t:ty)) => { bincode::serde::encode_to_vec($b, bincode_config()) };
+    ($v:ident { $($b:ident : $t:ty),* $(,)? }) => {
+        bincode::serde::encode_to_vec(($($b,)*), bincode_config())
+    };
+}
+macro_rules! wire_decode {
+    ($bytes:ident, $v:ident ($b:ident : $t:ty)) => {
+        decode_inner::<$t>($bytes).map(|($b, n)| (Msg::$v($b), n))
+    };
+    ($bytes:ident, $v:ident { $($b:ident : $t:ty),* $(,)? }) => {
+        decode_inner::<($($t,)*)>($bytes).map(|(($($b,)*), n)| (Msg::$v { $($b),* }, n))
+    };
+}
+
+/// The one table mapping wire type codes to variants. Only a variant's
+/// inner data goes into the payload (struct variants as a tuple of their
+/// fields, unit variants as nothing), so the header's type code is the only
+/// discriminant on the wire.
+macro_rules! wire_table {
+    ($($code:literal => $v:ident $shape:tt,)*) => {
+        impl Msg {
+            /// The wire type code of this message.
+            #[allow(unused_variables)]
+            pub fn type_code(&self) -> u16 {
+                match self {
+                    $(wire_pat!($v $shape) => $code,)*
+                }
+            }
+
+            /// Every wire type code, in table order.
+            pub const TYPE_CODES: &'static [u16] = &[$($code),*];
+
+            /// The bincode payload of this message (its inner data only).
+            pub fn encode_payload(&self) -> Result<Vec<u8>, bincode::error::EncodeError> {
+                match self {
+                    $(wire_pat!($v $shape) => wire_encode!($v $shape),)*
+                }
+            }
+
+            /// Decodes the payload of a message with type `code`: `None` for
+            /// an unknown code, otherwise the message and the number of
+            /// payload bytes bincode consumed (the caller checks for
+            /// trailing bytes).
+            pub fn decode_payload(
+                code: u16,
+                bytes: &[u8],
+            ) -> Option<Result<(Msg, usize), bincode::error::DecodeError>> {
+                match code {
+                    $($code => Some(wire_decode!(bytes, $v $shape)),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+wire_table! {
+    1 => Request(req: Request),
+    2 => ClientRequest { creds: Creds, req: Request },
+    3 => Reply(reply: Reply),
+    20 => PrivOpen { kind: OpenKind, path: String },
+    21 => PrivOpened { kind: OpenKind },
+    22 => PrivFailed { kind: OpenKind, path: String, reason: String },
+    40 => VmmStart(params: VmmParams),
+    41 => VmmRunning {},
+    42 => VmmTerminate {},
+    43 => VmmExited(reason: ExitReason),
+}
+
+impl Msg {
     /// How many fds must travel with this message.
     pub fn fd_count(&self) -> usize {
         match self {
