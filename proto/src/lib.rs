@@ -22,3 +22,6 @@ pub const CHILD_CHANNEL_FD: i32 = 3;
 
 /// Default control socket path.
 pub const DEFAULT_SOCKET: &str = "/run/vmd.sock";
+
+#[cfg(test)]
+mod tests;
