@@ -1,7 +1,118 @@
-//! The privileged helper. (Skeleton.)
-use vmd_proto::Channel;
+//! The privileged helper: the one process that keeps root's powers.
+//!
+//! It serves the parent only. For each `PrivOpen` it opens one host file a
+//! VM needs and sends the fd back; the VM process never opens a host path.
+//! Disks, TAP devices and bridges join this list in later work.
 
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+use log::{debug, error, info};
+use vmd_proto::vm::OpenKind;
+use vmd_proto::{Channel, ChannelError, Msg};
+
+/// The KVM device every VM process gets an fd for.
+pub const KVM_PATH: &str = "/dev/kvm";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{path}: path must be absolute")]
+    NotAbsolute { path: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a regular file")]
+    NotRegular { path: String },
+    #[error("{path}: not a character device")]
+    NotCharDevice { path: String },
+}
+
+/// Opens what `kind` names. Kernels and initrds are opened read-only and
+/// must be regular files; /dev/kvm must be the character device.
+pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
+    let io = |source| OpenError::Io {
+        path: path.to_string(),
+        source,
+    };
+    if !Path::new(path).is_absolute() {
+        return Err(OpenError::NotAbsolute { path: path.into() });
+    }
+    match kind {
+        OpenKind::Kvm => {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(path)
+                .map_err(io)?;
+            if !file.metadata().map_err(io)?.file_type().is_char_device() {
+                return Err(OpenError::NotCharDevice { path: path.into() });
+            }
+            Ok(file)
+        }
+        OpenKind::Kernel | OpenKind::Initrd => {
+            // O_NONBLOCK so a FIFO planted at the path cannot hang us
+            // before the regular-file check.
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+                .open(path)
+                .map_err(io)?;
+            if !file.metadata().map_err(io)?.is_file() {
+                return Err(OpenError::NotRegular { path: path.into() });
+            }
+            Ok(file)
+        }
+    }
+}
+
+/// Role entry point: serve the parent until it goes away.
 pub fn run(chan: Channel) -> i32 {
-    let _ = chan;
-    todo!()
+    info!("ready");
+    loop {
+        let frame = match chan.recv() {
+            Ok(frame) => frame,
+            Err(ChannelError::Closed) => {
+                debug!("parent closed the channel, exiting");
+                return 0;
+            }
+            Err(e) => {
+                // Only the parent talks to us; a bad frame from it is a bug
+                // worth stopping for rather than guessing.
+                error!("{e}");
+                return 1;
+            }
+        };
+        let reply_to = frame.peer_id;
+        let sent = match frame.msg {
+            Msg::PrivOpen { kind, path } => match open_for_vm(kind, &path) {
+                Ok(file) => {
+                    debug!("vm {reply_to}: opened {kind:?} {path}");
+                    chan.send(&Msg::PrivOpened { kind }, reply_to, &[file.as_fd()])
+                }
+                Err(e) => chan.send(
+                    &Msg::PrivFailed {
+                        kind,
+                        path,
+                        reason: e.to_string(),
+                    },
+                    reply_to,
+                    &[],
+                ),
+            },
+            other => {
+                error!("unexpected message type {}", other.type_code());
+                Ok(())
+            }
+        };
+        if let Err(e) = sent {
+            error!("reply to parent failed: {e}");
+            return 1;
+        }
+    }
 }

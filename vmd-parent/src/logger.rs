@@ -1,0 +1,93 @@
+//! Logging: syslog (daemon facility) by default, stderr in `-d` mode.
+//! Every process installs it right after the role dispatch, so lines from
+//! each role carry its name.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// Current verbosity, changeable at run time (`vmctl log verbose`).
+static VERBOSE: AtomicU8 = AtomicU8::new(0);
+
+pub fn level_for(verbose: u8) -> LevelFilter {
+    match verbose {
+        0 => LevelFilter::Info,
+        1 => LevelFilter::Debug,
+        _ => LevelFilter::Trace,
+    }
+}
+
+enum Sink {
+    Stderr,
+    Syslog(Mutex<syslog::Logger<syslog::LoggerBackend, syslog::Formatter3164>>),
+}
+
+struct VmdLogger {
+    role: &'static str,
+    sink: Sink,
+}
+
+impl Log for VmdLogger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= level_for(VERBOSE.load(Ordering::Relaxed))
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match &self.sink {
+            Sink::Stderr => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "vmd[{}] {}: {}",
+                    self.role,
+                    record.level().as_str().to_lowercase(),
+                    record.args()
+                );
+            }
+            Sink::Syslog(logger) => {
+                let text = format!("{}: {}", self.role, record.args());
+                if let Ok(mut logger) = logger.lock() {
+                    let _ = match record.level() {
+                        Level::Error => logger.err(text),
+                        Level::Warn => logger.warning(text),
+                        Level::Info => logger.info(text),
+                        Level::Debug | Level::Trace => logger.debug(text),
+                    };
+                }
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Installs the logger for this process. Falls back to stderr when no
+/// syslog socket can be reached, saying so once.
+pub fn init(role: &'static str, foreground: bool, verbose: u8) {
+    VERBOSE.store(verbose, Ordering::Relaxed);
+    let sink = if foreground {
+        Sink::Stderr
+    } else {
+        let formatter = syslog::Formatter3164 {
+            facility: syslog::Facility::LOG_DAEMON,
+            hostname: None,
+            process: "vmd".into(),
+            pid: std::process::id(),
+        };
+        match syslog::unix(formatter) {
+            Ok(logger) => Sink::Syslog(Mutex::new(logger)),
+            Err(e) => {
+                eprintln!("vmd[{role}]: syslog unavailable ({e}), logging to stderr");
+                Sink::Stderr
+            }
+        }
+    };
+    let logger = Box::new(VmdLogger { role, sink });
+    if log::set_boxed_logger(logger).is_ok() {
+        log::set_max_level(LevelFilter::Trace);
+    }
+}

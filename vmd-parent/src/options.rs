@@ -1,0 +1,144 @@
+//! Command-line options of vmd, shared by every role.
+
+use std::path::PathBuf;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmd";
+/// The unprivileged user the control and VM processes run as.
+pub const VMD_USER: &str = "_vmd";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Parent,
+    Priv,
+    Control,
+    Vmm,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub role: Role,
+    /// `-d`: stay in the foreground, log to stderr.
+    pub foreground: bool,
+    /// `-v`, repeatable.
+    pub verbose: u8,
+    /// `-s`: control socket path.
+    pub socket: PathBuf,
+    /// `--state-dir`: console logs and other state.
+    pub state_dir: PathBuf,
+    /// Internal: uid:gid the unprivileged roles switch to.
+    pub user: Option<(u32, u32)>,
+}
+
+pub const USAGE: &str = "usage: vmd [-dv] [-s socket] [--state-dir dir]";
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let mut opts = Options {
+            role: Role::Parent,
+            foreground: false,
+            verbose: 0,
+            socket: PathBuf::from(vmd_proto::DEFAULT_SOCKET),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            user: None,
+        };
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = |flag: &str| {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("option {flag} needs an argument"))
+            };
+            match arg.as_str() {
+                "--role" => {
+                    opts.role = match value("--role")?.as_str() {
+                        "priv" => Role::Priv,
+                        "control" => Role::Control,
+                        "vmm" => Role::Vmm,
+                        other => return Err(format!("unknown role {other:?}")),
+                    }
+                }
+                "--user" => {
+                    let v = value("--user")?;
+                    let (u, g) = v
+                        .split_once(':')
+                        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+                        .ok_or_else(|| format!("bad --user {v:?}"))?;
+                    opts.user = Some((u, g));
+                }
+                // Only for `ps`: names the VM a vmm process runs.
+                "--vm" => {
+                    value("--vm")?;
+                }
+                "-s" => opts.socket = PathBuf::from(value("-s")?),
+                "--state-dir" => opts.state_dir = PathBuf::from(value("--state-dir")?),
+                flags if flags.starts_with('-') && !flags.starts_with("--") && flags.len() > 1 => {
+                    for c in flags[1..].chars() {
+                        match c {
+                            'd' => opts.foreground = true,
+                            'v' => opts.verbose = opts.verbose.saturating_add(1),
+                            other => return Err(format!("unknown option -{other}")),
+                        }
+                    }
+                }
+                other => return Err(format!("unexpected argument {other:?}")),
+            }
+        }
+        Ok(opts)
+    }
+
+    /// The flags a child role inherits.
+    pub fn child_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.foreground {
+            args.push("-d".to_string());
+        }
+        for _ in 0..self.verbose {
+            args.push("-v".to_string());
+        }
+        args.push("-s".into());
+        args.push(self.socket.display().to_string());
+        if let Some((uid, gid)) = self.user {
+            args.push("--user".into());
+            args.push(format!("{uid}:{gid}"));
+        }
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        Options::parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn flags_bundle_and_repeat() {
+        let o = parse(&["-dvv", "-s", "/tmp/x.sock"]).unwrap();
+        assert!(o.foreground);
+        assert_eq!(o.verbose, 2);
+        assert_eq!(o.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(o.role, Role::Parent);
+    }
+
+    #[test]
+    fn child_args_round_trip() {
+        let mut o = parse(&["-dv", "-s", "/tmp/y"]).unwrap();
+        o.user = Some((5, 6));
+        let mut args = vec!["--role".to_string(), "control".to_string()];
+        args.extend(o.child_args());
+        let c = Options::parse(&args).unwrap();
+        assert_eq!(c.role, Role::Control);
+        assert_eq!(c.user, Some((5, 6)));
+        assert!(c.foreground);
+        assert_eq!(c.socket, o.socket);
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        assert!(parse(&["-x"]).unwrap_err().contains("-x"));
+        assert!(parse(&["-s"]).unwrap_err().contains("-s"));
+        assert!(parse(&["--role", "bogus"]).unwrap_err().contains("bogus"));
+    }
+}

@@ -1,0 +1,822 @@
+//! The parent process: keeps the VM table, starts the other roles, starts,
+//! stops and reaps VM processes, relays consoles, and turns signals into
+//! orderly work. It is single-threaded (one poll loop), so re-executing
+//! children by fork + exec is safe.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use vmd_proto::msg::{Creds, Reply, Request};
+use vmd_proto::vm::{validate_name, ExitReason, OpenKind, StartRequest, VmState, VmmParams};
+use vmd_proto::{ChannelError, Msg};
+
+use crate::console::Console;
+use crate::options::Options;
+use crate::spawn::{spawn_role, ChildProc};
+use crate::vms::{Vm, VmProc, VmSpec, VmTable};
+
+/// How long a graceful stop may take before the VM process is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the priv and control processes get to exit at shutdown.
+const CHILD_EXIT_GRACE: Duration = Duration::from_secs(3);
+
+/// A start in progress: the fds priv has opened for it so far.
+struct PendingStart {
+    vm_id: u32,
+    kvm: Option<OwnedFd>,
+    kernel: Option<OwnedFd>,
+    initrd: Option<OwnedFd>,
+    need_initrd: bool,
+}
+
+/// A `vmctl stop -w` waiting for these VMs to stop.
+struct StopWaiter {
+    client: u32,
+    vm_ids: Vec<u32>,
+}
+
+#[derive(Clone, Copy)]
+enum Token {
+    Signal,
+    Priv,
+    Control,
+    VmChan(u32),
+    Master(u32),
+    ConsoleClient(u32, usize),
+}
+
+struct Parent {
+    opts: Options,
+    user: (u32, u32),
+    privsep: ChildProc,
+    control: ChildProc,
+    vms: VmTable,
+    pending: BTreeMap<u32, PendingStart>,
+    next_seq: u32,
+    stop_waiters: Vec<StopWaiter>,
+    shutting_down: bool,
+    console_dir: PathBuf,
+}
+
+pub fn run(opts: Options) -> i32 {
+    match setup(opts) {
+        Ok((mut parent, signals)) => parent.serve(signals),
+        Err(e) => {
+            error!("{e}");
+            eprintln!("vmd: {e}");
+            1
+        }
+    }
+}
+
+fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("need root privileges".into());
+    }
+    if vmd_proto::Channel::connect(&opts.socket).is_ok() {
+        return Err(format!(
+            "{}: another vmd is already listening there",
+            opts.socket.display()
+        ));
+    }
+    let user = crate::user::ensure_vmd_user()?;
+    opts.user = Some(user);
+    let console_dir = opts.state_dir.join("console");
+    std::fs::create_dir_all(&console_dir)
+        .map_err(|e| format!("state directory {}: {e}", console_dir.display()))?;
+
+    // Block the signals we handle before any child exists; each child
+    // unblocks them again before exec.
+    let mut mask = SigSet::empty();
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+        mask.add(sig);
+    }
+    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| format!("signalfd: {e}"))?;
+
+    let privsep = spawn_role("priv", &opts, &[]).map_err(|e| format!("starting priv: {e}"))?;
+    let control =
+        spawn_role("control", &opts, &[]).map_err(|e| format!("starting control: {e}"))?;
+    info!(
+        "started (priv pid {}, control pid {}), socket {}",
+        privsep.pid,
+        control.pid,
+        opts.socket.display()
+    );
+    Ok((
+        Parent {
+            opts,
+            user,
+            privsep,
+            control,
+            vms: VmTable::default(),
+            pending: BTreeMap::new(),
+            next_seq: 0,
+            stop_waiters: Vec::new(),
+            shutting_down: false,
+            console_dir,
+        },
+        signals,
+    ))
+}
+
+impl Parent {
+    fn serve(&mut self, signals: SignalFd) -> i32 {
+        loop {
+            if self.shutting_down && self.vms.vms.values().all(|vm| vm.proc.is_none()) {
+                return self.finish();
+            }
+            let (tokens, ready) = match self.wait(&signals) {
+                Ok(r) => r,
+                Err(e) => {
+                    error!("poll: {e}");
+                    return 1;
+                }
+            };
+            for (token, revents) in tokens.into_iter().zip(ready) {
+                if revents.is_empty() {
+                    continue;
+                }
+                match token {
+                    Token::Signal => self.signals(&signals),
+                    Token::Priv => self.priv_readable(),
+                    Token::Control => self.control_readable(),
+                    Token::VmChan(id) => self.vm_chan_readable(id),
+                    Token::Master(id) => {
+                        if let Some(vm) = self.vms.vms.get_mut(&id) {
+                            vm.console.master_readable();
+                        }
+                    }
+                    Token::ConsoleClient(id, idx) => {
+                        if let Some(vm) = self.vms.vms.get_mut(&id) {
+                            let running = vm.state == VmState::Running;
+                            if revents.contains(PollFlags::POLLOUT) {
+                                vm.console.flush_clients();
+                            }
+                            if revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+                                vm.console.client_readable(idx, running);
+                            }
+                        }
+                    }
+                }
+            }
+            self.kill_overdue();
+        }
+    }
+
+    /// One poll over everything we watch. Console client indices are only
+    /// valid for this round, so each round rebuilds the list.
+    fn wait(&self, signals: &SignalFd) -> Result<(Vec<Token>, Vec<PollFlags>), Errno> {
+        let mut tokens = vec![Token::Signal, Token::Priv, Token::Control];
+        let mut fds: Vec<PollFd<'_>> = vec![
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.privsep.chan.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.control.chan.as_fd(), PollFlags::POLLIN),
+        ];
+        for vm in self.vms.vms.values() {
+            if let Some(p) = &vm.proc {
+                tokens.push(Token::VmChan(vm.id));
+                fds.push(PollFd::new(p.chan.as_fd(), PollFlags::POLLIN));
+            }
+            tokens.push(Token::Master(vm.id));
+            fds.push(PollFd::new(vm.console.master_fd(), PollFlags::POLLIN));
+            for (idx, (fd, backlog)) in vm.console.client_fds().enumerate() {
+                let mut flags = PollFlags::POLLIN;
+                if backlog {
+                    flags |= PollFlags::POLLOUT;
+                }
+                tokens.push(Token::ConsoleClient(vm.id, idx));
+                fds.push(PollFd::new(fd, flags));
+            }
+        }
+        // Console clients are handled in reverse so a removal does not
+        // shift the index of one still to come this round.
+        let timeout = self.next_deadline().map_or(PollTimeout::NONE, |d| {
+            let ms = d.saturating_duration_since(Instant::now()).as_millis();
+            PollTimeout::try_from(ms.min(60_000) as i32 + 1).unwrap_or(PollTimeout::NONE)
+        });
+        loop {
+            match poll(&mut fds, timeout) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let ready: Vec<PollFlags> = fds
+            .iter()
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+            .collect();
+        let mut pairs: Vec<(Token, PollFlags)> = tokens.into_iter().zip(ready).collect();
+        pairs.sort_by_key(|(t, _)| match t {
+            Token::ConsoleClient(_, idx) => usize::MAX - idx,
+            _ => 0,
+        });
+        Ok(pairs.into_iter().unzip())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.vms
+            .vms
+            .values()
+            .filter_map(|vm| vm.proc.as_ref().and_then(|p| p.kill_at))
+            .min()
+    }
+
+    fn kill_overdue(&mut self) {
+        let now = Instant::now();
+        for vm in self.vms.vms.values_mut() {
+            if let Some(p) = &mut vm.proc {
+                if p.kill_at.is_some_and(|t| t <= now) {
+                    warn!("vm {}: did not stop in time, killing it", vm.name);
+                    let _ = kill(p.pid, Signal::SIGKILL);
+                    p.kill_at = None;
+                }
+            }
+        }
+    }
+
+    fn signals(&mut self, signals: &SignalFd) {
+        while let Ok(Some(info)) = signals.read_signal() {
+            match Signal::try_from(info.ssi_signo as i32) {
+                Ok(Signal::SIGCHLD) => self.reap(),
+                Ok(Signal::SIGHUP) => {
+                    info!("SIGHUP: no configuration file is loaded yet; nothing to reload")
+                }
+                Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => self.begin_shutdown(sig),
+                _ => {}
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self, sig: Signal) {
+        if self.shutting_down {
+            return;
+        }
+        info!("{sig}: stopping all VMs and exiting");
+        self.shutting_down = true;
+        let pending: Vec<u32> = self.pending.keys().copied().collect();
+        for seq in pending {
+            if let Some(p) = self.pending.remove(&seq) {
+                self.start_failed(p.vm_id, "vmd is shutting down".into());
+            }
+        }
+        let ids: Vec<u32> = self.vms.vms.keys().copied().collect();
+        for id in ids {
+            self.request_stop(id, false);
+        }
+    }
+
+    /// Stops priv and control and leaves no process behind.
+    fn finish(&mut self) -> i32 {
+        for child in [&self.privsep, &self.control] {
+            let _ = kill(child.pid, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + CHILD_EXIT_GRACE;
+        for pid in [self.privsep.pid, self.control.pid] {
+            loop {
+                match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Ok(WaitStatus::StillAlive) => {
+                        let _ = kill(pid, Signal::SIGKILL);
+                        let _ = waitpid(pid, None);
+                        break;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&self.opts.socket);
+        info!("exiting");
+        0
+    }
+
+    fn reap(&mut self) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+                Ok(status) => status,
+                Err(e) => {
+                    warn!("waitpid: {e}");
+                    return;
+                }
+            };
+            let Some(pid) = status.pid() else { continue };
+            if pid == self.privsep.pid || pid == self.control.pid {
+                if !self.shutting_down {
+                    let role = if pid == self.privsep.pid { "priv" } else { "control" };
+                    error!("{role} process died ({status:?}); stopping");
+                    self.begin_shutdown(Signal::SIGTERM);
+                }
+                continue;
+            }
+            match self.vms.by_pid(pid) {
+                Some(id) => self.vm_ended(id, status),
+                None => debug!("reaped unknown child {pid}"),
+            }
+        }
+    }
+
+    // --- control requests -------------------------------------------------
+
+    fn control_readable(&mut self) {
+        let frame = match self.control.chan.recv() {
+            Ok(frame) => frame,
+            Err(ChannelError::Closed) => return,
+            Err(e) if e.is_would_block() => return,
+            Err(e) => {
+                warn!("control: {e}");
+                return;
+            }
+        };
+        let client = frame.peer_id;
+        match frame.msg {
+            Msg::ClientRequest { creds, req } => self.request(client, creds, req),
+            other => warn!("control sent unexpected message type {}", other.type_code()),
+        }
+    }
+
+    fn reply(&self, client: u32, reply: Reply, fds: &[BorrowedFd<'_>]) {
+        if let Err(e) = self.control.chan.send(&Msg::Reply(reply), client, fds) {
+            warn!("reply to client {client}: {e}");
+        }
+    }
+
+    fn error(&self, client: u32, reason: String) {
+        self.reply(client, Reply::Error(reason), &[]);
+    }
+
+    /// Root may do anything; a VM's owner may start, stop and console it.
+    fn may_manage(creds: &Creds, vm: &Vm) -> bool {
+        creds.uid == 0 || creds.uid == vm.owner_uid
+    }
+
+    fn request(&mut self, client: u32, creds: Creds, req: Request) {
+        if self.shutting_down {
+            return self.error(client, "vmd is shutting down".into());
+        }
+        match req {
+            Request::Start(start) => self.start_request(client, creds, start),
+            Request::Stop { name, force, wait } => self.stop_request(client, creds, name, force, wait),
+            Request::Status { name } => {
+                let rows: Vec<_> = match &name {
+                    None => self.vms.vms.values().map(Vm::info).collect(),
+                    Some(n) => match self.vms.id_of(n).and_then(|id| self.vms.vms.get(&id)) {
+                        Some(vm) => vec![vm.info()],
+                        None => return self.error(client, format!("vm {n} not found")),
+                    },
+                };
+                self.reply(client, Reply::Status(rows), &[]);
+            }
+            Request::Console { name } => self.console_request(client, creds, &name),
+        }
+    }
+
+    fn start_request(&mut self, client: u32, creds: Creds, req: StartRequest) {
+        if let Err(e) = validate_name(&req.name) {
+            return self.error(client, e);
+        }
+        let existing = self.vms.by_name(&req.name).map(|vm| vm.id);
+        if let Some(id) = existing {
+            let vm = &self.vms.vms[&id];
+            if !Self::may_manage(&creds, vm) {
+                return self.error(client, "permission denied".into());
+            }
+            if vm.is_active() {
+                return self.error(client, format!("vm {} is already running", req.name));
+            }
+        } else if creds.uid != 0 {
+            // Defining VMs is root's; users start the ones they own.
+            return self.error(client, "permission denied".into());
+        }
+        let id = match existing {
+            Some(id) => {
+                if req.kernel.is_some() {
+                    match VmSpec::from_request(&req) {
+                        Ok(spec) => self.vms.vms.get_mut(&id).map(|vm| vm.spec = spec),
+                        Err(e) => return self.error(client, e),
+                    };
+                }
+                id
+            }
+            None => match self.new_vm(&req, creds.uid) {
+                Ok(id) => id,
+                Err(e) => return self.error(client, e),
+            },
+        };
+        self.begin_start(id, Some(client));
+    }
+
+    fn new_vm(&mut self, req: &StartRequest, owner_uid: u32) -> Result<u32, String> {
+        let spec = VmSpec::from_request(req)?;
+        let log_path = self.console_dir.join(format!("{}.log", req.name));
+        let console = Console::new(&log_path, owner_uid).map_err(|e| format!("vm {}: {e}", req.name))?;
+        let id = self.vms.alloc_id();
+        let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner_uid))
+            .ok()
+            .flatten()
+            .map_or_else(|| owner_uid.to_string(), |u| u.name);
+        self.vms.vms.insert(
+            id,
+            Vm {
+                id,
+                name: req.name.clone(),
+                spec,
+                owner_uid,
+                owner,
+                state: VmState::Stopped,
+                proc: None,
+                console,
+                last_exit: None,
+                restarts: 0,
+                recent_reboots: Default::default(),
+                ever_ran: false,
+                start_waiter: None,
+            },
+        );
+        Ok(id)
+    }
+
+    fn stop_request(&mut self, client: u32, creds: Creds, name: Option<String>, force: bool, wait: bool) {
+        let ids: Vec<u32> = match &name {
+            Some(n) => match self.vms.id_of(n) {
+                Some(id) => vec![id],
+                None => return self.error(client, format!("vm {n} not found")),
+            },
+            None => self
+                .vms
+                .vms
+                .values()
+                .filter(|vm| vm.is_active() && Self::may_manage(&creds, vm))
+                .map(|vm| vm.id)
+                .collect(),
+        };
+        for id in &ids {
+            let vm = &self.vms.vms[id];
+            if !Self::may_manage(&creds, vm) {
+                return self.error(client, "permission denied".into());
+            }
+            if name.is_some() && !vm.is_active() {
+                return self.error(client, format!("vm {} is not running", vm.name));
+            }
+        }
+        for id in &ids {
+            self.request_stop(*id, force);
+        }
+        let what = match &name {
+            Some(n) => format!("vm {n}"),
+            None => format!("{} vms", ids.len()),
+        };
+        // A VM still waiting for priv's fds has no process to wait for.
+        let waiting: Vec<u32> = ids
+            .into_iter()
+            .filter(|id| self.vms.vms.get(id).is_some_and(|vm| vm.proc.is_some()))
+            .collect();
+        if wait && !waiting.is_empty() {
+            self.stop_waiters.push(StopWaiter {
+                client,
+                vm_ids: waiting,
+            });
+        } else if wait {
+            self.reply(client, Reply::Ok(format!("stopped {what}")), &[]);
+        } else {
+            self.reply(client, Reply::Ok(format!("stopping {what}")), &[]);
+        }
+    }
+
+    /// Asks VM `id` to stop (or kills it with `force`).
+    fn request_stop(&mut self, id: u32, force: bool) {
+        if let Some(seq) = self
+            .pending
+            .iter()
+            .find(|(_, p)| p.vm_id == id)
+            .map(|(seq, _)| *seq)
+        {
+            self.pending.remove(&seq);
+            self.start_failed(id, "stopped before it started".into());
+            return;
+        }
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(p) = &mut vm.proc else { return };
+        p.stop_requested = true;
+        vm.state = VmState::Stopping;
+        if force {
+            info!("vm {}: stopping (forced)", vm.name);
+            let _ = kill(p.pid, Signal::SIGKILL);
+        } else {
+            info!("vm {}: stopping", vm.name);
+            if p.chan.send(&Msg::VmmTerminate, id, &[]).is_err() {
+                let _ = kill(p.pid, Signal::SIGKILL);
+            }
+            p.kill_at = Some(Instant::now() + STOP_GRACE);
+        }
+    }
+
+    fn console_request(&mut self, client: u32, creds: Creds, name: &str) {
+        let Some(id) = self.vms.id_of(name) else {
+            return self.error(client, format!("vm {name} not found"));
+        };
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        if !Self::may_manage(&creds, vm) {
+            return self.error(client, "permission denied".into());
+        }
+        let active = vm.is_active();
+        match vm.console.attach() {
+            Ok(sock) => {
+                let tty = vm.console.tty().to_string();
+                if !active {
+                    // A stopped VM's console replays what it last printed,
+                    // then ends.
+                    vm.console.detach_all();
+                }
+                self.reply(client, Reply::Console { tty }, &[sock.as_fd()]);
+            }
+            Err(e) => self.error(client, format!("vm {name}: {e}")),
+        }
+    }
+
+    // --- starting VMs -----------------------------------------------------
+
+    /// Asks priv for every fd the VM needs; the VM process is spawned when
+    /// the last one arrives.
+    fn begin_start(&mut self, id: u32, client: Option<u32>) {
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        vm.state = VmState::Starting;
+        vm.start_waiter = client;
+        info!("vm {}: starting", vm.name);
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let seq = self.next_seq;
+        let mut wants = vec![
+            (OpenKind::Kvm, vmd_priv::KVM_PATH.to_string()),
+            (OpenKind::Kernel, vm.spec.kernel.clone()),
+        ];
+        if let Some(initrd) = &vm.spec.initrd {
+            wants.push((OpenKind::Initrd, initrd.clone()));
+        }
+        self.pending.insert(
+            seq,
+            PendingStart {
+                vm_id: id,
+                kvm: None,
+                kernel: None,
+                initrd: None,
+                need_initrd: vm.spec.initrd.is_some(),
+            },
+        );
+        for (kind, path) in wants {
+            if let Err(e) = self.privsep.chan.send(&Msg::PrivOpen { kind, path }, seq, &[]) {
+                self.pending.remove(&seq);
+                self.start_failed(id, format!("asking priv to open files: {e}"));
+                return;
+            }
+        }
+    }
+
+    fn priv_readable(&mut self) {
+        let frame = match self.privsep.chan.recv() {
+            Ok(frame) => frame,
+            Err(ChannelError::Closed) => return,
+            Err(e) if e.is_would_block() => return,
+            Err(e) => {
+                warn!("priv: {e}");
+                return;
+            }
+        };
+        let seq = frame.peer_id;
+        // Replies for a start that already failed or was cancelled are
+        // dropped here, closing their fds.
+        let Some(pending) = self.pending.get_mut(&seq) else { return };
+        let vm_id = pending.vm_id;
+        match frame.msg {
+            Msg::PrivOpened { kind } => {
+                let fd = frame.fds.into_iter().next();
+                match kind {
+                    OpenKind::Kvm => pending.kvm = fd,
+                    OpenKind::Kernel => pending.kernel = fd,
+                    OpenKind::Initrd => pending.initrd = fd,
+                }
+                let complete = pending.kvm.is_some()
+                    && pending.kernel.is_some()
+                    && (!pending.need_initrd || pending.initrd.is_some());
+                if complete {
+                    if let Some(p) = self.pending.remove(&seq) {
+                        self.launch(p);
+                    }
+                }
+            }
+            Msg::PrivFailed { kind, path, reason } => {
+                self.pending.remove(&seq);
+                let what = match kind {
+                    OpenKind::Kvm => "kvm device",
+                    OpenKind::Kernel => "kernel",
+                    OpenKind::Initrd => "initrd",
+                };
+                let _ = path;
+                self.start_failed(vm_id, format!("{what} {reason}"));
+            }
+            other => warn!("priv sent unexpected message type {}", other.type_code()),
+        }
+    }
+
+    fn launch(&mut self, p: PendingStart) {
+        let id = p.vm_id;
+        let Some(vm) = self.vms.vms.get(&id) else { return };
+        let (Some(kvm), Some(kernel)) = (p.kvm, p.kernel) else { return };
+        let tty = match vm.console.slave_for_vm() {
+            Ok(fd) => fd,
+            Err(e) => return self.start_failed(id, format!("console: {e}")),
+        };
+        let params = VmmParams {
+            id,
+            name: vm.name.clone(),
+            memory: vm.spec.memory,
+            vcpus: vm.spec.vcpus,
+            cmdline: vm.spec.cmdline.clone(),
+            has_initrd: p.initrd.is_some(),
+            uid: self.user.0,
+            gid: self.user.1,
+            verbose: self.opts.verbose > 0,
+        };
+        let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
+        if let Some(initrd) = &p.initrd {
+            fds.push(initrd.as_fd());
+        }
+        let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
+            Ok(child) => child,
+            Err(e) => return self.start_failed(id, format!("starting vm process: {e}")),
+        };
+        if let Err(e) = child.chan.send(&Msg::VmmStart(params), id, &fds) {
+            let _ = kill(child.pid, Signal::SIGKILL);
+            // Reaped by the SIGCHLD path as an unknown child.
+            return self.start_failed(id, format!("sending vm parameters: {e}"));
+        }
+        if let Err(e) = child.chan.set_nonblocking(true) {
+            warn!("vm {}: {e}", vm.name);
+        }
+        debug!("vm {}: vm process {} started", vm.name, child.pid);
+        if let Some(vm) = self.vms.vms.get_mut(&id) {
+            vm.proc = Some(VmProc {
+                pid: child.pid,
+                chan: child.chan,
+                running: false,
+                stop_requested: false,
+                exit_msg: None,
+                kill_at: None,
+            });
+        }
+    }
+
+    /// A start failed before the VM ran: tell the client; a VM that never
+    /// ran is forgotten so the failed start leaves nothing behind.
+    fn start_failed(&mut self, id: u32, reason: String) {
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let name = vm.name.clone();
+        warn!("vm {name}: start failed: {reason}");
+        if let Some(client) = vm.start_waiter.take() {
+            self.reply(client, Reply::Error(format!("vm {name}: {reason}")), &[]);
+        }
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        if vm.ever_ran {
+            vm.state = VmState::Stopped;
+            vm.last_exit = Some(ExitReason::VmmError(reason));
+            vm.console.detach_all();
+        } else {
+            self.vms.vms.remove(&id);
+            let log = self.console_dir.join(format!("{name}.log"));
+            if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+        self.notify_stop_waiters(id);
+    }
+
+    // --- VM processes -----------------------------------------------------
+
+    fn vm_chan_readable(&mut self, id: u32) {
+        loop {
+            let Some(p) = self.vms.vms.get_mut(&id).and_then(|vm| vm.proc.as_mut()) else {
+                return;
+            };
+            match p.chan.recv() {
+                Ok(frame) => self.vm_message(id, frame.msg),
+                Err(e) if e.is_would_block() => return,
+                Err(ChannelError::Closed) => {
+                    // The process is exiting; SIGCHLD finishes the story.
+                    // Stop polling a closed channel by marking it so.
+                    p.running = p.running && p.exit_msg.is_none();
+                    return;
+                }
+                Err(e) => {
+                    if let Some(vm) = self.vms.vms.get(&id) {
+                        warn!("vm {}: bad message from vm process: {e}; killing it", vm.name);
+                        if let Some(p) = &vm.proc {
+                            let _ = kill(p.pid, Signal::SIGKILL);
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn vm_message(&mut self, id: u32, msg: Msg) {
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(p) = vm.proc.as_mut() else { return };
+        match msg {
+            Msg::VmmRunning => {
+                p.running = true;
+                vm.ever_ran = true;
+                if vm.state == VmState::Starting {
+                    vm.state = VmState::Running;
+                }
+                info!("vm {}: running (pid {})", vm.name, p.pid);
+                if let Some(client) = vm.start_waiter.take() {
+                    let text = format!(
+                        "started vm {} ({}) successfully, tty {}",
+                        vm.id,
+                        vm.name,
+                        vm.console.tty()
+                    );
+                    self.reply(client, Reply::Ok(text), &[]);
+                }
+            }
+            Msg::VmmExited(reason) => {
+                debug!("vm {}: vm process reports: {reason}", vm.name);
+                p.exit_msg = Some(reason);
+            }
+            other => warn!("vm {}: unexpected message type {}", vm.name, other.type_code()),
+        }
+    }
+
+    fn vm_ended(&mut self, id: u32, status: WaitStatus) {
+        // Read what the process said before it died: the exit message may
+        // still be queued behind the SIGCHLD.
+        self.vm_chan_readable(id);
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(p) = vm.proc.take() else { return };
+        vm.console.master_readable();
+        let reason = p
+            .exit_msg
+            .or_else(|| p.stop_requested.then_some(ExitReason::Stopped))
+            .unwrap_or(match status {
+                WaitStatus::Signaled(_, sig, _) => ExitReason::Signal(sig as i32),
+                WaitStatus::Exited(_, code) => ExitReason::Exited(code),
+                _ => ExitReason::Exited(-1),
+            });
+        if let Some(client) = vm.start_waiter.take() {
+            vm.start_waiter = Some(client);
+            if !p.running {
+                return self.start_failed(id, reason.to_string());
+            }
+        }
+        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        if reason == ExitReason::Reboot && !self.shutting_down && !p.stop_requested {
+            if vm.note_reboot(Instant::now()) {
+                vm.restarts += 1;
+                info!("vm {}: guest rebooted, restarting", vm.name);
+                self.begin_start(id, None);
+                return;
+            }
+            vm.state = VmState::Stopped;
+            vm.last_exit = Some(ExitReason::RebootLoop);
+            warn!("vm {}: stopped: {}", vm.name, ExitReason::RebootLoop);
+        } else {
+            match &reason {
+                ExitReason::GuestCrash(_) | ExitReason::VmmError(_) | ExitReason::Signal(_) => {
+                    warn!("vm {}: stopped: {reason}", vm.name)
+                }
+                _ => info!("vm {}: stopped: {reason}", vm.name),
+            }
+            vm.state = VmState::Stopped;
+            vm.last_exit = Some(reason);
+        }
+        vm.console.detach_all();
+        self.notify_stop_waiters(id);
+    }
+
+    fn notify_stop_waiters(&mut self, id: u32) {
+        let mut done = Vec::new();
+        self.stop_waiters.retain_mut(|w| {
+            w.vm_ids.retain(|v| *v != id);
+            if w.vm_ids.is_empty() {
+                done.push(w.client);
+                false
+            } else {
+                true
+            }
+        });
+        for client in done {
+            self.reply(client, Reply::Ok("stopped".into()), &[]);
+        }
+    }
+}

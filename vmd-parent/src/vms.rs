@@ -1,0 +1,227 @@
+//! The parent's table of VMs: what each one is, its process, its console.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+use vmd_proto::vm::{ExitReason, StartRequest, VmInfo, VmState, DEFAULT_MEMORY};
+use vmd_proto::Channel;
+
+use crate::console::Console;
+
+/// OpenBSD's reboot-loop guard: more than this many restarts within
+/// [`REBOOT_WINDOW`] stops the VM instead.
+pub const MAX_REBOOTS: usize = 3;
+pub const REBOOT_WINDOW: Duration = Duration::from_secs(6);
+
+/// What a VM is made of, settled from a start request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    pub kernel: String,
+    pub initrd: Option<String>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub vcpus: u32,
+}
+
+impl VmSpec {
+    pub fn from_request(req: &StartRequest) -> Result<VmSpec, String> {
+        let kernel = req
+            .kernel
+            .clone()
+            .ok_or_else(|| format!("vm {}: no kernel given (-b path)", req.name))?;
+        let memory = req.memory.unwrap_or(DEFAULT_MEMORY);
+        if !(vmd_proto::vm::MIN_MEMORY..=vmd_proto::vm::MAX_MEMORY).contains(&memory) {
+            return Err(format!(
+                "vm {}: memory size {memory} bytes out of range (1M to 1T)",
+                req.name
+            ));
+        }
+        let vcpus = req.vcpus.unwrap_or(1);
+        if vcpus == 0 || vcpus > vmd_proto::vm::MAX_VCPUS {
+            return Err(format!(
+                "vm {}: vcpus {vcpus} out of range (1 to {})",
+                req.name,
+                vmd_proto::vm::MAX_VCPUS
+            ));
+        }
+        let cmdline = req.cmdline.clone().unwrap_or_default();
+        if cmdline.len() > vmd_proto::vm::MAX_CMDLINE {
+            return Err(format!(
+                "vm {}: command line longer than {} bytes",
+                req.name,
+                vmd_proto::vm::MAX_CMDLINE
+            ));
+        }
+        if cmdline.bytes().any(|b| b == 0) {
+            return Err(format!("vm {}: command line contains a NUL byte", req.name));
+        }
+        Ok(VmSpec {
+            kernel,
+            initrd: req.initrd.clone(),
+            cmdline,
+            memory,
+            vcpus,
+        })
+    }
+}
+
+/// A live VM process.
+pub struct VmProc {
+    pub pid: Pid,
+    pub chan: Channel,
+    /// The process said the VM runs.
+    pub running: bool,
+    /// We asked it to stop; its end is then "stopped on request".
+    pub stop_requested: bool,
+    /// What the process told us before exiting.
+    pub exit_msg: Option<ExitReason>,
+    /// When a graceful stop turns into SIGKILL.
+    pub kill_at: Option<Instant>,
+}
+
+pub struct Vm {
+    pub id: u32,
+    pub name: String,
+    pub spec: VmSpec,
+    pub owner_uid: u32,
+    pub owner: String,
+    pub state: VmState,
+    pub proc: Option<VmProc>,
+    pub console: Console,
+    pub last_exit: Option<ExitReason>,
+    /// Restarts after guest reboots in this run, and their times.
+    pub restarts: u32,
+    pub recent_reboots: VecDeque<Instant>,
+    /// Whether the VM has run at all; one that never did is forgotten when
+    /// its first start fails, so a failed start leaves nothing behind.
+    pub ever_ran: bool,
+    /// The client waiting for the answer to a start.
+    pub start_waiter: Option<u32>,
+}
+
+impl Vm {
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.state,
+            VmState::Starting | VmState::Running | VmState::Stopping
+        )
+    }
+
+    pub fn info(&self) -> VmInfo {
+        let pid = self.proc.as_ref().map(|p| p.pid.as_raw() as u32).unwrap_or(0);
+        VmInfo {
+            id: self.id,
+            pid,
+            vcpus: self.spec.vcpus,
+            max_mem: self.spec.memory,
+            cur_mem: if pid != 0 { resident_bytes(pid) } else { 0 },
+            tty: if self.is_active() {
+                self.console.tty().to_string()
+            } else {
+                String::new()
+            },
+            owner: self.owner.clone(),
+            state: self.state,
+            name: self.name.clone(),
+            last_exit: self.last_exit.clone(),
+            restarts: self.restarts,
+        }
+    }
+
+    /// Records a guest reboot; false when that makes too many in the
+    /// window, and the VM should stop instead of restarting.
+    pub fn note_reboot(&mut self, now: Instant) -> bool {
+        while self
+            .recent_reboots
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > REBOOT_WINDOW)
+        {
+            self.recent_reboots.pop_front();
+        }
+        self.recent_reboots.push_back(now);
+        self.recent_reboots.len() <= MAX_REBOOTS
+    }
+}
+
+/// Resident memory of a process in bytes (0 when unreadable).
+fn resident_bytes(pid: u32) -> u64 {
+    let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page).unwrap_or(4096)
+}
+
+/// The VM table, by id.
+#[derive(Default)]
+pub struct VmTable {
+    pub vms: BTreeMap<u32, Vm>,
+    next_id: u32,
+}
+
+impl VmTable {
+    pub fn alloc_id(&mut self) -> u32 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Vm> {
+        self.vms.values().find(|vm| vm.name == name)
+    }
+
+    pub fn id_of(&self, name_or_id: &str) -> Option<u32> {
+        if let Some(vm) = self.by_name(name_or_id) {
+            return Some(vm.id);
+        }
+        name_or_id
+            .parse::<u32>()
+            .ok()
+            .filter(|id| self.vms.contains_key(id))
+    }
+
+    pub fn by_pid(&self, pid: Pid) -> Option<u32> {
+        self.vms
+            .values()
+            .find(|vm| vm.proc.as_ref().is_some_and(|p| p.pid == pid))
+            .map(|vm| vm.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(name: &str) -> StartRequest {
+        StartRequest {
+            name: name.into(),
+            kernel: Some("/k".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spec_defaults_and_limits() {
+        let spec = VmSpec::from_request(&req("a")).unwrap();
+        assert_eq!(spec.memory, DEFAULT_MEMORY);
+        assert_eq!(spec.vcpus, 1);
+        let mut r = req("a");
+        r.kernel = None;
+        assert!(VmSpec::from_request(&r).unwrap_err().contains("no kernel"));
+        let mut r = req("a");
+        r.vcpus = Some(0);
+        assert!(VmSpec::from_request(&r).unwrap_err().contains("vcpus"));
+        let mut r = req("a");
+        r.memory = Some(1000);
+        assert!(VmSpec::from_request(&r).unwrap_err().contains("memory"));
+        let mut r = req("a");
+        r.cmdline = Some("x".repeat(5000));
+        assert!(VmSpec::from_request(&r).unwrap_err().contains("command line"));
+    }
+}
