@@ -1,1 +1,396 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: a real vmd daemon on its own socket
+//! and state directory, vmctl runs against it, console readers, and the
+//! test guests built from source.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Where the workspace's binaries are: next to the test executable's
+/// `deps/` directory, or `VMD_BIN_DIR`.
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("VMD_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
+}
+
+/// Fails loudly when the machine cannot run VMs: these tests never pass
+/// by skipping.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "KVM REQUIRED: /dev/kvm is missing on this host; the end-to-end tests boot real guests"
+    );
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "ROOT REQUIRED: the end-to-end tests run vmd, which needs root"
+    );
+}
+
+/// True where the CPU exposes hardware virtualization, so a full Linux
+/// guest can boot (this project's CI host runs a nested KVM that cannot).
+pub fn has_hw_virt() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false)
+}
+
+/// Builds the freestanding test guests once per test process.
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = repo_root().join("target/test-guests").join(std::process::id().to_string());
+        let status = Command::new("bash")
+            .arg(repo_root().join("tests/guests/build.sh"))
+            .arg(&out)
+            .status()
+            .expect("running tests/guests/build.sh");
+        assert!(status.success(), "building the test guests failed");
+        out
+    })
+}
+
+pub fn guest(name: &str) -> PathBuf {
+    let path = guests().join(name);
+    assert!(path.exists(), "test guest {} missing", path.display());
+    path
+}
+
+/// Builds (or finds cached) the Debian kernel + busybox initramfs guest;
+/// returns its directory.
+pub fn linux_guest() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo_root().join("tests/guest/build-linux-guest.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running tests/guest/build-linux-guest.sh");
+        assert!(out.status.success(), "building the Linux guest failed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let dir = stdout.lines().last().expect("guest dir printed").trim();
+        PathBuf::from(dir)
+    })
+    .clone()
+}
+
+/// A running vmd with its own socket and state directory. Dropping it
+/// stops the daemon with SIGTERM.
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub child: Option<Child>,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn start(test: &str) -> Daemon {
+        require_kvm();
+        let dir = std::env::temp_dir().join(format!("vmd-e2e-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let socket = dir.join("vmd.sock");
+        let mut child = Command::new(bin("vmd"))
+            .args(["-d", "-v", "-s"])
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting vmd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("vmd stderr");
+        let sink = log.clone();
+        let tag = test.to_string();
+        thread::spawn(move || collect(stderr, sink, Some(tag)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("vmd exited at start ({status}): {}", log.lock().unwrap());
+            }
+            assert!(Instant::now() < deadline, "vmd did not create {}", socket.display());
+            thread::sleep(Duration::from_millis(20));
+        }
+        Daemon {
+            dir,
+            socket,
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn vmctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("vmctl"))
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running vmctl")
+    }
+
+    /// Runs vmctl and insists it succeeds; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.vmctl(args);
+        assert!(
+            out.status.success(),
+            "vmctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `vmctl status --json` parsed into (name, state, pid, last exit).
+    pub fn status(&self, name: &str) -> Option<VmStatus> {
+        let out = self.vmctl(&["status", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        parse_status(&text).into_iter().find(|s| s.name == name)
+    }
+
+    /// Waits until VM `name` reaches `state`.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> VmStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.status(name) {
+                if s.state == state {
+                    return s;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vm {name} did not reach {state} in {timeout:?}; status: {:?}\nvmd log:\n{}",
+                self.status(name),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn console(&self, name: &str) -> ConsoleReader {
+        ConsoleReader::attach(self, name)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGTERM and wait for exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vmd did not exit within 30 s of SIGTERM");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.terminate()));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn collect(mut from: impl Read + Send + 'static, sink: Arc<Mutex<String>>, echo: Option<String>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                if let Some(tag) = &echo {
+                    for line in text.lines() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&text);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStatus {
+    pub name: String,
+    pub state: String,
+    pub pid: u64,
+    pub last_exit: String,
+    pub restarts: u64,
+}
+
+/// Reads `vmctl status --json`: an array with one object per VM.
+fn parse_status(text: &str) -> Vec<VmStatus> {
+    let Ok(serde_json::Value::Array(vms)) = serde_json::from_str(text) else {
+        return Vec::new();
+    };
+    vms.iter()
+        .map(|vm| VmStatus {
+            name: vm["name"].as_str().unwrap_or_default().to_string(),
+            state: vm["state"].as_str().unwrap_or_default().to_lowercase(),
+            pid: vm["pid"].as_u64().unwrap_or(0),
+            last_exit: match &vm["last_exit"] {
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            },
+            restarts: vm["restarts"].as_u64().unwrap_or(0),
+        })
+        .collect()
+}
+
+/// `vmctl console NAME` running as a child, its output collected.
+pub struct ConsoleReader {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    started: Instant,
+}
+
+impl ConsoleReader {
+    fn attach(daemon: &Daemon, name: &str) -> ConsoleReader {
+        let mut child = Command::new(bin("vmctl"))
+            .arg("-s")
+            .arg(&daemon.socket)
+            .args(["console", name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("vmctl console");
+        let out = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("console stdout");
+        let sink = out.clone();
+        thread::spawn(move || collect(stdout, sink, None));
+        ConsoleReader {
+            child,
+            out,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn text(&self) -> String {
+        self.out.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits for `needle` in the console output; returns the time since
+    /// the reader attached.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> Duration {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.text().contains(needle) {
+                return self.started.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console never showed {needle:?} within {timeout:?}; it showed:\n{}",
+                self.text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Counts the occurrences of `needle` so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+
+    /// Waits for vmctl console to exit on its own (the VM stopped).
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for ConsoleReader {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The line of `text` that starts with `prefix`, without the prefix.
+pub fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+}
+
+/// PIDs of live processes whose parent is `ppid`.
+pub fn children_of(ppid: u32) -> Vec<u32> {
+    let mut kids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return kids };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Field 4 (ppid) follows the ")" that ends the command name.
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(ppid) {
+            kids.push(pid);
+        }
+    }
+    kids
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+            .unwrap_or(false)
+}
+
+/// Fields of /proc/PID/status.
+pub fn proc_status(pid: u32, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    line_after(&text, &format!("{key}:")).map(|v| v.trim().to_string())
+}

@@ -1,0 +1,231 @@
+//! First light: test guests boot through vmd's real processes, driven by
+//! vmctl as an admin would, and their console is read through
+//! `vmctl console`. Times are printed, never asserted.
+
+use std::time::{Duration, Instant};
+
+use vmd_e2e::{guest, line_after, proc_status, process_alive, children_of, Daemon};
+
+const BOOT: Duration = Duration::from_secs(60);
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn hello_guest_sees_cmdline_memory_and_every_cpu_then_powers_off() {
+    let d = Daemon::start("hello");
+    let kernel = guest("hello.elf");
+    let cmdline = "vmd-test hello=1 console=ttyS0";
+    let t0 = Instant::now();
+    let started = d.ok(&[
+        "start",
+        "-b",
+        kernel.to_str().unwrap(),
+        "-m",
+        "64M",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        cmdline,
+        "hello1",
+    ]);
+    assert!(started.contains("hello1") || started.is_empty(), "{started}");
+    let console = d.console("hello1");
+    console.wait_for("VMD-TEST hello done", BOOT);
+    eprintln!("TIME hello: start -> 'hello done' {:?}", t0.elapsed());
+    let text = console.text();
+    assert!(text.contains("VMD-TEST hello start"), "{text}");
+    assert_eq!(line_after(&text, "cmdline: "), Some(cmdline), "{text}");
+    let kib: u64 = line_after(&text, "mem-total-ram: ")
+        .and_then(|v| v.trim_end_matches(" KiB").parse().ok())
+        .unwrap_or_else(|| panic!("no mem-total-ram line:\n{text}"));
+    // 64 MiB less the legacy holes below 1 MiB.
+    assert!((63 * 1024..=64 * 1024).contains(&kib), "guest saw {kib} KiB:\n{text}");
+    assert_eq!(
+        line_after(&text, "cpus: "),
+        Some("mp-table=2 started=2"),
+        "{text}"
+    );
+    assert!(!text.contains("VMD-TEST error"), "{text}");
+    let st = d.wait_state("hello1", "stopped", BOOT);
+    assert!(st.last_exit.contains("PowerOff"), "{st:?}");
+    let show = d.ok(&["status", "hello1"]);
+    assert!(show.contains("hello1"), "{show}");
+    assert!(d.log().contains("vm hello1: stopped: guest powered off"), "{}", d.log());
+}
+
+#[test]
+fn reset_guest_is_restarted_then_stopped_as_a_reboot_loop() {
+    let d = Daemon::start("reset");
+    let kernel = guest("reset.elf");
+    let t0 = Instant::now();
+    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "reset1"]);
+    let console = d.console("reset1");
+    console.wait_for("VMD-TEST reset", BOOT);
+    eprintln!("TIME reset: start -> first marker {:?}", t0.elapsed());
+    // The guest resets at once each time; vmd restarts it on the same
+    // console until the reboot-loop guard (3 in 6 s) stops it.
+    let st = d.wait_state("reset1", "stopped", BOOT);
+    assert!(st.restarts >= 1, "{st:?}");
+    assert!(console.count("VMD-TEST reset") >= 2, "{}", console.text());
+    assert!(!console.text().contains("reset failed"), "{}", console.text());
+    assert!(st.last_exit.contains("RebootLoop") || st.restarts >= 3, "{st:?}");
+    assert!(d.log().contains("vm reset1: guest rebooted, restarting"), "{}", d.log());
+}
+
+#[test]
+fn spinning_guest_stops_with_force_and_vm_process_is_unprivileged() {
+    let d = Daemon::start("spin");
+    let kernel = guest("spin.elf");
+    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "spin1"]);
+    let console = d.console("spin1");
+    console.wait_for("VMD-TEST spin", BOOT);
+    let st = d.wait_state("spin1", "running", BOOT);
+    let pid = st.pid as u32;
+    assert!(pid > 0);
+    // The VM process runs unprivileged, with no capabilities and
+    // no_new_privs, while the guest runs.
+    let uid = proc_status(pid, "Uid").expect("Uid");
+    assert!(uid.split_whitespace().all(|u| u != "0"), "vmm Uid: {uid}");
+    assert_eq!(proc_status(pid, "CapEff").as_deref(), Some("0000000000000000"));
+    assert_eq!(proc_status(pid, "CapPrm").as_deref(), Some("0000000000000000"));
+    assert_eq!(proc_status(pid, "NoNewPrivs").as_deref(), Some("1"));
+    // A second start of a running VM is refused and changes nothing.
+    let again = d.vmctl(&["start", "-b", kernel.to_str().unwrap(), "spin1"]);
+    assert!(!again.status.success());
+    assert_eq!(stderr(&again).trim(), "vmctl: vm spin1 is already running");
+    assert_eq!(d.status("spin1").map(|s| s.pid), Some(st.pid));
+
+    let t0 = Instant::now();
+    d.ok(&["stop", "-f", "-w", "spin1"]);
+    eprintln!("TIME spin: stop -f -w took {:?}", t0.elapsed());
+    let st = d.status("spin1").expect("status");
+    assert_eq!(st.state, "stopped");
+    assert!(st.last_exit.contains("Stopped"), "{st:?}");
+    assert!(!process_alive(pid), "vm process {pid} still alive");
+}
+
+#[test]
+fn graceful_stop_waits_for_the_vm_to_end() {
+    let d = Daemon::start("stopw");
+    let kernel = guest("spin.elf");
+    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "spin2"]);
+    let pid = d.wait_state("spin2", "running", BOOT).pid as u32;
+    d.ok(&["stop", "-w", "spin2"]);
+    let st = d.status("spin2").expect("status");
+    assert_eq!(st.state, "stopped");
+    assert!(st.last_exit.contains("Stopped"), "{st:?}");
+    assert!(!process_alive(pid));
+    let again = d.vmctl(&["stop", "spin2"]);
+    assert!(!again.status.success());
+    assert_eq!(stderr(&again).trim(), "vmctl: vm spin2 is not running");
+}
+
+#[test]
+fn guest_crash_is_reported_with_reason_and_registers() {
+    let d = Daemon::start("crash");
+    let kernel = guest("badinsn.elf");
+    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "bad1"]);
+    let console = d.console("bad1");
+    console.wait_for("VMD-TEST badinsn", BOOT);
+    let st = d.wait_state("bad1", "stopped", BOOT);
+    assert!(st.last_exit.contains("GuestCrash"), "{st:?}");
+    assert!(
+        st.last_exit.contains("emulation failure") || st.last_exit.contains("triple fault"),
+        "{st:?}"
+    );
+    assert!(st.last_exit.contains("rip"), "registers missing: {st:?}");
+    let log = d.log();
+    assert!(log.contains("vm bad1: stopped: guest crashed"), "{log}");
+    let show = d.ok(&["status", "bad1"]);
+    assert!(show.contains("guest crashed"), "{show}");
+}
+
+#[test]
+fn bad_requests_get_one_line_errors_and_change_nothing() {
+    // No daemon at all.
+    let d = Daemon::start("errors");
+    let missing = d.dir.join("nowhere.sock");
+    let out = std::process::Command::new(vmd_e2e::bin("vmctl"))
+        .arg("-s")
+        .arg(&missing)
+        .arg("status")
+        .output()
+        .expect("vmctl");
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("vmctl: "), "{}", stderr(&out));
+    assert!(stderr(&out).contains("vmd running"), "{}", stderr(&out));
+
+    // A kernel that does not exist.
+    let out = d.vmctl(&["start", "-b", "/nonexistent/kernel", "ghost"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("vmctl: vm ghost: kernel /nonexistent/kernel"), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+    assert!(d.status("ghost").is_none(), "a failed start left a VM behind");
+    assert!(children_of(d.pid()).len() == 2, "only priv and control run");
+
+    // Not a kernel at all: the VM process refuses it; nothing stays.
+    let junk = d.dir.join("junk.bin");
+    std::fs::write(&junk, b"this is not a kernel").unwrap();
+    let out = d.vmctl(&["start", "-b", junk.to_str().unwrap(), "junk"]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(d.status("junk").is_none());
+
+    // Bad names and sizes are refused before anything starts.
+    let out = d.vmctl(&["start", "-b", "/bin/true", "bad name"]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1);
+    let out = d.vmctl(&["start", "-b", "/bin/true", "-m", "lots", "x"]);
+    assert!(!out.status.success());
+    let out = d.vmctl(&["status"]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).lines().count(), 1, "only the header: {}", stdout(&out));
+}
+
+#[test]
+fn sigterm_stops_every_vm_and_leaves_no_process() {
+    let mut d = Daemon::start("sigterm");
+    let kernel = guest("spin.elf");
+    for name in ["t1", "t2"] {
+        d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", name]);
+    }
+    let pids: Vec<u32> = ["t1", "t2"]
+        .iter()
+        .map(|n| d.wait_state(n, "running", BOOT).pid as u32)
+        .collect();
+    let mut all = children_of(d.pid());
+    assert_eq!(all.len(), 4, "priv, control and two VM processes: {all:?}");
+    for pid in &pids {
+        assert!(all.contains(pid));
+    }
+    let t0 = Instant::now();
+    assert_eq!(d.terminate(), Some(0));
+    eprintln!("TIME sigterm: vmd exit took {:?}", t0.elapsed());
+    all.retain(|pid| process_alive(*pid));
+    assert!(all.is_empty(), "left behind: {all:?}");
+    assert!(!d.socket.exists(), "socket left behind");
+}
+
+#[test]
+fn console_replays_output_and_reattaches() {
+    let d = Daemon::start("console");
+    let kernel = guest("spin.elf");
+    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "c1"]);
+    let first = d.console("c1");
+    first.wait_for("VMD-TEST spin", BOOT);
+    drop(first);
+    // Attaching later still shows what the guest printed before.
+    let second = d.console("c1");
+    second.wait_for("VMD-TEST spin", Duration::from_secs(5));
+    d.ok(&["stop", "-f", "-w", "c1"]);
+    let log = std::fs::read_to_string(d.dir.join("state/console/c1.log")).expect("console log");
+    assert!(log.contains("VMD-TEST spin"), "{log}");
+}
