@@ -88,6 +88,10 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         ));
     }
     let user = crate::user::ensure_vmd_user()?;
+    if !opts.foreground {
+        // Still single-threaded with no children: forking here is safe.
+        nix::unistd::daemon(false, false).map_err(|e| format!("daemon: {e}"))?;
+    }
     opts.user = Some(user);
     let console_dir = opts.state_dir.join("console");
     std::fs::create_dir_all(&console_dir)
