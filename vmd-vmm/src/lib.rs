@@ -1,9 +1,82 @@
-//! The per-VM process. (Skeleton.)
+//! The per-VM process: one VM on Linux KVM, serving its parent over a
+//! channel.
+//!
+//! Protocol, as seen from here:
+//! 1. receive exactly one `Msg::VmmStart(params)` with `params.fd_count()`
+//!    fds, in order: /dev/kvm (read-write), the console tty (a pty slave in
+//!    raw mode), the kernel image (read-only) and, when `has_initrd`, the
+//!    initrd (read-only);
+//! 2. drop privileges to `params.uid`/`params.gid` (see [`sandbox`]);
+//! 3. build the VM and start its vCPUs, then send `Msg::VmmRunning`;
+//! 4. serve the console and the channel until the guest ends or the
+//!    parent sends `Msg::VmmTerminate`, then send `Msg::VmmExited(why)`.
+//!
+//! `run` returns 0 after sending `VmmExited`, 1 if it could not (or the
+//! parent went away first).
 
-use vmd_proto::Channel;
+pub mod boot;
+pub mod bus;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod mptable;
+pub mod sandbox;
+pub mod vcpu;
+pub mod vm;
+
+use vmd_proto::vm::ExitReason;
+use vmd_proto::{Channel, Msg};
+
+pub use vm::{build_and_run, DevOptions, Outcome, VmError, VmFiles};
 
 /// Role entry point: serves one VM over `chan`, returns the exit status.
 pub fn run(chan: Channel) -> i32 {
-    let _ = chan;
-    todo!()
+    let frame = match chan.recv() {
+        Ok(f) => f,
+        Err(e) => {
+            log::error!("no start message from the parent: {e}");
+            return 1;
+        }
+    };
+    let peer_id = frame.peer_id;
+    let params = match frame.msg {
+        Msg::VmmStart(p) => p,
+        other => {
+            let why = format!(
+                "protocol: expected VmmStart, got message type {}",
+                other.type_code()
+            );
+            log::error!("{why}");
+            return report(&chan, peer_id, ExitReason::VmmError(why));
+        }
+    };
+    if params.verbose {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
+    let id = params.id;
+    let files = match VmFiles::from_fds(frame.fds, params.has_initrd) {
+        Ok(f) => f,
+        Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
+    };
+    if let Err(e) = sandbox::drop_privileges(params.uid, params.gid) {
+        log::error!("vm {}: sandbox: {e}", params.name);
+        return report(&chan, id, ExitReason::VmmError(format!("sandbox: {e}")));
+    }
+    match build_and_run(&params, files, Some(&chan), &DevOptions::default()) {
+        Outcome::Exited(reason) => report(&chan, id, reason),
+        Outcome::ParentGone => 1,
+    }
+}
+
+fn report(chan: &Channel, id: u32, reason: ExitReason) -> i32 {
+    log::info!("vm {id}: {reason}");
+    match chan.send(&Msg::VmmExited(reason), id, &[]) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("cannot report the VM's end to the parent: {e}");
+            1
+        }
+    }
 }

@@ -1,0 +1,79 @@
+//! Every guest physical address and I/O port the VM process uses, in one
+//! place. Test guests rely on the low-memory layout below, so changing an
+//! address here changes the guest ABI.
+
+// ---- Low memory (first MiB) ----
+
+/// GDT used by every boot path: null, 32-bit code, 64-bit code, data, TSS.
+pub const GDT_ADDR: u64 = 0x500;
+/// PVH `hvm_start_info`; its e820-style memory map follows it directly.
+pub const PVH_START_INFO: u64 = 0x6000;
+/// PVH memory map entries, right after the 56-byte start info.
+pub const PVH_MEMMAP: u64 = PVH_START_INFO + 0x38;
+/// Most memory map entries we ever write (we write at most 5).
+pub const PVH_MEMMAP_MAX: usize = 16;
+/// PVH module list (the initrd is module 0), well past the memory map.
+pub const PVH_MODLIST: u64 = 0x6800;
+/// Linux zero page (`struct boot_params`) for the 64-bit Linux entry.
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Initial stack pointer for the 64-bit Linux entry (stack in 0x8000-0x8fff).
+pub const BOOT_STACK: u64 = 0x8ff0;
+/// Identity-mapping page tables for the 64-bit entry: PML4, PDPT, and one
+/// page directory of 2 MiB pages mapping the first 1 GiB.
+pub const PML4_ADDR: u64 = 0x9000;
+pub const PDPT_ADDR: u64 = 0xa000;
+pub const PD_ADDR: u64 = 0xb000;
+// 0x10000-0x1ffff is left to the guest (test guests put an AP trampoline
+// there); we never write it.
+/// Kernel command line, NUL-terminated.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Room for the command line including its NUL.
+pub const CMDLINE_MAX: usize = 2048;
+/// Extended BIOS data area: holds the MP floating pointer and, when it
+/// fits, the MP configuration table. Reserved in the e820 map.
+pub const EBDA_START: u64 = 0x9fc00;
+/// End of conventional memory; 0xa0000-0xfffff is the legacy VGA/ROM hole.
+pub const EBDA_END: u64 = 0xa0000;
+/// The BIOS ROM area (reserved in e820). The MP configuration table goes
+/// here when it is too large for the EBDA (many vCPUs).
+pub const BIOS_ROM_START: u64 = 0xf0000;
+pub const BIOS_ROM_END: u64 = 0x10_0000;
+/// Where the kernel is loaded (1 MiB), and the start of "high" memory.
+pub const KERNEL_START: u64 = 0x10_0000;
+
+// ---- Above the first MiB ----
+
+/// RAM ends here below 4 GiB; the rest of guest memory goes above 4 GiB.
+/// The hole in between is for MMIO (IOAPIC, LAPIC, later PCI).
+pub const MMIO_GAP_START: u64 = 0xd000_0000;
+/// First address above the MMIO gap.
+pub const HIGH_RAM_START: u64 = 1 << 32;
+/// KVM's identity-map page for real-mode emulation (one page) and the TSS
+/// it needs (three pages), both inside the MMIO gap, out of RAM's way.
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+pub const KVM_TSS_ADDR: u64 = 0xfeff_d000;
+/// The in-kernel IOAPIC and local APICs (architectural defaults).
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+
+// ---- I/O ports ----
+
+/// POST / I/O delay port: Linux writes it for tiny delays.
+pub const PORT_POST: u16 = 0x80;
+/// i8042 keyboard controller: data and command/status.
+pub const PORT_I8042_DATA: u16 = 0x60;
+pub const PORT_I8042_CMD: u16 = 0x64;
+/// CMOS/RTC index and data.
+pub const PORT_CMOS: u16 = 0x70;
+/// 16550 UARTs. Only COM1 exists; the others read as absent.
+pub const PORT_COM1: u16 = 0x3f8;
+pub const PORT_COM2: u16 = 0x2f8;
+pub const PORT_COM3: u16 = 0x3e8;
+pub const PORT_COM4: u16 = 0x2e8;
+/// ACPI PM1a control block (16 bits; SLP_TYP/SLP_EN).
+pub const PORT_PM1A_CNT: u16 = 0x604;
+/// PCI reset control register.
+pub const PORT_RESET_CTRL: u16 = 0xcf9;
+
+/// Legacy IRQ (and GSI) of COM1.
+pub const COM1_IRQ: u32 = 4;

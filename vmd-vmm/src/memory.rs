@@ -1,0 +1,126 @@
+//! Guest RAM: anonymous, MAP_NORESERVE mappings (vm-memory's default), so
+//! memory the guest never touches costs the host nothing. RAM past
+//! [`MMIO_GAP_START`] is moved above 4 GiB to leave room for devices.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{HIGH_RAM_START, KERNEL_START, MMIO_GAP_START};
+
+/// Anything smaller cannot hold a kernel at 1 MiB.
+pub const MIN_RAM: u64 = 2 << 20;
+const PAGE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("{0} bytes is too small (need at least {MIN_RAM})")]
+    TooSmall(u64),
+    #[error("{0} bytes is not a multiple of the 4 KiB page size")]
+    Unaligned(u64),
+    #[error("cannot map guest RAM: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot}: {err}")]
+    Register { slot: u32, err: kvm_ioctls::Error },
+}
+
+/// Where RAM lies in guest physical memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RamLayout {
+    /// RAM is `[0, low_end)` ...
+    pub low_end: u64,
+    /// ... plus `[4 GiB, 4 GiB + high_size)`.
+    pub high_size: u64,
+}
+
+impl RamLayout {
+    pub fn new(size: u64) -> Result<RamLayout, MemoryError> {
+        if size < MIN_RAM || size <= KERNEL_START {
+            return Err(MemoryError::TooSmall(size));
+        }
+        if size % PAGE != 0 {
+            return Err(MemoryError::Unaligned(size));
+        }
+        let low_end = size.min(MMIO_GAP_START);
+        Ok(RamLayout {
+            low_end,
+            high_size: size - low_end,
+        })
+    }
+
+    /// `(start, length)` of each RAM range.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut r = vec![(0, self.low_end)];
+        if self.high_size > 0 {
+            r.push((HIGH_RAM_START, self.high_size));
+        }
+        r
+    }
+}
+
+/// Maps guest RAM in this process.
+pub fn create(layout: &RamLayout) -> Result<GuestMemoryMmap, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout
+        .ranges()
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
+}
+
+/// Hands every region of `mem` to KVM, one memory slot each.
+pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in (0u32..).zip(mem.iter()) {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Register {
+                slot,
+                err: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size`
+        // bytes owned by `mem`, which outlives the VM (both live in `Vm`,
+        // and the vCPUs stop before it is dropped).
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|err| MemoryError::Register { slot, err })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_vm_is_all_low() {
+        let l = RamLayout::new(64 << 20).unwrap();
+        assert_eq!(l.ranges(), vec![(0, 64 << 20)]);
+    }
+
+    #[test]
+    fn big_vm_splits_around_the_gap() {
+        let l = RamLayout::new(4 << 30).unwrap();
+        assert_eq!(
+            l.ranges(),
+            vec![(0, MMIO_GAP_START), (1 << 32, (4 << 30) - MMIO_GAP_START)]
+        );
+    }
+
+    #[test]
+    fn rejects_tiny_and_unaligned() {
+        assert!(matches!(
+            RamLayout::new(1 << 20),
+            Err(MemoryError::TooSmall(_))
+        ));
+        assert!(matches!(
+            RamLayout::new((64 << 20) + 1),
+            Err(MemoryError::Unaligned(_))
+        ));
+    }
+}

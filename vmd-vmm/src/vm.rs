@@ -1,0 +1,505 @@
+//! Building a VM from its parameters and fds, running its vCPUs, and the
+//! main thread's event loop until the guest ends or the parent says stop.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use vm_memory::GuestMemoryMmap;
+use vmd_proto::vm::{ExitReason, VmmParams, MAX_VCPUS};
+use vmd_proto::{Channel, ChannelError, Msg};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::bus::{Bus, BusError, SharedDevice};
+use crate::control::ExitSignal;
+use crate::devices::cmos::Cmos;
+use crate::devices::i8042::{ResetControl, I8042};
+use crate::devices::power::Pm1aControl;
+use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
+use crate::devices::Sink;
+use crate::layout::{
+    COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PORT_CMOS, PORT_COM1, PORT_I8042_DATA,
+    PORT_PM1A_CNT, PORT_POST, PORT_RESET_CTRL,
+};
+use crate::memory::{self, MemoryError, RamLayout};
+use crate::mptable::{self, MpTableError};
+use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::{cpuid, cpuid::CpuidError};
+
+/// The KVM API version every kernel since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+/// How long to wait for vCPU threads to leave after a kick.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("expected {expected} fds with VmmStart, got {got}")]
+    FdCount { expected: usize, got: usize },
+    #[error("kvm: {0}")]
+    KvmSetup(String),
+    #[error("kvm: {0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("vcpus: {0} requested, 1 to {1} supported")]
+    VcpuCount(u32, u32),
+    #[error("memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("{0}")]
+    Boot(#[from] BootError),
+    #[error("mptable: {0}")]
+    MpTable(#[from] MpTableError),
+    #[error("cpuid: {0}")]
+    Cpuid(#[from] CpuidError),
+    #[error("vCPU {id}: {err}")]
+    Vcpu { id: u32, err: VcpuError },
+    #[error("devices: {0}")]
+    Bus(#[from] BusError),
+    #[error("{0}")]
+    Serial(#[from] SerialError),
+    #[error("{0}: {1}")]
+    Io(&'static str, io::Error),
+}
+
+/// The fds that come with `VmmStart`, in their order.
+#[derive(Debug)]
+pub struct VmFiles {
+    /// /dev/kvm, opened read-write.
+    pub kvm: OwnedFd,
+    /// The console: a pty slave in raw mode.
+    pub tty: OwnedFd,
+    /// The kernel image, read-only.
+    pub kernel: OwnedFd,
+    /// The initrd, read-only, when `has_initrd`.
+    pub initrd: Option<OwnedFd>,
+}
+
+impl VmFiles {
+    pub fn from_fds(fds: Vec<OwnedFd>, has_initrd: bool) -> Result<VmFiles, VmError> {
+        let expected = 3 + usize::from(has_initrd);
+        let got = fds.len();
+        let mut it = fds.into_iter();
+        match (it.next(), it.next(), it.next(), it.next(), it.next()) {
+            (Some(kvm), Some(tty), Some(kernel), initrd, None) if got == expected => Ok(VmFiles {
+                kvm,
+                tty,
+                kernel,
+                initrd,
+            }),
+            _ => Err(VmError::FdCount { expected, got }),
+        }
+    }
+}
+
+/// Knobs for development and tests; the daemon uses the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct DevOptions {
+    /// Boot a PVH-capable ELF through its 64-bit Linux entry instead.
+    pub ignore_pvh: bool,
+}
+
+/// How the event loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM ended; the parent should be told why.
+    Exited(ExitReason),
+    /// The parent went away: nobody is left to tell.
+    ParentGone,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A VM built and ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    mem: Arc<GuestMemoryMmap>,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<ExitSignal>,
+    serial: Arc<Mutex<SerialDevice>>,
+    room: Arc<RoomNotifier>,
+    _serial_irq: EventFd,
+    tty: File,
+}
+
+impl Vm {
+    pub fn new(params: &VmmParams, files: VmFiles, opts: &DevOptions) -> Result<Vm, VmError> {
+        let kvm_io = |what| move |e| VmError::Kvm(what, e);
+        // SAFETY: we own this fd (it came with VmmStart) and hand it over.
+        let kvm = unsafe { Kvm::from_raw_fd(files.kvm.into_raw_fd()) };
+        if kvm.get_api_version() != KVM_API_VERSION {
+            return Err(VmError::KvmSetup(format!(
+                "/dev/kvm speaks API {}, not {KVM_API_VERSION}",
+                kvm.get_api_version()
+            )));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "in-kernel irqchip"),
+            (Cap::Pit2, "in-kernel PIT"),
+            (Cap::Irqfd, "irqfd"),
+            (Cap::UserMemory, "user memory"),
+            (Cap::ImmediateExit, "immediate exit"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::KvmSetup(format!("no {name} support")));
+            }
+        }
+        let max = (kvm.get_max_vcpus() as u32).min(MAX_VCPUS);
+        if params.vcpus == 0 || params.vcpus > max {
+            return Err(VmError::VcpuCount(params.vcpus, max));
+        }
+
+        let vm = kvm.create_vm().map_err(kvm_io("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_io("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(kvm_io("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_io("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            // KVM answers the PC speaker port (0x61) with a dummy.
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_io("KVM_CREATE_PIT2"))?;
+
+        let ram = RamLayout::new(params.memory)?;
+        let mem = memory::create(&ram)?;
+        memory::register(&vm, &mem)?;
+
+        let mut kernel = File::from(files.kernel);
+        let mut initrd = files.initrd.map(File::from);
+        let entry = boot::load(
+            &mem,
+            ram,
+            &mut kernel,
+            initrd.as_mut(),
+            &params.cmdline,
+            opts.ignore_pvh,
+        )?;
+        log::debug!("boot entry {entry:x?}");
+        mptable::write(&mem, params.vcpus)?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("exit eventfd", e))?);
+        let (serial, serial_irq, room) = SerialDevice::new(&files.tty)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_io("KVM_IRQFD for COM1"))?;
+        let serial = Arc::new(Mutex::new(serial));
+
+        let mut pio = Bus::new("port I/O");
+        pio.insert(u64::from(PORT_COM1), 8, serial.clone())?;
+        pio.insert(u64::from(PORT_POST), 1, shared(Sink))?;
+        pio.insert(
+            u64::from(PORT_I8042_DATA),
+            5,
+            shared(I8042::new(exit.clone())),
+        )?;
+        pio.insert(u64::from(PORT_CMOS), 2, shared(Cmos::default()))?;
+        pio.insert(
+            u64::from(PORT_PM1A_CNT),
+            2,
+            shared(Pm1aControl::new(exit.clone())),
+        )?;
+        pio.insert(
+            u64::from(PORT_RESET_CTRL),
+            1,
+            shared(ResetControl::new(exit.clone())),
+        )?;
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new("MMIO"));
+
+        let base_cpuid = cpuid::supported(&kvm)?;
+        let mut vcpus = Vec::new();
+        for id in 0..params.vcpus {
+            let verr = |err| VmError::Vcpu { id, err };
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| verr(VcpuError::Ioctl("KVM_CREATE_VCPU", e)))?;
+            let cpuid = cpuid::for_vcpu(&base_cpuid, id, params.vcpus);
+            let boot = (id == 0).then_some(entry);
+            vcpu::configure(&fd, &cpuid, boot).map_err(verr)?;
+            vcpus.push(Vcpu {
+                id,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+            });
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            mem: Arc::new(mem),
+            vcpus,
+            exit,
+            serial,
+            room,
+            _serial_irq: serial_irq,
+            tty: File::from(files.tty),
+        })
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(mut self) -> Result<RunningVm, VmError> {
+        vcpu::install_kick_handler().map_err(|err| VmError::Vcpu { id: 0, err })?;
+        let vcpus = std::mem::take(&mut self.vcpus);
+        let mut running = RunningVm {
+            vm: self,
+            threads: Vec::new(),
+        };
+        for v in vcpus {
+            let id = v.id;
+            match v.spawn() {
+                Ok(t) => running.threads.push(t),
+                Err(err) => {
+                    let err = VmError::Vcpu { id, err };
+                    running
+                        .vm
+                        .exit
+                        .request(ExitReason::VmmError(err.to_string()));
+                    running.stop_vcpus();
+                    return Err(err);
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+fn shared<D: crate::bus::BusDevice + 'static>(d: D) -> SharedDevice {
+    Arc::new(Mutex::new(d))
+}
+
+pub struct RunningVm {
+    vm: Vm,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// What woke the event loop.
+struct Ready {
+    exit: bool,
+    room: bool,
+    chan: bool,
+    tty_in: bool,
+    tty_gone: bool,
+}
+
+impl RunningVm {
+    /// Serves the VM until it ends, then stops the vCPUs. With `chan`,
+    /// obeys the parent's messages on it; without, runs until the guest
+    /// ends (tests).
+    pub fn event_loop(mut self, chan: Option<&Channel>) -> Outcome {
+        let outcome = self.serve(chan);
+        self.vm.exit.request(match &outcome {
+            Outcome::Exited(r) => r.clone(),
+            Outcome::ParentGone => ExitReason::Stopped,
+        });
+        self.stop_vcpus();
+        outcome
+    }
+
+    /// Asks every vCPU thread to leave and waits (bounded) for them.
+    fn stop_vcpus(&mut self) {
+        for t in &self.threads {
+            vcpu::kick(t);
+        }
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        while self.threads.iter().any(|t| !t.is_finished()) {
+            if Instant::now() > deadline {
+                log::warn!("vCPU threads did not stop in {VCPU_STOP_TIMEOUT:?}; leaving them");
+                // They may still touch guest memory: keep it mapped.
+                std::mem::forget(self.vm.mem.clone());
+                return;
+            }
+            for t in self.threads.iter().filter(|t| !t.is_finished()) {
+                vcpu::kick(t);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    fn serve(&mut self, chan: Option<&Channel>) -> Outcome {
+        let mut tty_open = true;
+        loop {
+            if let Some(reason) = self.vm.exit.reason() {
+                return Outcome::Exited(reason);
+            }
+            let mut want_tty = false;
+            if tty_open {
+                // Ask for a wake-up before looking, so a guest read between
+                // the two cannot be missed.
+                self.vm.room.set_waiting();
+                want_tty = lock(&self.vm.serial).room() > 0;
+            }
+            let ready = match self.wait(chan, want_tty) {
+                Ok(r) => r,
+                Err(e) => return Outcome::Exited(ExitReason::VmmError(format!("poll: {e}"))),
+            };
+            if ready.exit {
+                let _ = self.vm.exit.eventfd().read();
+            }
+            if ready.room {
+                let _ = self.vm.room.eventfd().read();
+            }
+            if ready.chan {
+                if let Some(c) = chan {
+                    if let Some(outcome) = self.handle_message(c) {
+                        return outcome;
+                    }
+                }
+            }
+            if ready.tty_in && !self.forward_input() {
+                tty_open = false;
+            }
+            if ready.tty_gone && !ready.tty_in {
+                log::info!("console tty hung up; guest input stops");
+                tty_open = false;
+            }
+        }
+    }
+
+    fn wait(&self, chan: Option<&Channel>, want_tty: bool) -> nix::Result<Ready> {
+        let fd = |raw| {
+            // SAFETY: the eventfds live in `self.vm` for the whole call.
+            unsafe { BorrowedFd::borrow_raw(raw) }
+        };
+        let mut fds = vec![
+            PollFd::new(fd(self.vm.exit.eventfd().as_raw_fd()), PollFlags::POLLIN),
+            PollFd::new(fd(self.vm.room.eventfd().as_raw_fd()), PollFlags::POLLIN),
+        ];
+        let chan_at = chan.map(|c| {
+            fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let tty_at = want_tty.then(|| {
+            fds.push(PollFd::new(self.vm.tty.as_fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        loop {
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let ev = |i: usize| fds[i].revents().unwrap_or(PollFlags::empty());
+        let any = PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR;
+        Ok(Ready {
+            exit: ev(0).contains(PollFlags::POLLIN),
+            room: ev(1).contains(PollFlags::POLLIN),
+            chan: chan_at.is_some_and(|i| ev(i).intersects(any)),
+            tty_in: tty_at.is_some_and(|i| ev(i).contains(PollFlags::POLLIN)),
+            tty_gone: tty_at
+                .is_some_and(|i| ev(i).intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        })
+    }
+
+    /// One message from the parent; `Some` ends the loop.
+    fn handle_message(&self, chan: &Channel) -> Option<Outcome> {
+        match chan.recv() {
+            Ok(frame) => match frame.msg {
+                Msg::VmmTerminate => {
+                    log::info!("stopping on request");
+                    self.vm.exit.request(ExitReason::Stopped);
+                    None
+                }
+                other => {
+                    log::warn!("ignoring unexpected message type {}", other.type_code());
+                    None
+                }
+            },
+            Err(ChannelError::Closed) => {
+                log::warn!("parent closed the channel; stopping the VM");
+                Some(Outcome::ParentGone)
+            }
+            Err(e) if e.is_would_block() => None,
+            Err(e) => {
+                log::error!("channel: {e}");
+                Some(Outcome::Exited(ExitReason::VmmError(format!(
+                    "channel: {e}"
+                ))))
+            }
+        }
+    }
+
+    /// Moves what the FIFO can take from the tty into the UART. Returns
+    /// false when the tty is gone.
+    fn forward_input(&mut self) -> bool {
+        let mut serial = lock(&self.vm.serial);
+        let mut buf = [0u8; 64];
+        let n = serial.room().min(buf.len());
+        if n == 0 {
+            return true;
+        }
+        match self.vm.tty.read(&mut buf[..n]) {
+            Ok(0) => {
+                log::info!("console tty closed; guest input stops");
+                false
+            }
+            Ok(got) => {
+                serial.enqueue(&buf[..got]);
+                true
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                true
+            }
+            Err(e) => {
+                // EIO: the pty master is closed.
+                log::info!("console tty: {e}; guest input stops");
+                false
+            }
+        }
+    }
+}
+
+/// Builds the VM, runs it, and reports `VmmRunning` on `chan` once its
+/// vCPUs run. Every setup failure becomes `ExitReason::VmmError`.
+pub fn build_and_run(
+    params: &VmmParams,
+    files: VmFiles,
+    chan: Option<&Channel>,
+    opts: &DevOptions,
+) -> Outcome {
+    let started = Vm::new(params, files, opts).and_then(Vm::start);
+    let running = match started {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("vm {}: {e}", params.name);
+            return Outcome::Exited(ExitReason::VmmError(e.to_string()));
+        }
+    };
+    log::info!(
+        "vm {}: running ({} vCPUs, {} MiB)",
+        params.name,
+        params.vcpus,
+        params.memory >> 20
+    );
+    if let Some(c) = chan {
+        if let Err(e) = c.send(&Msg::VmmRunning, params.id, &[]) {
+            log::error!("cannot tell the parent the VM runs: {e}");
+            let mut running = running;
+            running.vm.exit.request(ExitReason::Stopped);
+            running.stop_vcpus();
+            return Outcome::ParentGone;
+        }
+    }
+    running.event_loop(chan)
+}
