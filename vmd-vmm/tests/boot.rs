@@ -1,0 +1,563 @@
+//! Boots tiny guests assembled here (with `as`/`ld`) on the real KVM and
+//! checks what they print and how they end. Needs root and /dev/kvm; says
+//! so loudly and passes when either is missing.
+//!
+//! Extra, manual: `VMD_TEST_KERNEL=/path/vmlinux[,/path/bzImage]` with
+//! `--ignored` boots a real Linux kernel until it prints `Linux version`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::pty::openpty;
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use vmd_proto::vm::{ExitReason, VmmParams};
+use vmd_proto::{Channel, Msg};
+use vmd_vmm::{build_and_run, DevOptions, Outcome, VmFiles};
+
+struct StderrLog;
+impl log::Log for StderrLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record) {
+        eprintln!("[{}] {}", r.level(), r.args());
+    }
+    fn flush(&self) {}
+}
+
+fn init_log() {
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
+}
+
+/// /dev/kvm opened read-write, or None (and a loud note) if unusable.
+fn kvm() -> Option<OwnedFd> {
+    init_log();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: not root");
+        return None;
+    }
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(f) => Some(f.into()),
+        Err(e) => {
+            eprintln!("SKIPPED: /dev/kvm: {e}");
+            None
+        }
+    }
+}
+
+const LINKER_SCRIPT: &str = "
+ENTRY(_start)
+SECTIONS {
+  . = 0x10000;
+  .tramp : { *(.tramp) }
+  . = 0x100000;
+  .text : { *(.text) }
+  .note.Xen : { *(.note.Xen) }
+  /DISCARD/ : { *(.note.gnu.property) }
+}
+";
+
+/// The PVH note: 32-bit entry at `_start`.
+const PVH_NOTE: &str = r#"
+.section .note.Xen, "a", @note
+.p2align 2
+.long 4, 4, 18
+.asciz "Xen"
+.p2align 2
+.long _start
+"#;
+
+/// Power off through PM1a (SLP_TYP 5 | SLP_EN) then halt.
+const POWEROFF: &str = "
+  mov $0x604, %dx
+  mov $0x3400, %ax
+  out %ax, %dx
+9: hlt
+  jmp 9b
+";
+
+/// Assembles and links `src` into an ELF; returns its path.
+fn guest(name: &str, src: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmm-guests");
+    fs::create_dir_all(&dir).unwrap();
+    let s = dir.join(format!("{name}.S"));
+    let o = dir.join(format!("{name}.o"));
+    let ld = dir.join("link.ld");
+    let elf = dir.join(format!("{name}.elf"));
+    fs::write(&s, src).unwrap();
+    fs::write(&ld, LINKER_SCRIPT).unwrap();
+    let st = Command::new("as")
+        .args(["--64", "-o"])
+        .arg(&o)
+        .arg(&s)
+        .status()
+        .unwrap();
+    assert!(st.success(), "as failed for {name}");
+    let st = Command::new("ld")
+        .args([
+            "-m",
+            "elf_x86_64",
+            "-nostdlib",
+            "--build-id=none",
+            "-z",
+            "max-page-size=0x1000",
+            "-T",
+        ])
+        .arg(&ld)
+        .arg("-o")
+        .arg(&elf)
+        .arg(&o)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ld failed for {name}");
+    elf
+}
+
+/// Emits code printing the NUL-terminated string at (%esi) / (%rsi).
+fn print_esi(reg: &str) -> String {
+    format!(
+        "
+  mov $0x3f8, %dx
+1: movb ({reg}), %al
+  test %al, %al
+  jz 2f
+  out %al, %dx
+  inc {reg}
+  jmp 1b
+2:
+"
+    )
+}
+
+fn print_str(s: &str) -> String {
+    let mut out = String::from("  mov $0x3f8, %dx\n");
+    for b in s.bytes() {
+        out += &format!("  mov ${b}, %al\n  out %al, %dx\n");
+    }
+    out
+}
+
+struct Run {
+    outcome: Outcome,
+    output: String,
+}
+
+fn params(vcpus: u32, cmdline: &str) -> VmmParams {
+    VmmParams {
+        id: 7,
+        name: "test".into(),
+        memory: 64 << 20,
+        vcpus,
+        cmdline: cmdline.into(),
+        has_initrd: false,
+        uid: 0,
+        gid: 0,
+        verbose: true,
+    }
+}
+
+/// A console pty: (master, slave in raw mode).
+fn pty() -> (File, OwnedFd) {
+    let p = openpty(None, None).unwrap();
+    let mut t = tcgetattr(p.slave.as_fd()).unwrap();
+    cfmakeraw(&mut t);
+    tcsetattr(p.slave.as_fd(), SetArg::TCSANOW, &t).unwrap();
+    (File::from(p.master), p.slave)
+}
+
+/// Collects what the guest writes to the console until `until` shows up
+/// or the master sees EOF.
+fn drain(mut master: File, out: Arc<Mutex<Vec<u8>>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+}
+
+/// Boots `kernel` with `vcpus` and `cmdline`; fails the test after `limit`.
+fn boot(
+    kernel: &Path,
+    vcpus: u32,
+    cmdline: &str,
+    opts: DevOptions,
+    limit: Duration,
+) -> Option<Run> {
+    let kvm = kvm()?;
+    let (master, slave) = pty();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    drain(master, out.clone());
+    let files = VmFiles {
+        kvm,
+        tty: slave,
+        kernel: File::open(kernel).unwrap().into(),
+        initrd: None,
+    };
+    let p = params(vcpus, cmdline);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(build_and_run(&p, files, None, &opts));
+    });
+    let outcome = rx.recv_timeout(limit).unwrap_or_else(|_| {
+        panic!(
+            "guest did not finish in {limit:?}; output: {:?}",
+            String::from_utf8_lossy(&out.lock().unwrap())
+        )
+    });
+    // Let the drain thread pick up the last bytes.
+    std::thread::sleep(Duration::from_millis(100));
+    let output = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    eprintln!("guest output: {output:?}\noutcome: {outcome:?}");
+    Some(Run { outcome, output })
+}
+
+const SECS_10: Duration = Duration::from_secs(10);
+
+#[test]
+fn pvh_guest_prints_and_powers_off() {
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+  cmpl $0x336ec578, (%ebx)
+  jne bad
+  mov 24(%ebx), %esi     # cmdline_paddr
+{cmdline}
+{ok}
+{POWEROFF}
+bad:
+{bad}
+{POWEROFF}
+",
+        cmdline = print_esi("%esi"),
+        ok = print_str("\nOK\n"),
+        bad = print_str("BAD MAGIC\n"),
+    );
+    let elf = guest("pvh-ok", &src);
+    let Some(r) = boot(&elf, 1, "hello pvh", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert_eq!(r.output, "hello pvh\nOK\n");
+}
+
+#[test]
+fn linux64_entry_gets_zero_page_and_cmdline() {
+    // No PVH note: the 64-bit Linux entry with RSI = boot_params.
+    let src = format!(
+        "
+.text
+.code64
+.globl _start
+_start:
+  mov %rsi, %rbx
+  movzbl 0x1e8(%rbx), %eax  # e820_entries
+  add $'0', %al
+  mov $0x3f8, %dx
+  out %al, %dx
+  mov $' ', %al
+  out %al, %dx
+  mov 0x228(%rbx), %esi     # hdr.cmd_line_ptr
+{cmdline}
+{ok}
+{POWEROFF}
+",
+        cmdline = print_esi("%rsi"),
+        ok = print_str("\nOK64\n"),
+    );
+    let elf = guest("linux64", &src);
+    let Some(r) = boot(&elf, 1, "hello 64", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert_eq!(r.output, "4 hello 64\nOK64\n");
+}
+
+#[test]
+fn i8042_reset_reboots() {
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+{hi}
+  mov $0xfe, %al
+  out %al, $0x64
+{POWEROFF}
+",
+        hi = print_str("reset\n")
+    );
+    let elf = guest("reset", &src);
+    let Some(r) = boot(&elf, 1, "", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::Reboot));
+    assert_eq!(r.output, "reset\n");
+}
+
+#[test]
+fn ud2_without_idt_is_a_crash_with_registers() {
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+  ud2
+{POWEROFF}
+"
+    );
+    let elf = guest("ud2", &src);
+    let Some(r) = boot(&elf, 1, "", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    let Outcome::Exited(ExitReason::GuestCrash(text)) = r.outcome else {
+        panic!("expected a crash, got {:?}", r.outcome);
+    };
+    assert!(text.contains("rip=0x100000"), "{text}");
+    assert!(text.contains("cr0="), "{text}");
+}
+
+#[test]
+fn smp_guest_starts_its_aps() {
+    // BSP: count CPUs from CPUID leaf 1, INIT/SIPI/SIPI everyone else to
+    // the trampoline at 0x10000, wait for them to check in, print each
+    // AP's APIC id (they print it themselves) and the count.
+    let src = format!(
+        "{PVH_NOTE}
+.section .tramp, \"ax\"
+.code16
+ap_start:
+  mov %cs, %ax
+  mov %ax, %ds
+  mov $1, %eax
+  cpuid
+  shr $24, %ebx
+  mov %bl, %al
+  add $'0', %al
+  mov $0x3f8, %dx
+  out %al, %dx
+  lock incw (counter - ap_start)
+3: cli
+  hlt
+  jmp 3b
+.p2align 4
+counter: .word 0
+
+.text
+.code32
+.globl _start
+_start:
+  mov $1, %eax
+  cpuid
+  shr $16, %ebx
+  and $0xff, %ebx
+  dec %ebx                    # APs expected
+  movl $0x000c4500, 0xfee00300  # INIT to all but self
+  mov $2000, %ecx
+1: loop 1b
+  movl $0x000c4610, 0xfee00300  # SIPI, vector 0x10
+  mov $2000, %ecx
+1: loop 1b
+  movl $0x000c4610, 0xfee00300
+  mov $3000000, %ecx
+2: movzwl counter, %eax
+  cmp %ebx, %eax
+  je 4f
+  loop 2b
+4:
+{aps}
+  movzwl counter, %eax
+  add $'0', %al
+  out %al, %dx
+  mov $'\\n', %al
+  out %al, %dx
+{POWEROFF}
+",
+        aps = print_str(" aps="),
+    );
+    let elf = guest("smp", &src);
+    let Some(r) = boot(&elf, 4, "", DevOptions::default(), Duration::from_secs(30)) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert!(r.output.ends_with(" aps=3\n"), "{:?}", r.output);
+    for id in ["1", "2", "3"] {
+        assert!(r.output.contains(id), "AP {id} missing: {:?}", r.output);
+    }
+}
+
+#[test]
+fn not_a_kernel_is_a_vmm_error() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let junk = dir.join("junk-kernel");
+    fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    let Some(r) = boot(&junk, 1, "", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(
+        r.outcome,
+        Outcome::Exited(ExitReason::VmmError("kernel: not an ELF or bzImage".into()))
+    );
+}
+
+/// The full protocol through `run()`, in a forked child (it drops
+/// privileges for the whole process): VmmStart, VmmRunning, VmmExited.
+#[test]
+fn run_speaks_the_protocol() {
+    let Some(kvm) = kvm() else { return };
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+{hi}
+{POWEROFF}
+",
+        hi = print_str("proto\n")
+    );
+    let elf = guest("proto", &src);
+    let (master, slave) = pty();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    drain(master, out.clone());
+    let (parent, child) = Channel::pair().unwrap();
+    // SAFETY: the child only runs vmd_vmm::run and exits.
+    match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(parent);
+            let code = vmd_vmm::run(child);
+            // SAFETY: leave without running the test harness's atexit code.
+            unsafe { libc::_exit(code) };
+        }
+        nix::unistd::ForkResult::Parent { child: pid } => {
+            drop(child);
+            let mut p = params(1, "");
+            p.uid = 65534;
+            p.gid = 65534;
+            let kernel: OwnedFd = File::open(&elf).unwrap().into();
+            parent
+                .send(
+                    &Msg::VmmStart(p),
+                    7,
+                    &[kvm.as_fd(), slave.as_fd(), kernel.as_fd()],
+                )
+                .unwrap();
+            let f = parent.recv().unwrap();
+            assert_eq!(f.msg, Msg::VmmRunning);
+            let f = parent.recv().unwrap();
+            assert_eq!(f.msg, Msg::VmmExited(ExitReason::PowerOff));
+            let status = nix::sys::wait::waitpid(pid, None).unwrap();
+            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(&*out.lock().unwrap(), b"proto\n");
+        }
+    }
+}
+
+/// VmmTerminate stops a guest that would spin forever.
+#[test]
+fn terminate_stops_a_spinning_guest() {
+    let Some(kvm) = kvm() else { return };
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+{hi}
+1: jmp 1b
+",
+        hi = print_str("spin\n")
+    );
+    let elf = guest("spin", &src);
+    let (master, slave) = pty();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    drain(master, out.clone());
+    let (parent, child) = Channel::pair().unwrap();
+    let files = VmFiles {
+        kvm,
+        tty: slave,
+        kernel: File::open(&elf).unwrap().into(),
+        initrd: None,
+    };
+    let p = params(2, "");
+    let t =
+        std::thread::spawn(move || build_and_run(&p, files, Some(&child), &DevOptions::default()));
+    assert_eq!(parent.recv().unwrap().msg, Msg::VmmRunning);
+    let start = Instant::now();
+    while !out.lock().unwrap().ends_with(b"spin\n") {
+        assert!(start.elapsed() < SECS_10, "guest never printed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    parent.send(&Msg::VmmTerminate, 7, &[]).unwrap();
+    let outcome = t.join().unwrap();
+    assert_eq!(outcome, Outcome::Exited(ExitReason::Stopped));
+    eprintln!("stopped in {:?}", start.elapsed());
+}
+
+/// Manual: boots the kernels in VMD_TEST_KERNEL (comma-separated) until
+/// each prints `Linux version`, then stops it.
+#[test]
+#[ignore]
+fn linux_prints_its_version() {
+    let Ok(list) = std::env::var("VMD_TEST_KERNEL") else {
+        eprintln!("SKIPPED: set VMD_TEST_KERNEL=/path/vmlinux[,/path/bzImage]");
+        return;
+    };
+    let want = std::env::var("VMD_TEST_WANT").unwrap_or_else(|_| "Linux version".into());
+    let ignore_pvh = std::env::var("VMD_TEST_IGNORE_PVH").is_ok();
+    for kernel in list.split(',') {
+        let Some(kvm) = kvm() else { return };
+        let (master, slave) = pty();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        drain(master, out.clone());
+        let (parent, child) = Channel::pair().unwrap();
+        let files = VmFiles {
+            kvm,
+            tty: slave,
+            kernel: File::open(kernel).unwrap().into(),
+            initrd: None,
+        };
+        let p = VmmParams {
+            memory: 512 << 20,
+            ..params(1, "console=ttyS0 earlyprintk=ttyS0 noxsave nosmap")
+        };
+        let opts = DevOptions { ignore_pvh };
+        let t = std::thread::spawn(move || build_and_run(&p, files, Some(&child), &opts));
+        assert_eq!(parent.recv().unwrap().msg, Msg::VmmRunning);
+        let start = Instant::now();
+        loop {
+            let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+            if text.contains(&want) {
+                eprintln!("{kernel}: {want:?} after {:?}", start.elapsed());
+                break;
+            }
+            if t.is_finished() || start.elapsed() > Duration::from_secs(300) {
+                panic!("{kernel}: no {want:?} after {:?}: {text}", start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        parent.send(&Msg::VmmTerminate, 7, &[]).unwrap();
+        let outcome = t.join().unwrap();
+        eprintln!(
+            "{kernel}: {outcome:?}\n{}",
+            String::from_utf8_lossy(&out.lock().unwrap())
+        );
+    }
+}
