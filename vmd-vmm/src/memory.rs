@@ -38,7 +38,7 @@ impl RamLayout {
         if size < MIN_RAM || size <= KERNEL_START {
             return Err(MemoryError::TooSmall(size));
         }
-        if size % PAGE != 0 {
+        if size & (PAGE - 1) != 0 {
             return Err(MemoryError::Unaligned(size));
         }
         let low_end = size.min(MMIO_GAP_START);

@@ -561,3 +561,39 @@ fn linux_prints_its_version() {
         );
     }
 }
+
+/// The project's freestanding test guests (tests/guests, built here by
+/// their own build.sh) on this VMM.
+#[test]
+fn project_test_guests() {
+    if kvm().is_none() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/build.sh");
+    if !script.exists() {
+        eprintln!("SKIPPED: {} not found", script.display());
+        return;
+    }
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("project-guests");
+    let st = Command::new("sh").arg(&script).arg(&out).status().unwrap();
+    assert!(st.success(), "tests/guests/build.sh failed");
+
+    let r = boot(&out.join("hello.elf"), 2, "a b=c", DevOptions::default(), SECS_10).unwrap();
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert!(r.output.contains("cmdline: a b=c\n"), "{}", r.output);
+    assert!(r.output.contains("cpus: mp-table=2 started=2\n"), "{}", r.output);
+    assert!(r.output.contains("mem-total-ram: 65151 KiB\n"), "{}", r.output);
+    assert!(r.output.ends_with("VMD-TEST hello done\n"), "{}", r.output);
+
+    let r = boot(&out.join("reset.elf"), 1, "", DevOptions::default(), SECS_10).unwrap();
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::Reboot));
+
+    let r = boot(&out.join("badinsn.elf"), 1, "", DevOptions::default(), SECS_10).unwrap();
+    let Outcome::Exited(ExitReason::GuestCrash(text)) = r.outcome else {
+        panic!("badinsn: expected a crash, got {:?}", r.outcome);
+    };
+    assert!(
+        text.contains("KVM_EXIT_INTERNAL_ERROR") || text.contains("KVM_EXIT_SHUTDOWN"),
+        "{text}"
+    );
+}
