@@ -312,7 +312,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Intr) => None,
                 Ok(VcpuExit::Shutdown) => Some("triple fault (KVM_EXIT_SHUTDOWN)".to_string()),
-                Ok(VcpuExit::Hlt) => Some("halted with interrupts off (KVM_EXIT_HLT)".into()),
+                Ok(VcpuExit::Hlt) => Some("unexpected halt exit (KVM_EXIT_HLT)".into()),
                 Ok(VcpuExit::FailEntry(reason, cpu)) => Some(format!(
                     "VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on host CPU {cpu})"
                 )),

@@ -339,10 +339,14 @@ impl RunningVm {
             }
             let mut want_tty = false;
             if tty_open {
-                // Ask for a wake-up before looking, so a guest read between
-                // the two cannot be missed.
-                self.vm.room.set_waiting();
-                want_tty = lock(&self.vm.serial).room() > 0;
+                let mut room = lock(&self.vm.serial).room();
+                if room == 0 {
+                    // Full FIFO: ask to be woken when the guest reads, then
+                    // look again in case it read in between.
+                    self.vm.room.set_waiting();
+                    room = lock(&self.vm.serial).room();
+                }
+                want_tty = room > 0;
             }
             let ready = match self.wait(chan, want_tty) {
                 Ok(r) => r,

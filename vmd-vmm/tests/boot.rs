@@ -195,6 +195,18 @@ fn boot(
     opts: DevOptions,
     limit: Duration,
 ) -> Option<Run> {
+    boot_with(kernel, None, vcpus, cmdline, opts, limit)
+}
+
+/// [`boot`] with an initrd.
+fn boot_with(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    vcpus: u32,
+    cmdline: &str,
+    opts: DevOptions,
+    limit: Duration,
+) -> Option<Run> {
     let kvm = kvm()?;
     let (master, slave) = pty();
     let out = Arc::new(Mutex::new(Vec::new()));
@@ -203,9 +215,10 @@ fn boot(
         kvm,
         tty: slave,
         kernel: File::open(kernel).unwrap().into(),
-        initrd: None,
+        initrd: initrd.map(|i| File::open(i).unwrap().into()),
     };
-    let p = params(vcpus, cmdline);
+    let mut p = params(vcpus, cmdline);
+    p.has_initrd = initrd.is_some();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(build_and_run(&p, files, None, &opts));
@@ -578,17 +591,46 @@ fn project_test_guests() {
     let st = Command::new("sh").arg(&script).arg(&out).status().unwrap();
     assert!(st.success(), "tests/guests/build.sh failed");
 
-    let r = boot(&out.join("hello.elf"), 2, "a b=c", DevOptions::default(), SECS_10).unwrap();
+    let r = boot(
+        &out.join("hello.elf"),
+        2,
+        "a b=c",
+        DevOptions::default(),
+        SECS_10,
+    )
+    .unwrap();
     assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
     assert!(r.output.contains("cmdline: a b=c\n"), "{}", r.output);
-    assert!(r.output.contains("cpus: mp-table=2 started=2\n"), "{}", r.output);
-    assert!(r.output.contains("mem-total-ram: 65151 KiB\n"), "{}", r.output);
+    assert!(
+        r.output.contains("cpus: mp-table=2 started=2\n"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output.contains("mem-total-ram: 65151 KiB\n"),
+        "{}",
+        r.output
+    );
     assert!(r.output.ends_with("VMD-TEST hello done\n"), "{}", r.output);
 
-    let r = boot(&out.join("reset.elf"), 1, "", DevOptions::default(), SECS_10).unwrap();
+    let r = boot(
+        &out.join("reset.elf"),
+        1,
+        "",
+        DevOptions::default(),
+        SECS_10,
+    )
+    .unwrap();
     assert_eq!(r.outcome, Outcome::Exited(ExitReason::Reboot));
 
-    let r = boot(&out.join("badinsn.elf"), 1, "", DevOptions::default(), SECS_10).unwrap();
+    let r = boot(
+        &out.join("badinsn.elf"),
+        1,
+        "",
+        DevOptions::default(),
+        SECS_10,
+    )
+    .unwrap();
     let Outcome::Exited(ExitReason::GuestCrash(text)) = r.outcome else {
         panic!("badinsn: expected a crash, got {:?}", r.outcome);
     };
@@ -596,4 +638,124 @@ fn project_test_guests() {
         text.contains("KVM_EXIT_INTERNAL_ERROR") || text.contains("KVM_EXIT_SHUTDOWN"),
         "{text}"
     );
+}
+
+/// Host input typed on the console reaches the guest's UART, also when it
+/// is more than the 64-byte receive FIFO holds at once.
+#[test]
+fn console_input_reaches_the_guest() {
+    let Some(kvm) = kvm() else { return };
+    // Echo every byte received on COM1 until a 'q', then power off.
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+{ready}
+1: mov $0x3fd, %dx
+  in %dx, %al
+  test $1, %al
+  jz 1b
+  mov $0x3f8, %dx
+  in %dx, %al
+  out %al, %dx
+  cmp $'q', %al
+  jne 1b
+{POWEROFF}
+",
+        ready = print_str("ready\n")
+    );
+    let elf = guest("echo", &src);
+    let (master, slave) = pty();
+    let mut input = master.try_clone().unwrap();
+    let out = Arc::new(Mutex::new(Vec::new()));
+    drain(master, out.clone());
+    let files = VmFiles {
+        kvm,
+        tty: slave,
+        kernel: File::open(&elf).unwrap().into(),
+        initrd: None,
+    };
+    let p = params(1, "");
+    let t = std::thread::spawn(move || build_and_run(&p, files, None, &DevOptions::default()));
+    let start = Instant::now();
+    while !out.lock().unwrap().ends_with(b"ready\n") {
+        assert!(start.elapsed() < SECS_10, "guest never got ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text: Vec<u8> = (0..300u32)
+        .map(|i| b'A' + (i % 26) as u8)
+        .chain(*b"q")
+        .collect();
+    std::io::Write::write_all(&mut input, &text).unwrap();
+    let outcome = t.join().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(outcome, Outcome::Exited(ExitReason::PowerOff));
+    let got = out.lock().unwrap().clone();
+    assert_eq!(&got[b"ready\n".len()..], &text[..], "echo differs");
+}
+
+/// The initrd reaches both boot paths: PVH module 0 and the zero page's
+/// ramdisk fields; page-aligned, at the top of low RAM.
+#[test]
+fn initrd_is_handed_over() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let initrd = dir.join("initrd.txt");
+    fs::write(&initrd, b"INITRD-OK\0").unwrap();
+    // Prints the module's address, then its text.
+    let pvh = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+  cmpl $1, 12(%ebx)        # nr_modules
+  jne 8f
+  mov 16(%ebx), %edi       # modlist_paddr
+  mov (%edi), %esi         # module 0 paddr
+  cmpl $10, 8(%edi)        # module 0 size
+  jne 8f
+  cmp $0x3fff000, %esi     # top page of 64 MiB
+  jne 8f
+{text}
+{POWEROFF}
+8:
+{bad}
+{POWEROFF}
+",
+        text = print_esi("%esi"),
+        bad = print_str("BAD"),
+    );
+    let elf = guest("initrd-pvh", &pvh);
+    let Some(r) = boot_with(&elf, Some(&initrd), 1, "", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert_eq!(r.output, "INITRD-OK");
+
+    let linux = format!(
+        "
+.text
+.code64
+.globl _start
+_start:
+  cmpl $10, 0x21c(%rsi)    # hdr.ramdisk_size
+  jne 8f
+  mov 0x218(%rsi), %esi    # hdr.ramdisk_image
+  cmp $0x3fff000, %esi
+  jne 8f
+{text}
+{POWEROFF}
+8:
+{bad}
+{POWEROFF}
+",
+        text = print_esi("%rsi"),
+        bad = print_str("BAD"),
+    );
+    let elf = guest("initrd-linux64", &linux);
+    let r = boot_with(&elf, Some(&initrd), 1, "", DevOptions::default(), SECS_10).unwrap();
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert_eq!(r.output, "INITRD-OK");
 }

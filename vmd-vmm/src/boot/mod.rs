@@ -37,9 +37,9 @@ pub enum BootError {
     BadBzImage(&'static str),
     #[error("kernel: cannot read the image: {0}")]
     Read(std::io::Error),
-    #[error("command line is {len} bytes, at most {max} fit")]
+    #[error("cmdline: {len} bytes, at most {max} fit")]
     CmdlineTooLong { len: usize, max: usize },
-    #[error("command line contains a NUL byte")]
+    #[error("cmdline: contains a NUL byte")]
     CmdlineNul,
     #[error("initrd: cannot read it: {0}")]
     InitrdRead(std::io::Error),
@@ -51,7 +51,7 @@ pub enum BootError {
     },
     #[error("initrd: cannot load it: {0}")]
     InitrdLoad(GuestMemoryError),
-    #[error("cannot write the {0} to guest memory: {1}")]
+    #[error("boot: cannot write the {0} to guest memory: {1}")]
     Write(&'static str, GuestMemoryError),
 }
 
