@@ -40,13 +40,14 @@ impl Log for VmdLogger {
         }
         match &self.sink {
             Sink::Stderr => {
-                let _ = writeln!(
-                    std::io::stderr().lock(),
-                    "vmd[{}] {}: {}",
+                // One write per line: several processes share this stderr.
+                let line = format!(
+                    "vmd[{}] {}: {}\n",
                     self.role,
                     record.level().as_str().to_lowercase(),
                     record.args()
                 );
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
             }
             Sink::Syslog(logger) => {
                 let text = format!("{}: {}", self.role, record.args());
