@@ -525,7 +525,9 @@ _start:
 }
 
 /// Manual: boots the kernels in VMD_TEST_KERNEL (comma-separated) until
-/// each prints `Linux version`, then stops it.
+/// each prints `Linux version` (or VMD_TEST_WANT), then stops it.
+/// VMD_TEST_VCPUS sets the vCPU count, VMD_TEST_IGNORE_PVH boots a PVH
+/// vmlinux by its 64-bit entry.
 #[test]
 #[ignore]
 fn linux_prints_its_version() {
@@ -535,6 +537,7 @@ fn linux_prints_its_version() {
     };
     let want = std::env::var("VMD_TEST_WANT").unwrap_or_else(|_| "Linux version".into());
     let ignore_pvh = std::env::var("VMD_TEST_IGNORE_PVH").is_ok();
+    let vcpus = std::env::var("VMD_TEST_VCPUS").map_or(1, |v| v.parse().unwrap());
     for kernel in list.split(',') {
         let Some(kvm) = kvm() else { return };
         let (master, slave) = pty();
@@ -549,7 +552,7 @@ fn linux_prints_its_version() {
         };
         let p = VmmParams {
             memory: 512 << 20,
-            ..params(1, "console=ttyS0 earlyprintk=ttyS0 noxsave nosmap")
+            ..params(vcpus, "console=ttyS0 earlyprintk=ttyS0 noxsave nosmap")
         };
         let opts = DevOptions { ignore_pvh };
         let t = std::thread::spawn(move || build_and_run(&p, files, Some(&child), &opts));
