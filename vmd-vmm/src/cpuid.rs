@@ -55,8 +55,14 @@ pub fn for_vcpu(base: &CpuId, id: u32, count: u32) -> CpuId {
                 // EAX[31:26] cores per package - 1; EAX[25:14] threads
                 // sharing this cache - 1 (none below L3, all at L3).
                 let level = (e.eax >> 5) & 0x7;
-                let sharing = if level >= 3 { count - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | (((count - 1) & 0x3f) << 26) | ((sharing & 0xfff) << 14);
+                let sharing = if level >= 3 {
+                    count.saturating_sub(1)
+                } else {
+                    0
+                };
+                e.eax = (e.eax & 0x3fff)
+                    | ((count.saturating_sub(1) & 0x3f) << 26)
+                    | ((sharing & 0xfff) << 14);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 // EDX: this CPU's x2APIC id. Subleaf 0 is the thread level

@@ -113,7 +113,8 @@ fn lvt_mode(reg: u32, mode: u32) -> u32 {
     (reg & !(0x700 | MASKED)) | (mode << 8)
 }
 
-/// Prepares `vcpu` number `id`; the boot CPU also gets `boot`'s registers.
+/// Prepares a vCPU with its own `cpuid`; the boot CPU (`boot` given) also
+/// gets its LAPIC wiring and the boot path's registers.
 pub fn configure(vcpu: &VcpuFd, cpuid: &CpuId, boot: Option<BootEntry>) -> Result<(), VcpuError> {
     let io = |what| move |e| VcpuError::Ioctl(what, e);
     vcpu.set_cpuid2(cpuid).map_err(io("KVM_SET_CPUID2"))?;
