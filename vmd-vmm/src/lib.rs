@@ -6,7 +6,7 @@
 //!    fds, in order: /dev/kvm (read-write), the console tty (a pty slave in
 //!    raw mode), the kernel image (read-only) and, when `has_initrd`, the
 //!    initrd (read-only);
-//! 2. drop privileges to `params.uid`/`params.gid` (see [`sandbox`]);
+//! 2. drop privileges to `params.uid`/`params.gid` (see the `vmd-sandbox` crate);
 //! 3. build the VM and start its vCPUs, then send `Msg::VmmRunning`;
 //! 4. serve the console and the channel until the guest ends or the
 //!    parent sends `Msg::VmmTerminate`, then send `Msg::VmmExited(why)`.
@@ -22,7 +22,6 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
-pub mod sandbox;
 pub mod vcpu;
 pub mod vm;
 
@@ -60,7 +59,7 @@ pub fn run(chan: Channel) -> i32 {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };
-    if let Err(e) = sandbox::drop_privileges(params.uid, params.gid) {
+    if let Err(e) = vmd_sandbox::drop_privileges(params.uid, params.gid) {
         log::error!("vm {}: sandbox: {e}", params.name);
         return report(&chan, id, ExitReason::VmmError(format!("sandbox: {e}")));
     }
