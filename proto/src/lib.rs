@@ -25,3 +25,13 @@ pub const DEFAULT_SOCKET: &str = "/run/vmd.sock";
 
 #[cfg(test)]
 mod tests;
+
+/// The log filter for a verbosity count (`-v` given N times), shared by
+/// every role so `vmctl log verbose` means the same everywhere.
+pub fn log_filter(verbose: u8) -> log::LevelFilter {
+    match verbose {
+        0 => log::LevelFilter::Info,
+        1 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}

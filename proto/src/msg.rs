@@ -23,6 +23,38 @@ pub enum Request {
     Console {
         name: String,
     },
+    Pause {
+        name: String,
+    },
+    Unpause {
+        name: String,
+    },
+    /// Answered when the VM next stops.
+    Wait {
+        name: String,
+    },
+    /// Adds the definitions of a vm.conf file (`vmctl load`).
+    Load {
+        path: String,
+    },
+    /// Re-reads the configuration file (`vmctl reload`, SIGHUP).
+    Reload,
+    /// `vmctl reset [all|vms|switches]`.
+    Reset {
+        what: ResetWhat,
+    },
+    /// `vmctl log verbose|brief`.
+    Log {
+        verbose: bool,
+    },
+}
+
+/// What `vmctl reset` resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResetWhat {
+    All,
+    Vms,
+    Switches,
 }
 
 /// The daemon's answer to one [`Request`].
@@ -74,6 +106,14 @@ pub enum Msg {
     VmmTerminate,
     /// VM process -> parent: the VM ended, and why; the process exits next.
     VmmExited(ExitReason),
+    /// parent -> VM process: stop the vCPUs (the guest clock stops too).
+    VmmPause,
+    /// parent -> VM process: let the vCPUs run again.
+    VmmUnpause,
+    /// VM process -> parent: the vCPUs are now paused (or running).
+    VmmPauseState { paused: bool },
+    /// parent -> every child: change the log verbosity.
+    SetVerbose { level: u8 },
 }
 
 /// Bincode settings for payloads. The limit caps what a decoder may
@@ -167,6 +207,10 @@ wire_table! {
     41 => VmmRunning {},
     42 => VmmTerminate {},
     43 => VmmExited(reason: ExitReason),
+    44 => VmmPause {},
+    45 => VmmUnpause {},
+    46 => VmmPauseState { paused: bool },
+    60 => SetVerbose { level: u8 },
 }
 
 impl Msg {

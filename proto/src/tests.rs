@@ -13,7 +13,7 @@ use crate::channel::{Channel, ChannelError, Listener};
 use crate::frame::{
     decode, encode, DecodeError, EncodeError, Header, HEADER_LEN, MAX_FDS, MAX_PAYLOAD,
 };
-use crate::msg::{Creds, Msg, Reply, Request};
+use crate::msg::{Creds, Msg, Reply, Request, ResetWhat};
 use crate::vm::{ExitReason, OpenKind, StartRequest, VmInfo, VmState, VmmParams};
 
 // ---- helpers ----
@@ -437,6 +437,10 @@ fn type_codes_are_unique_and_covered() {
         Msg::VmmRunning,
         Msg::VmmTerminate,
         Msg::VmmExited(ExitReason::PowerOff),
+        Msg::VmmPause,
+        Msg::VmmUnpause,
+        Msg::VmmPauseState { paused: true },
+        Msg::SetVerbose { level: 2 },
     ];
     let mut seen: Vec<u16> = samples.iter().map(Msg::type_code).collect();
     seen.sort_unstable();
@@ -647,6 +651,7 @@ fn arb_state() -> impl Strategy<Value = VmState> {
     prop_oneof![
         Just(VmState::Starting),
         Just(VmState::Running),
+        Just(VmState::Paused),
         Just(VmState::Stopping),
         Just(VmState::Stopped),
     ]
@@ -739,6 +744,18 @@ fn arb_request() -> impl Strategy<Value = Request> {
             .prop_map(|(name, force, wait)| Request::Stop { name, force, wait }),
         proptest::option::of(text()).prop_map(|name| Request::Status { name }),
         text().prop_map(|name| Request::Console { name }),
+        text().prop_map(|name| Request::Pause { name }),
+        text().prop_map(|name| Request::Unpause { name }),
+        text().prop_map(|name| Request::Wait { name }),
+        text().prop_map(|path| Request::Load { path }),
+        Just(Request::Reload),
+        prop_oneof![
+            Just(ResetWhat::All),
+            Just(ResetWhat::Vms),
+            Just(ResetWhat::Switches)
+        ]
+        .prop_map(|what| Request::Reset { what }),
+        any::<bool>().prop_map(|verbose| Request::Log { verbose }),
     ]
 }
 
@@ -767,6 +784,10 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::VmmRunning),
         Just(Msg::VmmTerminate),
         arb_exit().prop_map(Msg::VmmExited),
+        Just(Msg::VmmPause),
+        Just(Msg::VmmUnpause),
+        any::<bool>().prop_map(|paused| Msg::VmmPauseState { paused }),
+        any::<u8>().prop_map(|level| Msg::SetVerbose { level }),
     ]
 }
 

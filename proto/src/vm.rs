@@ -69,6 +69,7 @@ impl std::fmt::Display for ExitReason {
 pub enum VmState {
     Starting,
     Running,
+    Paused,
     Stopping,
     Stopped,
 }
@@ -78,6 +79,7 @@ impl std::fmt::Display for VmState {
         f.write_str(match self {
             VmState::Starting => "starting",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
         })

@@ -16,7 +16,10 @@ pub enum SandboxError {
     #[error("refusing to run as root (uid 0) after dropping privileges")]
     StillRoot,
     #[error("clearing capability set {set:?}: {source}")]
-    Caps { set: CapSet, source: caps::errors::CapsError },
+    Caps {
+        set: CapSet,
+        source: caps::errors::CapsError,
+    },
     #[error("prctl(PR_SET_NO_NEW_PRIVS): {0}")]
     NoNewPrivs(nix::Error),
 }
@@ -48,7 +51,8 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), SandboxError> {
     // A uid change from root clears permitted/effective already; clear
     // explicitly so a process with SECBIT_KEEP_CAPS set cannot keep any.
     for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::set(None, set, &CapsHashSet::new()).map_err(|source| SandboxError::Caps { set, source })?;
+        caps::set(None, set, &CapsHashSet::new())
+            .map_err(|source| SandboxError::Caps { set, source })?;
     }
     nix::sys::prctl::set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
     Ok(())

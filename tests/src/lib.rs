@@ -65,7 +65,9 @@ pub fn has_hw_virt() -> bool {
 pub fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let out = repo_root().join("target/test-guests").join(std::process::id().to_string());
+        let out = repo_root()
+            .join("target/test-guests")
+            .join(std::process::id().to_string());
         let status = Command::new("bash")
             .arg(repo_root().join("tests/guests/build.sh"))
             .arg(&out)
@@ -136,7 +138,11 @@ impl Daemon {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("vmd exited at start ({status}): {}", log.lock().unwrap());
             }
-            assert!(Instant::now() < deadline, "vmd did not create {}", socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "vmd did not create {}",
+                socket.display()
+            );
             thread::sleep(Duration::from_millis(20));
         }
         Daemon {
@@ -369,10 +375,16 @@ pub fn line_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 /// PIDs of live processes whose parent is `ppid`.
 pub fn children_of(ppid: u32) -> Vec<u32> {
     let mut kids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return kids };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return kids;
+    };
     for entry in dir.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // Field 4 (ppid) follows the ")" that ends the command name.
         let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
         if after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) == Some(ppid) {
@@ -385,7 +397,10 @@ pub fn children_of(ppid: u32) -> Vec<u32> {
 pub fn process_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
             .unwrap_or(false)
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmd_e2e::{guest, line_after, proc_status, process_alive, children_of, Daemon};
+use vmd_e2e::{children_of, guest, line_after, proc_status, process_alive, Daemon};
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -33,7 +33,10 @@ fn hello_guest_sees_cmdline_memory_and_every_cpu_then_powers_off() {
         cmdline,
         "hello1",
     ]);
-    assert!(started.contains("hello1") || started.is_empty(), "{started}");
+    assert!(
+        started.contains("hello1") || started.is_empty(),
+        "{started}"
+    );
     let console = d.console("hello1");
     console.wait_for("VMD-TEST hello done", BOOT);
     eprintln!("TIME hello: start -> 'hello done' {:?}", t0.elapsed());
@@ -44,7 +47,10 @@ fn hello_guest_sees_cmdline_memory_and_every_cpu_then_powers_off() {
         .and_then(|v| v.trim_end_matches(" KiB").parse().ok())
         .unwrap_or_else(|| panic!("no mem-total-ram line:\n{text}"));
     // 64 MiB less the legacy holes below 1 MiB.
-    assert!((63 * 1024..=64 * 1024).contains(&kib), "guest saw {kib} KiB:\n{text}");
+    assert!(
+        (63 * 1024..=64 * 1024).contains(&kib),
+        "guest saw {kib} KiB:\n{text}"
+    );
     assert_eq!(
         line_after(&text, "cpus: "),
         Some("mp-table=2 started=2"),
@@ -55,7 +61,11 @@ fn hello_guest_sees_cmdline_memory_and_every_cpu_then_powers_off() {
     assert!(st.last_exit.contains("PowerOff"), "{st:?}");
     let show = d.ok(&["status", "hello1"]);
     assert!(show.contains("hello1"), "{show}");
-    assert!(d.log().contains("vm hello1: stopped: guest powered off"), "{}", d.log());
+    assert!(
+        d.log().contains("vm hello1: stopped: guest powered off"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -63,7 +73,14 @@ fn reset_guest_is_restarted_then_stopped_as_a_reboot_loop() {
     let d = Daemon::start("reset");
     let kernel = guest("reset.elf");
     let t0 = Instant::now();
-    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "reset1"]);
+    d.ok(&[
+        "start",
+        "-b",
+        kernel.to_str().unwrap(),
+        "-m",
+        "32M",
+        "reset1",
+    ]);
     let console = d.console("reset1");
     console.wait_for("VMD-TEST reset", BOOT);
     eprintln!("TIME reset: start -> first marker {:?}", t0.elapsed());
@@ -72,16 +89,34 @@ fn reset_guest_is_restarted_then_stopped_as_a_reboot_loop() {
     let st = d.wait_state("reset1", "stopped", BOOT);
     assert!(st.restarts >= 1, "{st:?}");
     assert!(console.count("VMD-TEST reset") >= 2, "{}", console.text());
-    assert!(!console.text().contains("reset failed"), "{}", console.text());
-    assert!(st.last_exit.contains("RebootLoop") || st.restarts >= 3, "{st:?}");
-    assert!(d.log().contains("vm reset1: guest rebooted, restarting"), "{}", d.log());
+    assert!(
+        !console.text().contains("reset failed"),
+        "{}",
+        console.text()
+    );
+    assert!(
+        st.last_exit.contains("RebootLoop") || st.restarts >= 3,
+        "{st:?}"
+    );
+    assert!(
+        d.log().contains("vm reset1: guest rebooted, restarting"),
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
 fn spinning_guest_stops_with_force_and_vm_process_is_unprivileged() {
     let d = Daemon::start("spin");
     let kernel = guest("spin.elf");
-    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "spin1"]);
+    d.ok(&[
+        "start",
+        "-b",
+        kernel.to_str().unwrap(),
+        "-m",
+        "32M",
+        "spin1",
+    ]);
     let console = d.console("spin1");
     console.wait_for("VMD-TEST spin", BOOT);
     let st = d.wait_state("spin1", "running", BOOT);
@@ -91,8 +126,14 @@ fn spinning_guest_stops_with_force_and_vm_process_is_unprivileged() {
     // no_new_privs, while the guest runs.
     let uid = proc_status(pid, "Uid").expect("Uid");
     assert!(uid.split_whitespace().all(|u| u != "0"), "vmm Uid: {uid}");
-    assert_eq!(proc_status(pid, "CapEff").as_deref(), Some("0000000000000000"));
-    assert_eq!(proc_status(pid, "CapPrm").as_deref(), Some("0000000000000000"));
+    assert_eq!(
+        proc_status(pid, "CapEff").as_deref(),
+        Some("0000000000000000")
+    );
+    assert_eq!(
+        proc_status(pid, "CapPrm").as_deref(),
+        Some("0000000000000000")
+    );
     assert_eq!(proc_status(pid, "NoNewPrivs").as_deref(), Some("1"));
     // A second start of a running VM is refused and changes nothing.
     let again = d.vmctl(&["start", "-b", kernel.to_str().unwrap(), "spin1"]);
@@ -113,7 +154,14 @@ fn spinning_guest_stops_with_force_and_vm_process_is_unprivileged() {
 fn graceful_stop_waits_for_the_vm_to_end() {
     let d = Daemon::start("stopw");
     let kernel = guest("spin.elf");
-    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "spin2"]);
+    d.ok(&[
+        "start",
+        "-b",
+        kernel.to_str().unwrap(),
+        "-m",
+        "32M",
+        "spin2",
+    ]);
     let pid = d.wait_state("spin2", "running", BOOT).pid as u32;
     d.ok(&["stop", "-w", "spin2"]);
     let st = d.status("spin2").expect("status");
@@ -166,9 +214,15 @@ fn bad_requests_get_one_line_errors_and_change_nothing() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("vmctl: vm ghost: kernel /nonexistent/kernel"), "{err}");
+    assert!(
+        err.starts_with("vmctl: vm ghost: kernel /nonexistent/kernel"),
+        "{err}"
+    );
     assert!(err.contains("No such file"), "{err}");
-    assert!(d.status("ghost").is_none(), "a failed start left a VM behind");
+    assert!(
+        d.status("ghost").is_none(),
+        "a failed start left a VM behind"
+    );
     assert!(children_of(d.pid()).len() == 2, "only priv and control run");
 
     // Not a kernel at all: the VM process refuses it; nothing stays.
@@ -187,7 +241,12 @@ fn bad_requests_get_one_line_errors_and_change_nothing() {
     assert!(!out.status.success());
     let out = d.vmctl(&["status"]);
     assert!(out.status.success());
-    assert_eq!(stdout(&out).lines().count(), 1, "only the header: {}", stdout(&out));
+    assert_eq!(
+        stdout(&out).lines().count(),
+        1,
+        "only the header: {}",
+        stdout(&out)
+    );
 }
 
 #[test]

@@ -26,13 +26,22 @@ fn debian_vmlinux_early_boot_shows_version_and_our_command_line() {
     ]);
     let console = d.console("linux-early");
     console.wait_for("Linux version", Duration::from_secs(60));
-    eprintln!("TIME linux early boot: start -> 'Linux version' {:?}", t0.elapsed());
+    eprintln!(
+        "TIME linux early boot: start -> 'Linux version' {:?}",
+        t0.elapsed()
+    );
     console.wait_for("Kernel command line:", Duration::from_secs(150));
-    eprintln!("TIME linux early boot: start -> 'Kernel command line:' {:?}", t0.elapsed());
+    eprintln!(
+        "TIME linux early boot: start -> 'Kernel command line:' {:?}",
+        t0.elapsed()
+    );
     let text = console.text();
     let shown = text
         .lines()
-        .find_map(|l| l.split_once("Kernel command line: ").map(|(_, c)| c.trim_end()))
+        .find_map(|l| {
+            l.split_once("Kernel command line: ")
+                .map(|(_, c)| c.trim_end())
+        })
         .expect("command line line");
     assert_eq!(shown, cmdline, "console:\n{text}");
     d.ok(&["stop", "-f", "-w", "linux-early"]);
@@ -67,9 +76,16 @@ fn debian_linux_full_boot_with_two_vcpus() {
     ]);
     let console = d.console("linux-full");
     console.wait_for("GUEST-READY", Duration::from_secs(60));
-    eprintln!("TIME linux full boot: start -> GUEST-READY {:?}", t0.elapsed());
+    eprintln!(
+        "TIME linux full boot: start -> GUEST-READY {:?}",
+        t0.elapsed()
+    );
     let text = console.text();
-    assert_eq!(line_after(&text, "GUEST-CPUS: ").map(str::trim), Some("2"), "{text}");
+    assert_eq!(
+        line_after(&text, "GUEST-CPUS: ").map(str::trim),
+        Some("2"),
+        "{text}"
+    );
     // The initramfs powers off (or, without ACPI power-off, halts): either
     // way the VM must be stoppable and end up stopped.
     let _ = d.vmctl(&["stop", "-f", "-w", "linux-full"]);

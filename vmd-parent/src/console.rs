@@ -175,7 +175,9 @@ impl Console {
     /// Input from client `idx` goes to the guest (dropped when no VM runs
     /// or the pty is full: typing must never stall the daemon).
     pub fn client_readable(&mut self, idx: usize, vm_running: bool) {
-        let Some(client) = self.clients.get_mut(idx) else { return };
+        let Some(client) = self.clients.get_mut(idx) else {
+            return;
+        };
         let mut buf = [0u8; 1024];
         match client.sock.read(&mut buf) {
             Ok(0) => {

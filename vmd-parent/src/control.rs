@@ -72,7 +72,10 @@ fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
 
         if ready[0] {
             match parent.recv() {
-                Ok(frame) => relay_reply(&mut clients, frame.peer_id, frame.msg, frame.fds),
+                Ok(frame) => match frame.msg {
+                    Msg::SetVerbose { level } => log::set_max_level(vmd_proto::log_filter(level)),
+                    msg => relay_reply(&mut clients, frame.peer_id, msg, frame.fds),
+                },
                 // The parent is gone or broken: nothing left to serve.
                 Err(ChannelError::Closed) => return Ok(()),
                 Err(e) => return Err(format!("parent: {e}")),
@@ -116,7 +119,9 @@ fn accept_client(listener: &Listener, clients: &mut BTreeMap<u32, Client>, next_
 }
 
 fn client_readable(parent: &Channel, clients: &mut BTreeMap<u32, Client>, id: u32) {
-    let Some(client) = clients.get(&id) else { return };
+    let Some(client) = clients.get(&id) else {
+        return;
+    };
     let frame = match client.chan.recv() {
         Ok(frame) => frame,
         Err(ChannelError::Closed) => {

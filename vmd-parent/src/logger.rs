@@ -3,21 +3,9 @@
 //! each role carry its name.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
-use log::{Level, LevelFilter, Log, Metadata, Record};
-
-/// Current verbosity, changeable at run time (`vmctl log verbose`).
-static VERBOSE: AtomicU8 = AtomicU8::new(0);
-
-pub fn level_for(verbose: u8) -> LevelFilter {
-    match verbose {
-        0 => LevelFilter::Info,
-        1 => LevelFilter::Debug,
-        _ => LevelFilter::Trace,
-    }
-}
+use log::{Level, Log, Metadata, Record};
 
 enum Sink {
     Stderr,
@@ -31,7 +19,9 @@ struct VmdLogger {
 
 impl Log for VmdLogger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= level_for(VERBOSE.load(Ordering::Relaxed))
+        // The log crate's global maximum is the one knob every role's code
+        // (and `vmctl log`) turns.
+        metadata.level() <= log::max_level()
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -69,7 +59,6 @@ impl Log for VmdLogger {
 /// Installs the logger for this process. Falls back to stderr when no
 /// syslog socket can be reached, saying so once.
 pub fn init(role: &'static str, foreground: bool, verbose: u8) {
-    VERBOSE.store(verbose, Ordering::Relaxed);
     let sink = if foreground {
         Sink::Stderr
     } else {
@@ -89,6 +78,6 @@ pub fn init(role: &'static str, foreground: bool, verbose: u8) {
     };
     let logger = Box::new(VmdLogger { role, sink });
     if log::set_boxed_logger(logger).is_ok() {
-        log::set_max_level(LevelFilter::Trace);
+        log::set_max_level(vmd_proto::log_filter(verbose));
     }
 }

@@ -26,7 +26,9 @@ fn inherited_channel() -> Result<Channel, String> {
     }
     // SAFETY: fd 3 is ours by the spawn contract and was just checked to
     // be an open socket; nothing else in this process owns it.
-    Ok(Channel::from_fd(unsafe { OwnedFd::from_raw_fd(CHILD_CHANNEL_FD) }))
+    Ok(Channel::from_fd(unsafe {
+        OwnedFd::from_raw_fd(CHILD_CHANNEL_FD)
+    }))
 }
 
 fn main() {

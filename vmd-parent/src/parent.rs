@@ -100,10 +100,16 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
     // Block the signals we handle before any child exists; each child
     // unblocks them again before exec.
     let mut mask = SigSet::empty();
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+    ] {
         mask.add(sig);
     }
-    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
+    mask.thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
@@ -318,7 +324,11 @@ impl Parent {
             let Some(pid) = status.pid() else { continue };
             if pid == self.privsep.pid || pid == self.control.pid {
                 if !self.shutting_down {
-                    let role = if pid == self.privsep.pid { "priv" } else { "control" };
+                    let role = if pid == self.privsep.pid {
+                        "priv"
+                    } else {
+                        "control"
+                    };
                     error!("{role} process died ({status:?}); stopping");
                     self.begin_shutdown(Signal::SIGTERM);
                 }
@@ -371,7 +381,9 @@ impl Parent {
         }
         match req {
             Request::Start(start) => self.start_request(client, creds, start),
-            Request::Stop { name, force, wait } => self.stop_request(client, creds, name, force, wait),
+            Request::Stop { name, force, wait } => {
+                self.stop_request(client, creds, name, force, wait)
+            }
             Request::Status { name } => {
                 let rows: Vec<_> = match &name {
                     None => self.vms.vms.values().map(Vm::info).collect(),
@@ -383,6 +395,13 @@ impl Parent {
                 self.reply(client, Reply::Status(rows), &[]);
             }
             Request::Console { name } => self.console_request(client, creds, &name),
+            Request::Pause { name } => self.pause_request(client, creds, &name, true),
+            Request::Unpause { name } => self.pause_request(client, creds, &name, false),
+            Request::Wait { name } => self.wait_request(client, creds, &name),
+            Request::Log { verbose } => self.log_request(client, creds, verbose),
+            Request::Load { .. } | Request::Reload | Request::Reset { .. } => {
+                self.error(client, "no configuration file support yet".into())
+            }
         }
     }
 
@@ -424,7 +443,8 @@ impl Parent {
     fn new_vm(&mut self, req: &StartRequest, owner_uid: u32) -> Result<u32, String> {
         let spec = VmSpec::from_request(req)?;
         let log_path = self.console_dir.join(format!("{}.log", req.name));
-        let console = Console::new(&log_path, owner_uid).map_err(|e| format!("vm {}: {e}", req.name))?;
+        let console =
+            Console::new(&log_path, owner_uid).map_err(|e| format!("vm {}: {e}", req.name))?;
         let id = self.vms.alloc_id();
         let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner_uid))
             .ok()
@@ -446,12 +466,20 @@ impl Parent {
                 recent_reboots: Default::default(),
                 ever_ran: false,
                 start_waiter: None,
+                pause_waiter: None,
             },
         );
         Ok(id)
     }
 
-    fn stop_request(&mut self, client: u32, creds: Creds, name: Option<String>, force: bool, wait: bool) {
+    fn stop_request(
+        &mut self,
+        client: u32,
+        creds: Creds,
+        name: Option<String>,
+        force: bool,
+        wait: bool,
+    ) {
         let ids: Vec<u32> = match &name {
             Some(n) => match self.vms.id_of(n) {
                 Some(id) => vec![id],
@@ -510,7 +538,9 @@ impl Parent {
             self.start_failed(id, "stopped before it started".into());
             return;
         }
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         let Some(p) = &mut vm.proc else { return };
         p.stop_requested = true;
         vm.state = VmState::Stopping;
@@ -530,7 +560,9 @@ impl Parent {
         let Some(id) = self.vms.id_of(name) else {
             return self.error(client, format!("vm {name} not found"));
         };
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         if !Self::may_manage(&creds, vm) {
             return self.error(client, "permission denied".into());
         }
@@ -549,12 +581,93 @@ impl Parent {
         }
     }
 
+    fn pause_request(&mut self, client: u32, creds: Creds, name: &str, pause: bool) {
+        let Some(id) = self.vms.id_of(name) else {
+            return self.error(client, format!("vm {name} not found"));
+        };
+        let vm = &self.vms.vms[&id];
+        if !Self::may_manage(&creds, vm) {
+            return self.error(client, "permission denied".into());
+        }
+        let (want, verb) = if pause {
+            (VmState::Running, "running")
+        } else {
+            (VmState::Paused, "paused")
+        };
+        if vm.state != want || vm.pause_waiter.is_some() {
+            return self.error(client, format!("vm {name} is not {verb}"));
+        }
+        let msg = if pause {
+            Msg::VmmPause
+        } else {
+            Msg::VmmUnpause
+        };
+        let sent = vm.proc.as_ref().map(|p| p.chan.send(&msg, id, &[]));
+        match sent {
+            Some(Ok(())) => {
+                if let Some(vm) = self.vms.vms.get_mut(&id) {
+                    vm.pause_waiter = Some(client);
+                }
+            }
+            Some(Err(e)) => self.error(client, format!("vm {name}: {e}")),
+            None => self.error(client, format!("vm {name} is not running")),
+        }
+    }
+
+    fn wait_request(&mut self, client: u32, creds: Creds, name: &str) {
+        let Some(id) = self.vms.id_of(name) else {
+            return self.error(client, format!("vm {name} not found"));
+        };
+        let vm = &self.vms.vms[&id];
+        if !Self::may_manage(&creds, vm) {
+            return self.error(client, "permission denied".into());
+        }
+        if !vm.is_active() {
+            return self.error(client, format!("vm {name} is not running"));
+        }
+        self.stop_waiters.push(StopWaiter {
+            client,
+            vm_ids: vec![id],
+        });
+    }
+
+    fn log_request(&mut self, client: u32, creds: Creds, verbose: bool) {
+        if creds.uid != 0 {
+            return self.error(client, "permission denied".into());
+        }
+        let level = if verbose { self.opts.verbose.max(1) } else { 0 };
+        log::set_max_level(vmd_proto::log_filter(level));
+        let msg = Msg::SetVerbose { level };
+        let chans = [&self.privsep.chan, &self.control.chan].into_iter().chain(
+            self.vms
+                .vms
+                .values()
+                .filter_map(|vm| vm.proc.as_ref().map(|p| &p.chan)),
+        );
+        for chan in chans {
+            if let Err(e) = chan.send(&msg, 0, &[]) {
+                warn!("log level change: {e}");
+            }
+        }
+        info!("logging {}", if verbose { "verbose" } else { "brief" });
+        self.reply(
+            client,
+            Reply::Ok(format!(
+                "logging {}",
+                if verbose { "verbose" } else { "brief" }
+            )),
+            &[],
+        );
+    }
+
     // --- starting VMs -----------------------------------------------------
 
     /// Asks priv for every fd the VM needs; the VM process is spawned when
     /// the last one arrives.
     fn begin_start(&mut self, id: u32, client: Option<u32>) {
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         vm.state = VmState::Starting;
         vm.start_waiter = client;
         info!("vm {}: starting", vm.name);
@@ -578,7 +691,11 @@ impl Parent {
             },
         );
         for (kind, path) in wants {
-            if let Err(e) = self.privsep.chan.send(&Msg::PrivOpen { kind, path }, seq, &[]) {
+            if let Err(e) = self
+                .privsep
+                .chan
+                .send(&Msg::PrivOpen { kind, path }, seq, &[])
+            {
                 self.pending.remove(&seq);
                 self.start_failed(id, format!("asking priv to open files: {e}"));
                 return;
@@ -599,7 +716,9 @@ impl Parent {
         let seq = frame.peer_id;
         // Replies for a start that already failed or was cancelled are
         // dropped here, closing their fds.
-        let Some(pending) = self.pending.get_mut(&seq) else { return };
+        let Some(pending) = self.pending.get_mut(&seq) else {
+            return;
+        };
         let vm_id = pending.vm_id;
         match frame.msg {
             Msg::PrivOpened { kind } => {
@@ -634,8 +753,12 @@ impl Parent {
 
     fn launch(&mut self, p: PendingStart) {
         let id = p.vm_id;
-        let Some(vm) = self.vms.vms.get(&id) else { return };
-        let (Some(kvm), Some(kernel)) = (p.kvm, p.kernel) else { return };
+        let Some(vm) = self.vms.vms.get(&id) else {
+            return;
+        };
+        let (Some(kvm), Some(kernel)) = (p.kvm, p.kernel) else {
+            return;
+        };
         let tty = match vm.console.slave_for_vm() {
             Ok(fd) => fd,
             Err(e) => return self.start_failed(id, format!("console: {e}")),
@@ -683,13 +806,17 @@ impl Parent {
     /// A start failed before the VM ran: tell the client; a VM that never
     /// ran is forgotten so the failed start leaves nothing behind.
     fn start_failed(&mut self, id: u32, reason: String) {
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         let name = vm.name.clone();
         warn!("vm {name}: start failed: {reason}");
         if let Some(client) = vm.start_waiter.take() {
             self.reply(client, Reply::Error(format!("vm {name}: {reason}")), &[]);
         }
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         if vm.ever_ran {
             vm.state = VmState::Stopped;
             vm.last_exit = Some(ExitReason::VmmError(reason));
@@ -722,7 +849,10 @@ impl Parent {
                 }
                 Err(e) => {
                     if let Some(vm) = self.vms.vms.get(&id) {
-                        warn!("vm {}: bad message from vm process: {e}; killing it", vm.name);
+                        warn!(
+                            "vm {}: bad message from vm process: {e}; killing it",
+                            vm.name
+                        );
                         if let Some(p) = &vm.proc {
                             let _ = kill(p.pid, Signal::SIGKILL);
                         }
@@ -734,7 +864,9 @@ impl Parent {
     }
 
     fn vm_message(&mut self, id: u32, msg: Msg) {
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         let Some(p) = vm.proc.as_mut() else { return };
         match msg {
             Msg::VmmRunning => {
@@ -754,11 +886,31 @@ impl Parent {
                     self.reply(client, Reply::Ok(text), &[]);
                 }
             }
+            Msg::VmmPauseState { paused } => {
+                vm.state = if paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+                info!("vm {}: {}", vm.name, vm.state);
+                if let Some(client) = vm.pause_waiter.take() {
+                    let text = format!(
+                        "{} vm {}",
+                        if paused { "paused" } else { "unpaused" },
+                        vm.name
+                    );
+                    self.reply(client, Reply::Ok(text), &[]);
+                }
+            }
             Msg::VmmExited(reason) => {
                 debug!("vm {}: vm process reports: {reason}", vm.name);
                 p.exit_msg = Some(reason);
             }
-            other => warn!("vm {}: unexpected message type {}", vm.name, other.type_code()),
+            other => warn!(
+                "vm {}: unexpected message type {}",
+                vm.name,
+                other.type_code()
+            ),
         }
     }
 
@@ -766,7 +918,9 @@ impl Parent {
         // Read what the process said before it died: the exit message may
         // still be queued behind the SIGCHLD.
         self.vm_chan_readable(id);
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         let Some(p) = vm.proc.take() else { return };
         vm.console.master_readable();
         let reason = p
@@ -777,13 +931,19 @@ impl Parent {
                 WaitStatus::Exited(_, code) => ExitReason::Exited(code),
                 _ => ExitReason::Exited(-1),
             });
-        if let Some(client) = vm.start_waiter.take() {
-            vm.start_waiter = Some(client);
-            if !p.running {
-                return self.start_failed(id, reason.to_string());
-            }
+        if let Some(client) = vm.pause_waiter.take() {
+            let text = format!("vm {} stopped: {reason}", vm.name);
+            self.reply(client, Reply::Error(text), &[]);
         }
-        let Some(vm) = self.vms.vms.get_mut(&id) else { return };
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
+        if vm.start_waiter.is_some() && !p.running {
+            return self.start_failed(id, reason.to_string());
+        }
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
         if reason == ExitReason::Reboot && !self.shutting_down && !p.stop_requested {
             if vm.note_reboot(Instant::now()) {
                 vm.restarts += 1;
@@ -819,8 +979,15 @@ impl Parent {
                 true
             }
         });
+        let text = match self.vms.vms.get(&id) {
+            Some(vm) => match &vm.last_exit {
+                Some(reason) => format!("vm {} stopped: {reason}", vm.name),
+                None => format!("vm {} stopped", vm.name),
+            },
+            None => "stopped".to_string(),
+        };
         for client in done {
-            self.reply(client, Reply::Ok("stopped".into()), &[]);
+            self.reply(client, Reply::Ok(text.clone()), &[]);
         }
     }
 }

@@ -98,18 +98,24 @@ pub struct Vm {
     pub ever_ran: bool,
     /// The client waiting for the answer to a start.
     pub start_waiter: Option<u32>,
+    /// The client waiting for a pause or unpause to take effect.
+    pub pause_waiter: Option<u32>,
 }
 
 impl Vm {
     pub fn is_active(&self) -> bool {
         matches!(
             self.state,
-            VmState::Starting | VmState::Running | VmState::Stopping
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
         )
     }
 
     pub fn info(&self) -> VmInfo {
-        let pid = self.proc.as_ref().map(|p| p.pid.as_raw() as u32).unwrap_or(0);
+        let pid = self
+            .proc
+            .as_ref()
+            .map(|p| p.pid.as_raw() as u32)
+            .unwrap_or(0);
         VmInfo {
             id: self.id,
             pid,
@@ -222,6 +228,8 @@ mod tests {
         assert!(VmSpec::from_request(&r).unwrap_err().contains("memory"));
         let mut r = req("a");
         r.cmdline = Some("x".repeat(5000));
-        assert!(VmSpec::from_request(&r).unwrap_err().contains("command line"));
+        assert!(VmSpec::from_request(&r)
+            .unwrap_err()
+            .contains("command line"));
     }
 }

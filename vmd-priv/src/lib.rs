@@ -105,6 +105,10 @@ pub fn run(chan: Channel) -> i32 {
                     &[],
                 ),
             },
+            Msg::SetVerbose { level } => {
+                log::set_max_level(vmd_proto::log_filter(level));
+                Ok(())
+            }
             other => {
                 error!("unexpected message type {}", other.type_code());
                 Ok(())
