@@ -1,0 +1,226 @@
+//! `vmctl start`.
+
+use std::path::Path;
+
+use vmd_proto::msg::Request;
+use vmd_proto::size::parse_size;
+use vmd_proto::vm::{validate_name, StartRequest, MAX_CMDLINE, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
+
+use crate::args::{Opt, Spec};
+use crate::client::{Ctx, Error};
+use crate::console;
+
+const CMD: &str = "start";
+
+/// OpenBSD's flags are all accepted; -B -d -i -L -n -r -t are refused as
+/// not supported yet.
+pub const SPEC: Spec = Spec {
+    short: "B:b:cd:Li:m:n:r:t:",
+    long: &["initrd=", "cmdline=", "vcpus="],
+    intermixed: true,
+};
+
+/// What the command line asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StartArgs {
+    pub req: StartRequest,
+    /// Attach the console once the VM runs.
+    pub console: bool,
+}
+
+pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
+    let parsed = SPEC.parse(args).map_err(|e| Error::args(CMD, e))?;
+    let mut out = StartArgs::default();
+    for found in &parsed.opts {
+        let arg = found.arg();
+        match found.opt {
+            Opt::Short('c') => out.console = true,
+            Opt::Short('b') => out.req.kernel = Some(absolute(arg)?),
+            Opt::Long("initrd") => out.req.initrd = Some(absolute(arg)?),
+            Opt::Short('m') => out.req.memory = Some(memory(arg)?),
+            Opt::Long("vcpus") => out.req.vcpus = Some(vcpus(arg)?),
+            Opt::Long("cmdline") => {
+                if arg.len() > MAX_CMDLINE {
+                    return Err(Error::usage(
+                        CMD,
+                        format!("--cmdline is longer than {MAX_CMDLINE} bytes"),
+                    ));
+                }
+                out.req.cmdline = Some(arg.to_string());
+            }
+            opt => {
+                return Err(Error::Unsupported {
+                    cmd: CMD,
+                    opt: opt.to_string(),
+                })
+            }
+        }
+    }
+    out.req.name = match parsed.operands.as_slice() {
+        [name] => name.clone(),
+        [] => return Err(Error::usage(CMD, "needs a VM name")),
+        [_, extra, ..] => return Err(Error::usage(CMD, format!("unexpected argument {extra:?}"))),
+    };
+    validate_name(&out.req.name).map_err(|e| Error::usage(CMD, e))?;
+    Ok(out)
+}
+
+pub fn run(ctx: &Ctx, args: &[String]) -> Result<(), Error> {
+    let start = parse(args)?;
+    let name = start.req.name.clone();
+    ctx.request_ok(Request::Start(start.req))?;
+    if start.console {
+        console::attach(ctx, &name)?;
+    }
+    Ok(())
+}
+
+/// Makes `path` absolute against vmctl's cwd: vmd runs elsewhere.
+fn absolute(path: &str) -> Result<String, Error> {
+    if path.is_empty() {
+        return Err(Error::usage(CMD, "empty path"));
+    }
+    let abs = std::path::absolute(Path::new(path))
+        .map_err(|e| Error::usage(CMD, format!("cannot resolve path {path:?}: {e}")))?;
+    abs.into_os_string()
+        .into_string()
+        .map_err(|p| Error::usage(CMD, format!("path {p:?} is not valid UTF-8")))
+}
+
+fn memory(arg: &str) -> Result<u64, Error> {
+    let bytes = parse_size(arg).map_err(|e| Error::usage(CMD, format!("-m: {e}")))?;
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        return Err(Error::usage(
+            CMD,
+            format!(
+                "-m {arg}: memory must be between {}M and {}G",
+                MIN_MEMORY >> 20,
+                MAX_MEMORY >> 30
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+fn vcpus(arg: &str) -> Result<u32, Error> {
+    match arg.parse::<u32>() {
+        Ok(n) if (1..=MAX_VCPUS).contains(&n) => Ok(n),
+        _ => Err(Error::usage(
+            CMD,
+            format!("--vcpus {arg:?}: expected a number from 1 to {MAX_VCPUS}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_words(s: &[&str]) -> Result<StartArgs, Error> {
+        parse(&s.iter().map(|w| w.to_string()).collect::<Vec<_>>())
+    }
+
+    fn err(s: &[&str]) -> String {
+        match parse_words(s) {
+            Err(e) => e.to_string(),
+            Ok(a) => panic!("{s:?} parsed: {a:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal() {
+        let a = parse_words(&["vm1"]).unwrap();
+        assert_eq!(a.req.name, "vm1");
+        assert!(!a.console);
+        assert_eq!(
+            a.req,
+            StartRequest {
+                name: "vm1".into(),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn everything() {
+        let a = parse_words(&[
+            "-c",
+            "-b",
+            "/boot/bzImage",
+            "-m1G",
+            "--initrd=/boot/initrd",
+            "--cmdline",
+            "console=ttyS0 -- quiet",
+            "--vcpus",
+            "2",
+            "vm1",
+        ])
+        .unwrap();
+        assert!(a.console);
+        assert_eq!(
+            a.req,
+            StartRequest {
+                name: "vm1".into(),
+                kernel: Some("/boot/bzImage".into()),
+                initrd: Some("/boot/initrd".into()),
+                cmdline: Some("console=ttyS0 -- quiet".into()),
+                memory: Some(1 << 30),
+                vcpus: Some(2),
+            }
+        );
+    }
+
+    #[test]
+    fn options_after_the_name() {
+        let a = parse_words(&["vm1", "-cm", "256M", "--vcpus=4"]).unwrap();
+        assert!(a.console);
+        assert_eq!(a.req.memory, Some(256 << 20));
+        assert_eq!(a.req.vcpus, Some(4));
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let a = parse_words(&["-b", "kernel", "--initrd", "../initrd", "vm1"]).unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            a.req.kernel,
+            Some(cwd.join("kernel").to_str().unwrap().to_string())
+        );
+        let initrd = a.req.initrd.unwrap();
+        assert!(Path::new(&initrd).is_absolute(), "{initrd}");
+        assert!(initrd.ends_with("initrd"), "{initrd}");
+    }
+
+    #[test]
+    fn not_supported_yet() {
+        for (args, flag) in [
+            (&["-L", "vm"][..], "-L"),
+            (&["-d", "disk.img", "vm"][..], "-d"),
+            (&["-B", "net", "vm"][..], "-B"),
+            (&["-i1", "vm"][..], "-i"),
+            (&["-n", "sw0", "vm"][..], "-n"),
+            (&["-r", "x.iso", "vm"][..], "-r"),
+            (&["-t", "tmpl", "vm"][..], "-t"),
+        ] {
+            assert_eq!(err(args), format!("start {flag}: not supported yet"));
+        }
+    }
+
+    #[test]
+    fn usage_errors() {
+        assert_eq!(err(&[]), "start: needs a VM name (see 'vmctl help start')");
+        assert!(err(&["a", "b"]).contains("unexpected argument \"b\""));
+        assert!(err(&["-m"]).contains("option -m needs an argument"));
+        assert!(err(&["-x", "vm"]).contains("unknown option -x"));
+        assert!(err(&["--vcpu", "2", "vm"]).contains("unknown option --vcpu"));
+        assert!(err(&["-m", "lots", "vm"]).contains("\"lots\""));
+        assert!(err(&["-m", "512", "vm"]).contains("memory must be between"));
+        assert!(err(&["--vcpus", "0", "vm"]).contains("--vcpus \"0\""));
+        assert!(err(&["--vcpus", "65", "vm"]).contains("1 to 64"));
+        assert!(err(&["--vcpus", "two", "vm"]).contains("--vcpus"));
+        assert!(err(&["-b", "", "vm"]).contains("empty path"));
+        assert!(err(&["bad/name"]).contains("invalid character"));
+        let long = "x".repeat(MAX_CMDLINE + 1);
+        assert!(err(&["--cmdline", &long, "vm"]).contains("--cmdline is longer"));
+    }
+}
