@@ -175,6 +175,12 @@ pub struct Listener {
 
 impl Listener {
     /// Binds `path` (removing a stale socket file first) and listens.
+    /// Wraps a listening socket received from elsewhere (the control
+    /// process gets its socket from the parent).
+    pub fn from_fd(sock: OwnedFd) -> Listener {
+        Listener { sock }
+    }
+
     pub fn bind(path: &Path) -> io::Result<Listener> {
         let ctx = || format!("binding {}", path.display());
         match std::fs::symlink_metadata(path) {

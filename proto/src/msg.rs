@@ -114,6 +114,9 @@ pub enum Msg {
     VmmPauseState { paused: bool },
     /// parent -> every child: change the log verbosity.
     SetVerbose { level: u8 },
+    /// parent -> control, first message: the listening control socket
+    /// follows as one fd.
+    ControlSocket,
 }
 
 /// Bincode settings for payloads. The limit caps what a decoder may
@@ -211,6 +214,7 @@ wire_table! {
     45 => VmmUnpause {},
     46 => VmmPauseState { paused: bool },
     60 => SetVerbose { level: u8 },
+    61 => ControlSocket {},
 }
 
 impl Msg {
@@ -219,6 +223,7 @@ impl Msg {
         match self {
             Msg::Reply(Reply::Console { .. }) => 1,
             Msg::PrivOpened { .. } => 1,
+            Msg::ControlSocket => 1,
             Msg::VmmStart(p) => p.fd_count(),
             _ => 0,
         }

@@ -441,6 +441,7 @@ fn type_codes_are_unique_and_covered() {
         Msg::VmmUnpause,
         Msg::VmmPauseState { paused: true },
         Msg::SetVerbose { level: 2 },
+        Msg::ControlSocket,
     ];
     let mut seen: Vec<u16> = samples.iter().map(Msg::type_code).collect();
     seen.sort_unstable();
@@ -788,6 +789,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::VmmUnpause),
         any::<bool>().prop_map(|paused| Msg::VmmPauseState { paused }),
         any::<u8>().prop_map(|level| Msg::SetVerbose { level }),
+        Just(Msg::ControlSocket),
     ]
 }
 

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 
 use log::{debug, error, info, warn};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -35,16 +34,26 @@ pub fn run(opts: &Options, parent: Channel) -> i32 {
 }
 
 fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
-    let path = &opts.socket;
-    let listener = Listener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // The parent binds the socket (it stays root to remove it at exit) and
+    // hands it over first thing; we never need root for it.
+    let frame = parent
+        .recv()
+        .map_err(|e| format!("waiting for the socket: {e}"))?;
+    let listener = match (frame.msg, frame.fds.into_iter().next()) {
+        (Msg::ControlSocket, Some(fd)) => Listener::from_fd(fd),
+        (other, _) => {
+            return Err(format!(
+                "expected the socket, got message type {}",
+                other.type_code()
+            ))
+        }
+    };
     listener
         .set_nonblocking(true)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| format!("control socket: {e}"))?;
     let (uid, gid) = opts.user.ok_or("no --user given")?;
     vmd_sandbox::drop_privileges(uid, gid).map_err(|e| format!("dropping privileges: {e}"))?;
-    info!("listening on {}", path.display());
+    info!("serving {}", opts.socket.display());
 
     let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
     let mut next_id: u32 = 1;

@@ -4,6 +4,7 @@
 mod console;
 mod control;
 mod logger;
+mod notify;
 mod options;
 mod parent;
 mod spawn;

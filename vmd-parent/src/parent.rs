@@ -88,6 +88,8 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         ));
     }
     let user = crate::user::ensure_vmd_user()?;
+    // Bound before daemonizing, so the socket exists once `vmd` returns.
+    let listener = bind_control_socket(&opts.socket)?;
     if !opts.foreground {
         // Still single-threaded with no children: forking here is safe.
         nix::unistd::daemon(false, false).map_err(|e| format!("daemon: {e}"))?;
@@ -116,6 +118,12 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
     let privsep = spawn_role("priv", &opts, &[]).map_err(|e| format!("starting priv: {e}"))?;
     let control =
         spawn_role("control", &opts, &[]).map_err(|e| format!("starting control: {e}"))?;
+    control
+        .chan
+        .send(&Msg::ControlSocket, 0, &[listener.as_fd()])
+        .map_err(|e| format!("handing the socket to control: {e}"))?;
+    drop(listener);
+    crate::notify::ready();
     info!(
         "started (priv pid {}, control pid {}), socket {}",
         privsep.pid,
@@ -137,6 +145,17 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         },
         signals,
     ))
+}
+
+/// Creates the control socket, mode 0660, so root (and later the
+/// `socket owner` group) can connect.
+fn bind_control_socket(path: &std::path::Path) -> Result<vmd_proto::Listener, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let listener =
+        vmd_proto::Listener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(listener)
 }
 
 impl Parent {
