@@ -6,6 +6,7 @@
 mod args;
 mod client;
 mod console;
+mod simple;
 mod start;
 mod status;
 mod stop;
@@ -42,6 +43,41 @@ const COMMANDS: &[Command] = &[
         run: help,
         synopsis: "help [command]",
         about: "show this help, or one command's",
+        flags: &[],
+    },
+    Command {
+        name: "load",
+        run: simple::load,
+        synopsis: "load file",
+        about: "add the VMs and switches a vm.conf file defines",
+        flags: &[("file", "a file in vm.conf(5) syntax")],
+    },
+    Command {
+        name: "log",
+        run: simple::log,
+        synopsis: "log verbose|brief",
+        about: "change how much vmd logs (root only)",
+        flags: &[],
+    },
+    Command {
+        name: "pause",
+        run: simple::pause,
+        synopsis: "pause name",
+        about: "stop a VM's vCPUs (and its clock) until unpause",
+        flags: &[],
+    },
+    Command {
+        name: "reload",
+        run: simple::reload,
+        synopsis: "reload",
+        about: "re-read vm.conf: start new enabled VMs, leave running ones alone",
+        flags: &[],
+    },
+    Command {
+        name: "reset",
+        run: simple::reset,
+        synopsis: "reset [all|vms|switches]",
+        about: "stop and forget VMs and/or switches, then reload vm.conf",
         flags: &[],
     },
     Command {
@@ -93,6 +129,20 @@ const COMMANDS: &[Command] = &[
             ),
             ("-w", "wait until the VM has stopped"),
         ],
+    },
+    Command {
+        name: "unpause",
+        run: simple::unpause,
+        synopsis: "unpause name",
+        about: "let a paused VM run again",
+        flags: &[],
+    },
+    Command {
+        name: "wait",
+        run: simple::wait,
+        synopsis: "wait name",
+        about: "wait until a VM stops, then say why it did",
+        flags: &[],
     },
 ];
 
