@@ -34,6 +34,24 @@ pub const CMDLINE_MAX: usize = 2048;
 pub const EBDA_START: u64 = 0x9fc00;
 /// End of conventional memory; 0xa0000-0xfffff is the legacy VGA/ROM hole.
 pub const EBDA_END: u64 = 0xa0000;
+/// ACPI tables, in the lower half of the BIOS area that Linux scans for
+/// the RSDP (0xe0000-0xfffff), so they stay clear of the MP table, which
+/// may use 0xf0000 onward. Reserved in e820 together with the ROM area.
+pub const ACPI_START: u64 = 0xe0000;
+/// RSDP (36 bytes): on a 16-byte boundary, as the scan requires.
+pub const ACPI_RSDP: u64 = ACPI_START;
+/// XSDT: header and two 8-byte pointers (FADT, MADT).
+pub const ACPI_XSDT: u64 = ACPI_START + 0x40;
+/// FACS (64 bytes): must be 64-byte aligned.
+pub const ACPI_FACS: u64 = ACPI_START + 0x80;
+/// FADT (276 bytes, revision 6).
+pub const ACPI_FADT: u64 = ACPI_START + 0x100;
+/// DSDT: only `\_S5` for now, room to grow to 256 bytes.
+pub const ACPI_DSDT: u64 = ACPI_START + 0x300;
+/// MADT last: its length grows with the vCPU count (8 bytes per vCPU).
+pub const ACPI_MADT: u64 = ACPI_START + 0x400;
+/// End of the ACPI area, where the BIOS ROM area starts.
+pub const ACPI_END: u64 = BIOS_ROM_START;
 /// The BIOS ROM area (reserved in e820). The MP configuration table goes
 /// here when it is too large for the EBDA (many vCPUs).
 pub const BIOS_ROM_START: u64 = 0xf0000;
@@ -70,10 +88,16 @@ pub const PORT_COM1: u16 = 0x3f8;
 pub const PORT_COM2: u16 = 0x2f8;
 pub const PORT_COM3: u16 = 0x3e8;
 pub const PORT_COM4: u16 = 0x2e8;
-/// ACPI PM1a control block (16 bits; SLP_TYP/SLP_EN).
+/// ACPI PM1a event block (32 bits: 16-bit status, then 16-bit enable).
+pub const PORT_PM1A_EVT: u16 = 0x600;
+pub const PM1A_EVT_LEN: u8 = 4;
+/// ACPI PM1a control block (16 bits; SCI_EN/SLP_TYP/SLP_EN).
 pub const PORT_PM1A_CNT: u16 = 0x604;
+pub const PM1A_CNT_LEN: u8 = 2;
 /// PCI reset control register.
 pub const PORT_RESET_CTRL: u16 = 0xcf9;
 
 /// Legacy IRQ (and GSI) of COM1.
 pub const COM1_IRQ: u32 = 4;
+/// Legacy IRQ (and GSI) of the ACPI SCI, as the FADT and MADT say.
+pub const SCI_IRQ: u8 = 9;

@@ -14,6 +14,7 @@
 //! `run` returns 0 after sending `VmmExited`, 1 if it could not (or the
 //! parent went away first).
 
+pub mod acpi;
 pub mod boot;
 pub mod bus;
 pub mod control;

@@ -17,17 +17,18 @@ use vmd_proto::vm::{ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::ExitSignal;
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::{ResetControl, I8042};
-use crate::devices::power::Pm1aControl;
+use crate::devices::power::{Pm1aControl, Pm1aEvent};
 use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
 use crate::devices::Sink;
 use crate::layout::{
-    COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PORT_CMOS, PORT_COM1, PORT_I8042_DATA,
-    PORT_PM1A_CNT, PORT_POST, PORT_RESET_CTRL,
+    COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PM1A_EVT_LEN, PORT_CMOS, PORT_COM1,
+    PORT_I8042_DATA, PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_POST, PORT_RESET_CTRL,
 };
 use crate::memory::{self, MemoryError, RamLayout};
 use crate::mptable::{self, MpTableError};
@@ -53,6 +54,8 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error("{0}")]
     Boot(#[from] BootError),
+    #[error("acpi: {0}")]
+    Acpi(#[from] AcpiError),
     #[error("mptable: {0}")]
     MpTable(#[from] MpTableError),
     #[error("cpuid: {0}")]
@@ -176,6 +179,10 @@ impl Vm {
 
         let mut kernel = File::from(files.kernel);
         let mut initrd = files.initrd.map(File::from);
+        // Both the ACPI tables (modern guests) and the MP table (kernels
+        // without ACPI, our freestanding test guests) describe the CPUs.
+        let rsdp = acpi::write(&mem, params.vcpus)?;
+        mptable::write(&mem, params.vcpus)?;
         let entry = boot::load(
             &mem,
             ram,
@@ -183,9 +190,9 @@ impl Vm {
             initrd.as_mut(),
             &params.cmdline,
             opts.ignore_pvh,
+            Some(rsdp),
         )?;
         log::debug!("boot entry {entry:x?}");
-        mptable::write(&mem, params.vcpus)?;
 
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("exit eventfd", e))?);
         let (serial, serial_irq, room) = SerialDevice::new(&files.tty)?;
@@ -202,6 +209,11 @@ impl Vm {
             shared(I8042::new(exit.clone())),
         )?;
         pio.insert(u64::from(PORT_CMOS), 2, shared(Cmos::default()))?;
+        pio.insert(
+            u64::from(PORT_PM1A_EVT),
+            u64::from(PM1A_EVT_LEN),
+            shared(Pm1aEvent::new()),
+        )?;
         pio.insert(
             u64::from(PORT_PM1A_CNT),
             2,

@@ -300,6 +300,122 @@ _start:
     assert_eq!(r.output, "4 hello 64\nOK64\n");
 }
 
+/// The guest finds the RSDP through the PVH start info, walks XSDT → MADT,
+/// checks the MADT's checksum, counts its enabled processor entries, and
+/// reads SCI_EN back from PM1a control (ACPI mode is always on).
+#[test]
+fn pvh_guest_finds_acpi_madt() {
+    let src = format!(
+        "{PVH_NOTE}
+.text
+.code32
+.globl _start
+_start:
+  mov 32(%ebx), %esi        # hvm_start_info.rsdp_paddr (below 4 GiB)
+  cmpl $0x20445352, (%esi)  # 'RSD '
+  jne bad
+  cmpl $0x20525450, 4(%esi) # 'PTR '
+  jne bad
+  mov 24(%esi), %esi        # XsdtAddress
+  cmpl $0x54445358, (%esi)  # 'XSDT'
+  jne bad
+  mov 4(%esi), %ecx
+  add %esi, %ecx            # end of the XSDT
+  lea 36(%esi), %edi        # its first entry
+find:
+  cmp %ecx, %edi
+  jae bad
+  mov (%edi), %esi
+  cmpl $0x43495041, (%esi)  # 'APIC'
+  je found
+  add $8, %edi
+  jmp find
+found:
+  mov 4(%esi), %ecx         # MADT length
+  xor %ebx, %ebx
+  xor %edi, %edi
+sum:
+  add (%esi,%edi), %bl
+  inc %edi
+  cmp %ecx, %edi
+  jb sum
+  test %bl, %bl
+  jnz bad
+  add %esi, %ecx            # end of the MADT
+  lea 44(%esi), %edi        # first entry
+walk:
+  cmp %ecx, %edi
+  jae counted
+  cmpb $0, (%edi)           # processor local APIC
+  jne next
+  testb $1, 4(%edi)         # enabled
+  jz next
+  inc %ebx
+next:
+  movzbl 1(%edi), %eax
+  test %eax, %eax
+  jz bad
+  add %eax, %edi
+  jmp walk
+counted:
+  jne bad                   # overran the table's end
+{cpus}
+  mov %bl, %al
+  add $'0', %al
+  mov $0x3f8, %dx
+  out %al, %dx
+  mov $0x604, %dx
+  in %dx, %ax
+  test $1, %al              # SCI_EN
+  jz bad
+{ok}
+{POWEROFF}
+bad:
+{bad}
+{POWEROFF}
+",
+        cpus = print_str("ACPI CPUS "),
+        ok = print_str(" SCI_EN\n"),
+        bad = print_str("BAD\n"),
+    );
+    let elf = guest("acpi-madt", &src);
+    let Some(r) = boot(&elf, 3, "", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert_eq!(r.output, "ACPI CPUS 3 SCI_EN\n");
+}
+
+/// The 64-bit Linux entry gets the RSDP in boot_params.acpi_rsdp_addr.
+#[test]
+fn linux64_entry_gets_acpi_rsdp_addr() {
+    let src = format!(
+        "
+.text
+.code64
+.globl _start
+_start:
+  mov 0x70(%rsi), %rax      # boot_params.acpi_rsdp_addr
+  mov $0x2052545020445352, %rcx  # 'RSD PTR '
+  cmp %rcx, (%rax)
+  jne bad
+{ok}
+{POWEROFF}
+bad:
+{bad}
+{POWEROFF}
+",
+        ok = print_str("RSDP\n"),
+        bad = print_str("BAD\n"),
+    );
+    let elf = guest("linux64-rsdp", &src);
+    let Some(r) = boot(&elf, 1, "", DevOptions::default(), SECS_10) else {
+        return;
+    };
+    assert_eq!(r.outcome, Outcome::Exited(ExitReason::PowerOff));
+    assert_eq!(r.output, "RSDP\n");
+}
+
 #[test]
 fn i8042_reset_reboots() {
     let src = format!(

@@ -80,6 +80,9 @@ pub fn write_zero_page(inputs: &BootInputs, bz: Option<setup_header>) -> Result<
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    // Read by every kernel since 5.0 (boot protocol 2.14 put it in the
+    // setup header; 2.15 moved it here); older ones scan for the RSDP.
+    params.acpi_rsdp_addr = inputs.rsdp.unwrap_or(0);
     let map = e820_map(&inputs.ram);
     for (slot, &(addr, size, type_)) in params.e820_table.iter_mut().zip(map.iter()) {
         *slot = boot_e820_entry {

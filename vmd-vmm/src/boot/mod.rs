@@ -20,7 +20,7 @@ use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::layout::{
-    BIOS_ROM_END, BIOS_ROM_START, CMDLINE_ADDR, CMDLINE_MAX, EBDA_END, EBDA_START, HIGH_RAM_START,
+    ACPI_START, BIOS_ROM_END, CMDLINE_ADDR, CMDLINE_MAX, EBDA_END, EBDA_START, HIGH_RAM_START,
     KERNEL_START,
 };
 use crate::memory::RamLayout;
@@ -76,7 +76,8 @@ pub fn e820_map(ram: &RamLayout) -> Vec<E820Entry> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, EBDA_END - EBDA_START, E820_RESERVED),
-        (BIOS_ROM_START, BIOS_ROM_END - BIOS_ROM_START, E820_RESERVED),
+        // ACPI tables and the BIOS ROM area (MP table) as one block.
+        (ACPI_START, BIOS_ROM_END - ACPI_START, E820_RESERVED),
         (KERNEL_START, ram.low_end - KERNEL_START, E820_RAM),
     ];
     if ram.high_size > 0 {
@@ -93,11 +94,14 @@ pub struct BootInputs<'a> {
     pub cmdline_len: usize,
     /// `(address, size)` of the initrd, if any.
     pub initrd: Option<(u64, u64)>,
+    /// Where the ACPI RSDP is, if the VM has ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 /// Loads `kernel` (and `initrd`) into `mem`, writes the command line, the
 /// memory map and the boot structures, and says where to start.
 /// `ignore_pvh` boots a PVH-capable vmlinux by its 64-bit entry instead.
+/// `rsdp` is handed to the kernel on every path (it need not scan for it).
 pub fn load(
     mem: &GuestMemoryMmap,
     ram: RamLayout,
@@ -105,6 +109,7 @@ pub fn load(
     initrd: Option<&mut File>,
     cmdline: &str,
     ignore_pvh: bool,
+    rsdp: Option<u64>,
 ) -> Result<BootEntry, BootError> {
     let cmdline_len = write_cmdline(mem, cmdline, CMDLINE_MAX - 1)?;
     let image = load_kernel(mem, kernel, ignore_pvh)?;
@@ -125,6 +130,7 @@ pub fn load(
         ram,
         cmdline_len,
         initrd,
+        rsdp,
     };
     match image.kind {
         KernelKind::Pvh(entry) => {
@@ -258,7 +264,7 @@ mod tests {
             vec![
                 (0, 0x9fc00, E820_RAM),
                 (0x9fc00, 0x400, E820_RESERVED),
-                (0xf0000, 0x10000, E820_RESERVED),
+                (0xe0000, 0x20000, E820_RESERVED),
                 (0x10_0000, (128 << 20) - 0x10_0000, E820_RAM),
             ]
         );

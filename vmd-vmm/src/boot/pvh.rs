@@ -37,8 +37,8 @@ pub fn write_start_info(inputs: &BootInputs) -> Result<(), BootError> {
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: map.len().min(PVH_MEMMAP_MAX) as u32,
-        // No ACPI tables yet; the guest must not look for an RSDP here.
-        rsdp_paddr: 0,
+        // Zero tells the guest to scan for the RSDP itself.
+        rsdp_paddr: inputs.rsdp.unwrap_or(0),
         ..Default::default()
     };
     if let Some((paddr, size)) = inputs.initrd {

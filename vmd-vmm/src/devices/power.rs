@@ -1,5 +1,7 @@
-//! The ACPI PM1a control register: a guest powers off by writing SLP_TYP
-//! 5 (S5, soft-off, as our future ACPI tables will say) with SLP_EN set.
+//! The ACPI PM1a event and control registers. A guest powers off by
+//! writing SLP_TYP 5 (S5, soft-off, as the DSDT's `\_S5` says) with SLP_EN
+//! set. There is no SMI command port, so the machine is always in ACPI
+//! mode: SCI_EN reads as set.
 
 use std::sync::Arc;
 
@@ -8,10 +10,12 @@ use vmd_proto::vm::ExitReason;
 use crate::bus::BusDevice;
 use crate::control::ExitSignal;
 
+/// Always set: ACPI mode is on from power-up (the FADT has no SMI_CMD).
+pub const SCI_EN: u16 = 1 << 0;
 const SLP_EN: u16 = 1 << 13;
 const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 0x7;
-/// The sleep type our tables will give for S5.
+/// The sleep type the DSDT's `\_S5` gives (see acpi.rs).
 pub const SLP_TYP_S5: u16 = 5;
 
 /// A 16-bit register; byte accesses to either half work too.
@@ -22,35 +26,28 @@ pub struct Pm1aControl {
 
 impl Pm1aControl {
     pub fn new(exit: Arc<ExitSignal>) -> Pm1aControl {
-        Pm1aControl { exit, value: 0 }
+        Pm1aControl {
+            exit,
+            value: SCI_EN,
+        }
     }
 }
 
 impl BusDevice for Pm1aControl {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        // SLP_EN always reads back as zero.
-        let bytes = (self.value & !SLP_EN).to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| bytes.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        // SLP_EN always reads back as zero, SCI_EN as one.
+        read_bytes(
+            &((self.value & !SLP_EN) | SCI_EN).to_le_bytes(),
+            offset,
+            data,
+        );
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let mut bytes = self.value.to_le_bytes();
-        for (i, b) in data.iter().enumerate() {
-            if let Some(slot) = usize::try_from(offset)
-                .ok()
-                .and_then(|o| bytes.get_mut(o + i))
-            {
-                *slot = *b;
-            }
-        }
+        write_bytes(&mut bytes, offset, data);
         let v = u16::from_le_bytes(bytes);
-        self.value = v & !SLP_EN;
+        self.value = (v & !SLP_EN) | SCI_EN;
         let slp_typ = (v >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
         if v & SLP_EN != 0 {
             if slp_typ == SLP_TYP_S5 {
@@ -60,6 +57,88 @@ impl BusDevice for Pm1aControl {
                 log::warn!("guest asked for unsupported sleep type {slp_typ}; ignored");
             }
         }
+    }
+}
+
+/// Copies `regs[offset..]` into `data`; bytes past the end read as zero.
+fn read_bytes(regs: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| regs.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// Writes `data` into `regs[offset..]`; bytes past the end are dropped.
+fn write_bytes(regs: &mut [u8], offset: u64, data: &[u8]) {
+    for (i, b) in data.iter().enumerate() {
+        if let Some(slot) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| regs.get_mut(o.checked_add(i)?))
+        {
+            *slot = *b;
+        }
+    }
+}
+
+// PM1 status/enable bits (ACPI 6.5, 4.8.3.1).
+pub const TMR_STS: u16 = 1 << 0;
+pub const GBL_STS: u16 = 1 << 5;
+pub const PWRBTN_STS: u16 = 1 << 8;
+pub const SLPBTN_STS: u16 = 1 << 9;
+pub const RTC_STS: u16 = 1 << 10;
+pub const WAK_STS: u16 = 1 << 15;
+/// Enable bits that exist; the others are reserved and read as zero.
+/// (Same positions as their status bits; bit 14 is PCIEXP_WAKE_DIS.)
+const PM1_EN_MASK: u16 = TMR_STS | GBL_STS | PWRBTN_STS | SLPBTN_STS | RTC_STS | (1 << 14);
+
+/// The PM1a event block: a 16-bit status register (write 1 to clear),
+/// then a 16-bit enable register. Nothing raises events yet; `raise` is
+/// there for the power button, which will also have to assert the SCI.
+#[derive(Default)]
+pub struct Pm1aEvent {
+    status: u16,
+    enable: u16,
+}
+
+impl Pm1aEvent {
+    pub fn new() -> Pm1aEvent {
+        Pm1aEvent::default()
+    }
+
+    /// Sets status bits; returns whether any of them is enabled (the SCI
+    /// should then be asserted).
+    pub fn raise(&mut self, bits: u16) -> bool {
+        self.status |= bits;
+        self.status & self.enable != 0
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn enable(&self) -> u16 {
+        self.enable
+    }
+}
+
+impl BusDevice for Pm1aEvent {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let mut regs = [0u8; 4];
+        regs[..2].copy_from_slice(&self.status.to_le_bytes());
+        regs[2..].copy_from_slice(&self.enable.to_le_bytes());
+        read_bytes(&regs, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // Status bytes not written must not clear anything: start from 0.
+        let mut regs = [0u8; 4];
+        regs[2..].copy_from_slice(&self.enable.to_le_bytes());
+        write_bytes(&mut regs, offset, data);
+        self.status &= !u16::from_le_bytes([regs[0], regs[1]]);
+        self.enable = u16::from_le_bytes([regs[2], regs[3]]) & PM1_EN_MASK;
     }
 }
 
@@ -87,6 +166,53 @@ mod tests {
         assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
         let mut r = [0u8; 2];
         pm.read(0, &mut r);
-        assert_eq!(u16::from_le_bytes(r), 0x1400);
+        assert_eq!(u16::from_le_bytes(r), 0x1400 | SCI_EN);
+    }
+
+    #[test]
+    fn sci_en_always_reads_set() {
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut pm = Pm1aControl::new(exit);
+        let mut r = [0u8; 2];
+        pm.read(0, &mut r);
+        assert_eq!(u16::from_le_bytes(r), SCI_EN);
+        pm.write(0, &[0, 0]);
+        let mut b = [0u8];
+        pm.read(0, &mut b);
+        assert_eq!(b, [1]);
+    }
+
+    #[test]
+    fn pm1_status_is_write_one_to_clear() {
+        let mut ev = Pm1aEvent::new();
+        assert!(!ev.raise(PWRBTN_STS | WAK_STS));
+        let mut r = [0u8; 4];
+        ev.read(0, &mut r);
+        assert_eq!(u32::from_le_bytes(r), u32::from(PWRBTN_STS | WAK_STS));
+        // Writing zeros (and the enable half) clears nothing.
+        ev.write(0, &0u32.to_le_bytes());
+        assert_eq!(ev.status(), PWRBTN_STS | WAK_STS);
+        ev.write(1, &[(PWRBTN_STS >> 8) as u8]);
+        assert_eq!(ev.status(), WAK_STS);
+        ev.write(0, &WAK_STS.to_le_bytes());
+        assert_eq!(ev.status(), 0);
+    }
+
+    #[test]
+    fn pm1_enable_reads_back_defined_bits() {
+        let mut ev = Pm1aEvent::new();
+        ev.write(2, &0xffffu16.to_le_bytes());
+        assert_eq!(ev.enable(), PM1_EN_MASK);
+        let mut r = [0u8; 2];
+        ev.read(2, &mut r);
+        assert_eq!(u16::from_le_bytes(r), PM1_EN_MASK);
+        // A 32-bit write sets enable and clears status at once.
+        ev.raise(PWRBTN_STS);
+        ev.write(
+            0,
+            &(u32::from(PWRBTN_STS) | (u32::from(PWRBTN_STS) << 16)).to_le_bytes(),
+        );
+        assert_eq!((ev.status(), ev.enable()), (0, PWRBTN_STS));
+        assert!(ev.raise(PWRBTN_STS));
     }
 }

@@ -1,0 +1,667 @@
+//! Minimal ACPI tables (ACPI 6.x), so that a guest without an MP table
+//! parser still finds its CPUs and interrupt wiring (MADT), and so that
+//! Linux can power off (FADT + DSDT `\_S5` → PM1a control).
+//!
+//! Layout (all in the reserved BIOS area, see layout.rs):
+//! RSDP → XSDT → { FADT → { FACS, DSDT }, MADT }.
+//!
+//! The tables are hand-written here rather than taken from the rust-vmm
+//! `acpi_tables` crate: we need six small fixed tables, and writing them
+//! directly keeps the workspace free of another dependency and its
+//! vm-memory version coupling.
+
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::devices::power::SLP_TYP_S5;
+use crate::layout::{
+    ACPI_DSDT, ACPI_END, ACPI_FACS, ACPI_FADT, ACPI_MADT, ACPI_RSDP, ACPI_XSDT, IOAPIC_ADDR,
+    LAPIC_ADDR, PM1A_CNT_LEN, PM1A_EVT_LEN, PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_RESET_CTRL, SCI_IRQ,
+};
+use crate::mptable::ioapic_id;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("MADT for {0} vCPUs does not fit in the ACPI area")]
+    TooLarge(u32),
+    #[error("cannot write the {0} to guest memory: {1}")]
+    Write(&'static str, vm_memory::GuestMemoryError),
+}
+
+const OEM_ID: [u8; 6] = *b"VMD   ";
+const OEM_TABLE_ID: [u8; 8] = *b"VMD     ";
+const OEM_REVISION: u32 = 1;
+const CREATOR_ID: [u8; 4] = *b"VMD ";
+const CREATOR_REVISION: u32 = 1;
+
+/// The common header of every system description table (ACPI 5.2.6).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct SdtHeader {
+    signature: [u8; 4],
+    length: u32,
+    revision: u8,
+    checksum: u8,
+    oem_id: [u8; 6],
+    oem_table_id: [u8; 8],
+    oem_revision: u32,
+    creator_id: [u8; 4],
+    creator_revision: u32,
+}
+
+/// Root System Description Pointer, ACPI 2.0+ form (5.2.5.3).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct Rsdp {
+    signature: [u8; 8],
+    /// Covers the first 20 bytes (the ACPI 1.0 part).
+    checksum: u8,
+    oem_id: [u8; 6],
+    revision: u8,
+    /// No RSDT: revision 2 guests use the XSDT.
+    rsdt_addr: u32,
+    length: u32,
+    xsdt_addr: u64,
+    /// Covers all 36 bytes.
+    extended_checksum: u8,
+    reserved: [u8; 3],
+}
+
+/// Generic Address Structure (5.2.3.2).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct Gas {
+    space_id: u8,
+    bit_width: u8,
+    bit_offset: u8,
+    /// 0: undefined (legacy), 1: byte, 2: word, 3: dword, 4: qword.
+    access_size: u8,
+    address: u64,
+}
+
+const GAS_SYSTEM_IO: u8 = 1;
+const ACCESS_BYTE: u8 = 1;
+
+impl Gas {
+    fn io(port: u16, bytes: u8, access_size: u8) -> Gas {
+        Gas {
+            space_id: GAS_SYSTEM_IO,
+            bit_width: bytes * 8,
+            bit_offset: 0,
+            access_size,
+            address: u64::from(port),
+        }
+    }
+}
+
+/// Fixed ACPI Description Table, revision 6 (5.2.9), 276 bytes.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct Fadt {
+    header: SdtHeader,
+    firmware_ctrl: u32,
+    dsdt: u32,
+    reserved0: u8,
+    preferred_pm_profile: u8,
+    sci_int: u16,
+    smi_cmd: u32,
+    acpi_enable: u8,
+    acpi_disable: u8,
+    s4bios_req: u8,
+    pstate_cnt: u8,
+    pm1a_evt_blk: u32,
+    pm1b_evt_blk: u32,
+    pm1a_cnt_blk: u32,
+    pm1b_cnt_blk: u32,
+    pm2_cnt_blk: u32,
+    pm_tmr_blk: u32,
+    gpe0_blk: u32,
+    gpe1_blk: u32,
+    pm1_evt_len: u8,
+    pm1_cnt_len: u8,
+    pm2_cnt_len: u8,
+    pm_tmr_len: u8,
+    gpe0_blk_len: u8,
+    gpe1_blk_len: u8,
+    gpe1_base: u8,
+    cst_cnt: u8,
+    p_lvl2_lat: u16,
+    p_lvl3_lat: u16,
+    flush_size: u16,
+    flush_stride: u16,
+    duty_offset: u8,
+    duty_width: u8,
+    day_alrm: u8,
+    mon_alrm: u8,
+    century: u8,
+    iapc_boot_arch: u16,
+    reserved1: u8,
+    flags: u32,
+    reset_reg: Gas,
+    reset_value: u8,
+    arm_boot_arch: u16,
+    minor_version: u8,
+    x_firmware_ctrl: u64,
+    x_dsdt: u64,
+    x_pm1a_evt_blk: Gas,
+    x_pm1b_evt_blk: Gas,
+    x_pm1a_cnt_blk: Gas,
+    x_pm1b_cnt_blk: Gas,
+    x_pm2_cnt_blk: Gas,
+    x_pm_tmr_blk: Gas,
+    x_gpe0_blk: Gas,
+    x_gpe1_blk: Gas,
+    sleep_control_reg: Gas,
+    sleep_status_reg: Gas,
+    hypervisor_vendor_id: u64,
+}
+
+const FADT_REVISION: u8 = 6;
+/// "Unspecified": we are neither a desktop nor a server in particular.
+const PM_PROFILE_UNSPECIFIED: u8 = 0;
+/// CMOS index of the century byte (devices/cmos.rs keeps it there).
+const CMOS_CENTURY: u8 = 0x32;
+
+// FADT flags (5.2.9, table 5.10).
+const FADT_WBINVD: u32 = 1 << 0;
+/// C1 (HLT) works on every CPU.
+const FADT_PROC_C1: u32 = 1 << 2;
+/// No fixed-feature sleep button (the power button stays a fixed
+/// feature, PWR_BUTTON clear, for the PM1 event block).
+const FADT_SLP_BUTTON: u32 = 1 << 5;
+/// The RTC cannot wake the machine: there is no RTC_STS to look at.
+const FADT_FIX_RTC: u32 = 1 << 6;
+/// RESET_REG below is valid.
+const FADT_RESET_REG_SUP: u32 = 1 << 10;
+
+// IA-PC boot architecture flags (5.2.9.3).
+/// ISA devices exist (COM1, the PIT, the PIC, CMOS).
+const BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
+// Bit 1 (8042) stays clear: our i8042 only resets the machine and has no
+// keyboard; with it clear Linux skips probing it (reset still works).
+/// No VGA: Linux must not poke the VGA registers.
+const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// Writing this to the reset register (0xCF9) resets the machine: bit 2
+/// (reset CPU) with bit 1 (hard reset), as devices/i8042.rs expects.
+const RESET_VALUE: u8 = 0x06;
+
+/// Firmware ACPI Control Structure (5.2.10): only for the global lock;
+/// no firmware waking vector (no S3).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct Facs {
+    signature: [u8; 4],
+    length: u32,
+    hardware_signature: u32,
+    firmware_waking_vector: u32,
+    global_lock: u32,
+    flags: u32,
+    x_firmware_waking_vector: u64,
+    version: u8,
+    reserved0: [u8; 3],
+    ospm_flags: u32,
+    reserved1: [u8; 24],
+}
+
+const FACS_VERSION: u8 = 2;
+
+// MADT (5.2.12).
+/// The machine also has dual 8259 PICs.
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INT_SOURCE_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const LAPIC_ENABLED: u32 = 1;
+/// MPS INTI flags: active high (bits 1:0 = 01), level (bits 3:2 = 11).
+const INTI_ACTIVE_HIGH_LEVEL: u16 = 0x000d;
+/// MPS INTI flags: conforming to the bus.
+const INTI_CONFORMING: u16 = 0;
+/// A local APIC NMI entry for every processor.
+const ALL_PROCESSORS: u8 = 0xff;
+const ISA_BUS: u8 = 0;
+
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct MadtLocalApic {
+    kind: u8,
+    length: u8,
+    processor_uid: u8,
+    apic_id: u8,
+    flags: u32,
+}
+
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct MadtIoApic {
+    kind: u8,
+    length: u8,
+    id: u8,
+    reserved: u8,
+    address: u32,
+    gsi_base: u32,
+}
+
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct MadtIntSourceOverride {
+    kind: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: u32,
+    flags: u16,
+}
+
+#[repr(C, packed)]
+#[derive(Clone, Copy, Default)]
+struct MadtLocalApicNmi {
+    kind: u8,
+    length: u8,
+    processor_uid: u8,
+    flags: u16,
+    lint: u8,
+}
+
+// SAFETY: plain packed structs of integers; every bit pattern is valid.
+unsafe impl ByteValued for SdtHeader {}
+// SAFETY: as above.
+unsafe impl ByteValued for Rsdp {}
+// SAFETY: as above.
+unsafe impl ByteValued for Gas {}
+// SAFETY: as above.
+unsafe impl ByteValued for Fadt {}
+// SAFETY: as above.
+unsafe impl ByteValued for Facs {}
+// SAFETY: as above.
+unsafe impl ByteValued for MadtLocalApic {}
+// SAFETY: as above.
+unsafe impl ByteValued for MadtIoApic {}
+// SAFETY: as above.
+unsafe impl ByteValued for MadtIntSourceOverride {}
+// SAFETY: as above.
+unsafe impl ByteValued for MadtLocalApicNmi {}
+
+// The fixed-size tables fit their slots in layout.rs; the RSDP sits on
+// the 16-byte boundary the scan needs and the FACS is 64-byte aligned.
+const _: () = {
+    assert!(ACPI_RSDP.is_multiple_of(16) && ACPI_FACS.is_multiple_of(64));
+    assert!(ACPI_RSDP + std::mem::size_of::<Rsdp>() as u64 <= ACPI_XSDT);
+    assert!(ACPI_XSDT + 36 + 2 * 8 <= ACPI_FACS);
+    assert!(ACPI_FACS + std::mem::size_of::<Facs>() as u64 <= ACPI_FADT);
+    assert!(ACPI_FADT + std::mem::size_of::<Fadt>() as u64 <= ACPI_DSDT);
+};
+
+/// The value that makes the bytes of `data` sum to zero mod 256, given
+/// that the checksum byte itself is zero in `data`.
+fn checksum(data: &[u8]) -> u8 {
+    data.iter()
+        .fold(0u8, |s, b| s.wrapping_add(*b))
+        .wrapping_neg()
+}
+
+/// A header for `signature`; length and checksum are filled by `finish`.
+fn header(signature: &[u8; 4], revision: u8) -> SdtHeader {
+    SdtHeader {
+        signature: *signature,
+        revision,
+        oem_id: OEM_ID,
+        oem_table_id: OEM_TABLE_ID,
+        oem_revision: OEM_REVISION,
+        creator_id: CREATOR_ID,
+        creator_revision: CREATOR_REVISION,
+        ..Default::default()
+    }
+}
+
+/// Offsets of the length and checksum fields in an SDT header.
+const LENGTH_AT: usize = 4;
+const CHECKSUM_AT: usize = 9;
+
+/// Sets a table's length and checksum; `table` starts with an SdtHeader.
+fn finish(mut table: Vec<u8>) -> Vec<u8> {
+    let len = (table.len() as u32).to_le_bytes();
+    table[LENGTH_AT..LENGTH_AT + 4].copy_from_slice(&len);
+    table[CHECKSUM_AT] = 0;
+    table[CHECKSUM_AT] = checksum(&table);
+    table
+}
+
+fn rsdp() -> Rsdp {
+    let mut r = Rsdp {
+        signature: *b"RSD PTR ",
+        oem_id: OEM_ID,
+        revision: 2,
+        length: std::mem::size_of::<Rsdp>() as u32,
+        xsdt_addr: ACPI_XSDT,
+        ..Default::default()
+    };
+    r.checksum = checksum(&r.as_slice()[..20]);
+    r.extended_checksum = checksum(r.as_slice());
+    r
+}
+
+fn xsdt(tables: &[u64]) -> Vec<u8> {
+    let mut t = header(b"XSDT", 1).as_slice().to_vec();
+    for a in tables {
+        t.extend_from_slice(&a.to_le_bytes());
+    }
+    finish(t)
+}
+
+fn fadt() -> Vec<u8> {
+    let pm1a_evt = Gas::io(PORT_PM1A_EVT, PM1A_EVT_LEN, 0);
+    let pm1a_cnt = Gas::io(PORT_PM1A_CNT, PM1A_CNT_LEN, 0);
+    let f = Fadt {
+        header: header(b"FACP", FADT_REVISION),
+        // The FACS goes in X_FIRMWARE_CTRL only: the spec wants one of the
+        // two zero, and Linux lists the FACS twice when both are set.
+        firmware_ctrl: 0,
+        dsdt: ACPI_DSDT as u32,
+        preferred_pm_profile: PM_PROFILE_UNSPECIFIED,
+        sci_int: u16::from(SCI_IRQ),
+        // No SMI command port: the machine is always in ACPI mode.
+        smi_cmd: 0,
+        pm1a_evt_blk: u32::from(PORT_PM1A_EVT),
+        pm1a_cnt_blk: u32::from(PORT_PM1A_CNT),
+        pm1_evt_len: PM1A_EVT_LEN,
+        pm1_cnt_len: PM1A_CNT_LEN,
+        // No PM timer, no GPE blocks, no C2/C3 (latencies over the limits).
+        p_lvl2_lat: 101,
+        p_lvl3_lat: 1001,
+        century: CMOS_CENTURY,
+        iapc_boot_arch: BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_VGA_NOT_PRESENT,
+        flags: FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_FIX_RTC | FADT_RESET_REG_SUP,
+        reset_reg: Gas::io(PORT_RESET_CTRL, 1, ACCESS_BYTE),
+        reset_value: RESET_VALUE,
+        x_firmware_ctrl: ACPI_FACS,
+        x_dsdt: ACPI_DSDT,
+        // Same blocks as the 32-bit fields; a mismatch draws a warning.
+        x_pm1a_evt_blk: pm1a_evt,
+        x_pm1a_cnt_blk: pm1a_cnt,
+        ..Default::default()
+    };
+    finish(f.as_slice().to_vec())
+}
+
+fn facs() -> Facs {
+    Facs {
+        signature: *b"FACS",
+        length: std::mem::size_of::<Facs>() as u32,
+        version: FACS_VERSION,
+        ..Default::default()
+    }
+}
+
+/// The DSDT's AML: only the S5 (soft-off) sleep object.
+///
+/// ```text
+/// Name (\_S5, Package (0x04) { 0x05, Zero, Zero, Zero })
+/// ```
+/// The first element is PM1a_CNT.SLP_TYP (devices/power.rs acts on 5),
+/// the second PM1b's (there is none), the rest reserved.
+fn dsdt_aml() -> Vec<u8> {
+    const NAME_OP: u8 = 0x08;
+    const ROOT_CHAR: u8 = b'\\';
+    const PACKAGE_OP: u8 = 0x12;
+    const BYTE_PREFIX: u8 = 0x0a;
+    const ZERO_OP: u8 = 0x00;
+    let elements = [BYTE_PREFIX, SLP_TYP_S5 as u8, ZERO_OP, ZERO_OP, ZERO_OP];
+    let mut aml = vec![NAME_OP, ROOT_CHAR];
+    aml.extend_from_slice(b"_S5_");
+    aml.push(PACKAGE_OP);
+    // PkgLength (one byte, counting itself), NumElements, the elements.
+    aml.push((1 + 1 + elements.len()) as u8);
+    aml.push(4);
+    aml.extend_from_slice(&elements);
+    aml
+}
+
+fn dsdt() -> Vec<u8> {
+    // Revision 2: integers in AML are 64 bits wide.
+    let mut t = header(b"DSDT", 2).as_slice().to_vec();
+    t.extend_from_slice(&dsdt_aml());
+    finish(t)
+}
+
+fn madt(vcpus: u32) -> Vec<u8> {
+    let mut t = header(b"APIC", 5).as_slice().to_vec();
+    t.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
+    t.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    // MAX_VCPUS is far below 255, so 8-bit APIC ids (no x2APIC entries).
+    for id in 0..vcpus {
+        t.extend_from_slice(
+            MadtLocalApic {
+                kind: MADT_LOCAL_APIC,
+                length: std::mem::size_of::<MadtLocalApic>() as u8,
+                processor_uid: id as u8,
+                apic_id: id as u8,
+                flags: LAPIC_ENABLED,
+            }
+            .as_slice(),
+        );
+    }
+    t.extend_from_slice(
+        MadtIoApic {
+            kind: MADT_IO_APIC,
+            length: std::mem::size_of::<MadtIoApic>() as u8,
+            id: ioapic_id(vcpus),
+            address: IOAPIC_ADDR,
+            gsi_base: 0,
+            ..Default::default()
+        }
+        .as_slice(),
+    );
+    // ISA IRQ 0 (the PIT) needs no override: KVM's default routing (which
+    // we keep) wires GSI n to IOAPIC pin n, and the MP table says the same.
+    // The SCI is level-triggered; active high, as on QEMU's PIIX4.
+    t.extend_from_slice(
+        MadtIntSourceOverride {
+            kind: MADT_INT_SOURCE_OVERRIDE,
+            length: std::mem::size_of::<MadtIntSourceOverride>() as u8,
+            bus: ISA_BUS,
+            source: SCI_IRQ,
+            gsi: u32::from(SCI_IRQ),
+            flags: INTI_ACTIVE_HIGH_LEVEL,
+        }
+        .as_slice(),
+    );
+    t.extend_from_slice(
+        MadtLocalApicNmi {
+            kind: MADT_LOCAL_APIC_NMI,
+            length: std::mem::size_of::<MadtLocalApicNmi>() as u8,
+            processor_uid: ALL_PROCESSORS,
+            flags: INTI_CONFORMING,
+            lint: 1,
+        }
+        .as_slice(),
+    );
+    finish(t)
+}
+
+/// Writes every table for `vcpus` CPUs; returns the RSDP's address.
+pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
+    let madt = madt(vcpus);
+    if ACPI_MADT + madt.len() as u64 > ACPI_END {
+        return Err(AcpiError::TooLarge(vcpus));
+    }
+    let tables: [(&'static str, u64, Vec<u8>); 6] = [
+        ("RSDP", ACPI_RSDP, rsdp().as_slice().to_vec()),
+        ("XSDT", ACPI_XSDT, xsdt(&[ACPI_FADT, ACPI_MADT])),
+        ("FACS", ACPI_FACS, facs().as_slice().to_vec()),
+        ("FADT", ACPI_FADT, fadt()),
+        ("DSDT", ACPI_DSDT, dsdt()),
+        ("MADT", ACPI_MADT, madt),
+    ];
+    for (name, addr, bytes) in &tables {
+        mem.write_slice(bytes, GuestAddress(*addr))
+            .map_err(|e| AcpiError::Write(name, e))?;
+    }
+    Ok(ACPI_RSDP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |s, x| s.wrapping_add(*x))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn struct_sizes_match_the_spec() {
+        assert_eq!(std::mem::size_of::<SdtHeader>(), 36);
+        assert_eq!(std::mem::size_of::<Rsdp>(), 36);
+        assert_eq!(std::mem::size_of::<Gas>(), 12);
+        assert_eq!(std::mem::size_of::<Fadt>(), 276);
+        assert_eq!(std::mem::size_of::<Facs>(), 64);
+        assert_eq!(std::mem::size_of::<MadtLocalApic>(), 8);
+        assert_eq!(std::mem::size_of::<MadtIoApic>(), 12);
+        assert_eq!(std::mem::size_of::<MadtIntSourceOverride>(), 10);
+        assert_eq!(std::mem::size_of::<MadtLocalApicNmi>(), 6);
+    }
+
+    #[test]
+    fn layout_fits_and_is_aligned() {
+        assert!(ACPI_DSDT + dsdt().len() as u64 <= ACPI_MADT);
+        assert!(
+            ACPI_MADT + madt(vmd_proto::vm::MAX_VCPUS).len() as u64
+                <= crate::layout::BIOS_ROM_START
+        );
+    }
+
+    /// Reads the table at `addr` back: checks signature, length, checksum.
+    fn table(mem: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
+        let mut hdr = [0u8; 36];
+        mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
+        assert_eq!(&hdr[..4], sig);
+        let len = u32_at(&hdr, 4) as usize;
+        assert!(len >= 36);
+        let mut t = vec![0u8; len];
+        mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+        assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(sig));
+        t
+    }
+
+    fn written(vcpus: u32) -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        assert_eq!(write(&mem, vcpus).unwrap(), ACPI_RSDP);
+        mem
+    }
+
+    #[test]
+    fn rsdp_points_to_the_xsdt_and_both_checksums_hold() {
+        let mem = written(2);
+        let mut r = [0u8; 36];
+        mem.read_slice(&mut r, GuestAddress(ACPI_RSDP)).unwrap();
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert_eq!(sum(&r[..20]), 0);
+        assert_eq!(sum(&r), 0);
+        assert_eq!(r[15], 2);
+        assert_eq!(u32_at(&r, 20), 36);
+        assert_eq!(u64_at(&r, 24), ACPI_XSDT);
+    }
+
+    #[test]
+    fn xsdt_lists_fadt_and_madt() {
+        let mem = written(2);
+        let x = table(&mem, ACPI_XSDT, b"XSDT");
+        assert_eq!(x.len(), 36 + 16);
+        assert_eq!(u64_at(&x, 36), ACPI_FADT);
+        assert_eq!(u64_at(&x, 44), ACPI_MADT);
+    }
+
+    #[test]
+    fn fadt_fields() {
+        let mem = written(1);
+        let f = table(&mem, ACPI_FADT, b"FACP");
+        assert_eq!(f.len(), 276);
+        assert_eq!(f[8], FADT_REVISION);
+        assert_eq!(u32_at(&f, 36), 0);
+        assert_eq!(u32_at(&f, 40), ACPI_DSDT as u32);
+        assert_eq!(u16::from_le_bytes([f[46], f[47]]), 9); // SCI_INT
+        assert_eq!(u32_at(&f, 48), 0); // SMI_CMD
+        assert_eq!(u32_at(&f, 56), 0x600); // PM1a_EVT_BLK
+        assert_eq!(u32_at(&f, 64), 0x604); // PM1a_CNT_BLK
+        assert_eq!(u32_at(&f, 76), 0); // PM_TMR_BLK
+        assert_eq!((f[88], f[89]), (4, 2));
+        assert_eq!(u32_at(&f, 112) & (1 << 20), 0); // not HW-reduced
+        assert_ne!(u32_at(&f, 112) & FADT_RESET_REG_SUP, 0);
+        // RESET_REG: system I/O, 8 bits, port 0xcf9; value 6.
+        assert_eq!(&f[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(&f, 120), 0xcf9);
+        assert_eq!(f[128], 6);
+        assert_eq!(u64_at(&f, 132), ACPI_FACS);
+        assert_eq!(u64_at(&f, 140), ACPI_DSDT);
+        assert_eq!(&f[148..150], &[1, 32]);
+        assert_eq!(u64_at(&f, 152), 0x600);
+        assert_eq!(&f[172..174], &[1, 16]);
+        assert_eq!(u64_at(&f, 176), 0x604);
+        let mut facs = [0u8; 64];
+        mem.read_slice(&mut facs, GuestAddress(ACPI_FACS)).unwrap();
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u32_at(&facs, 4), 64);
+    }
+
+    #[test]
+    fn dsdt_has_s5_matching_the_power_device() {
+        let mem = written(1);
+        let d = table(&mem, ACPI_DSDT, b"DSDT");
+        assert_eq!(
+            &d[36..],
+            &[0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0, 0, 0]
+        );
+        assert_eq!(u16::from(d[46]), SLP_TYP_S5);
+    }
+
+    /// `(type, entry bytes)` for each MADT entry.
+    fn madt_entries(m: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut at = 44;
+        while at < m.len() {
+            let len = usize::from(m[at + 1]);
+            assert!(len >= 2 && at + len <= m.len());
+            out.push((m[at], m[at..at + len].to_vec()));
+            at += len;
+        }
+        assert_eq!(at, m.len());
+        out
+    }
+
+    #[test]
+    fn madt_has_one_enabled_lapic_per_vcpu() {
+        for vcpus in [1, 2, 7, vmd_proto::vm::MAX_VCPUS] {
+            let mem = written(vcpus);
+            let m = table(&mem, ACPI_MADT, b"APIC");
+            assert_eq!(u32_at(&m, 36), 0xfee0_0000);
+            assert_eq!(u32_at(&m, 40), MADT_PCAT_COMPAT);
+            let entries = madt_entries(&m);
+            let cpus: Vec<_> = entries.iter().filter(|(k, _)| *k == 0).collect();
+            assert_eq!(cpus.len() as u32, vcpus);
+            for (i, (_, e)) in cpus.iter().enumerate() {
+                assert_eq!((e[2], e[3]), (i as u8, i as u8));
+                assert_eq!(u32_at(e, 4), 1);
+            }
+            let ioapic: Vec<_> = entries.iter().filter(|(k, _)| *k == 1).collect();
+            assert_eq!(ioapic.len(), 1);
+            assert_eq!(ioapic[0].1[2], ioapic_id(vcpus));
+            assert_eq!(u32_at(&ioapic[0].1, 4), 0xfec0_0000);
+            let iso: Vec<_> = entries.iter().filter(|(k, _)| *k == 2).collect();
+            assert_eq!(iso.len(), 1);
+            assert_eq!(&iso[0].1[2..4], &[0, 9]);
+            assert_eq!(u32_at(&iso[0].1, 4), 9);
+            assert_eq!(u16::from_le_bytes([iso[0].1[8], iso[0].1[9]]), 0xd);
+            let nmi: Vec<_> = entries.iter().filter(|(k, _)| *k == 4).collect();
+            assert_eq!(nmi.len(), 1);
+            assert_eq!(nmi[0].1, vec![4, 6, 0xff, 0, 0, 1]);
+        }
+    }
+}
