@@ -312,7 +312,7 @@ impl ConsoleReader {
             .arg("-s")
             .arg(&daemon.socket)
             .args(["console", name])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -326,6 +326,16 @@ impl ConsoleReader {
             out,
             started: Instant::now(),
         }
+    }
+
+    /// Types `text` into the console, as a user at `vmctl console` would.
+    pub fn type_text(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("console stdin");
+        stdin
+            .write_all(text.as_bytes())
+            .expect("typing into vmctl console");
+        stdin.flush().expect("flushing vmctl console input");
     }
 
     pub fn text(&self) -> String {

@@ -288,3 +288,49 @@ fn console_replays_output_and_reattaches() {
     let log = std::fs::read_to_string(d.dir.join("state/console/c1.log")).expect("console log");
     assert!(log.contains("VMD-TEST spin"), "{log}");
 }
+
+#[test]
+fn console_input_reaches_the_guest_and_wait_returns_at_poweroff() {
+    let d = Daemon::start("echo");
+    let kernel = guest("echo.elf");
+    d.ok(&[
+        "start",
+        "-b",
+        kernel.to_str().unwrap(),
+        "-m",
+        "32M",
+        "echo1",
+    ]);
+    let mut console = d.console("echo1");
+    console.wait_for("VMD-TEST echo ready", BOOT);
+    console.type_text("hello, guest");
+    console.wait_for("hello, guest", Duration::from_secs(10));
+    // `vmctl wait` blocks until the guest powers off, and says why.
+    let socket = d.socket.clone();
+    let waiter = std::thread::spawn(move || {
+        std::process::Command::new(vmd_e2e::bin("vmctl"))
+            .arg("-s")
+            .arg(&socket)
+            .args(["wait", "echo1"])
+            .output()
+            .expect("vmctl wait")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !waiter.is_finished(),
+        "vmctl wait returned while the VM runs"
+    );
+    console.type_text("q");
+    console.wait_for("VMD-TEST echo bye", Duration::from_secs(10));
+    let out = waiter.join().expect("wait thread");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("vm echo1 stopped: guest powered off"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        console.wait_exit(Duration::from_secs(5)),
+        "console did not end with the VM"
+    );
+}
