@@ -20,6 +20,8 @@ fn debian_vmlinux_early_boot_shows_version_and_our_command_line() {
         kernel.to_str().unwrap(),
         "-m",
         "256M",
+        "--vcpus",
+        "2",
         "--cmdline",
         cmdline,
         "linux-early",
@@ -44,6 +46,22 @@ fn debian_vmlinux_early_boot_shows_version_and_our_command_line() {
         })
         .expect("command line line");
     assert_eq!(shown, cmdline, "console:\n{text}");
+    // Linux found our ACPI tables and, through the MADT, both vCPUs (the
+    // cloud kernel ignores MP tables).
+    for line in [
+        "ACPI: RSDP 0x00000000000E0000",
+        "ACPI: XSDT 0x00000000000E0040",
+        "ACPI: FACP 0x00000000000E0100",
+        "ACPI: DSDT 0x00000000000E0300",
+        "ACPI: APIC 0x00000000000E0400",
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "smpboot: Allowing 2 CPUs",
+    ] {
+        assert!(text.contains(line), "console lacks {line:?}:\n{text}");
+    }
+    for bad in ["ACPI BIOS Error", "ACPI Error", "ACPI Warning", "Invalid"] {
+        assert!(!text.contains(bad), "console shows {bad:?}:\n{text}");
+    }
     d.ok(&["stop", "-f", "-w", "linux-early"]);
 }
 
