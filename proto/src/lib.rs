@@ -8,6 +8,7 @@
 
 pub mod channel;
 pub mod frame;
+pub mod image;
 pub mod msg;
 pub mod size;
 pub mod vm;

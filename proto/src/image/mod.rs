@@ -1,0 +1,320 @@
+//! Disk images: raw files and qcow2 (versions 2 and 3), synchronous and
+//! std-only so the per-VM process needs no async runtime.
+//!
+//! The VM process never opens paths: priv opens the top image (locked
+//! exclusively) and every backing file (read-only), then passes the fds;
+//! [`open_disk`] builds a [`Disk`] from them. [`backing_chain`] tells priv
+//! which backing files a qcow2 image needs. [`create`] serves `vmctl create`.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+mod create;
+pub mod qcow2;
+mod raw;
+
+pub use create::{create, parse_create_target, CreateSpec};
+pub use qcow2::Qcow2Disk;
+pub use raw::RawDisk;
+
+/// Most backing files below one image (OpenBSD's VM_MAX_BASE_PER_DISK).
+pub const MAX_BACKING_DEPTH: usize = 4;
+
+/// Everything that can go wrong with an image; each variant says where.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The image's metadata is inconsistent or out of bounds.
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    /// A valid image using a feature we do not implement.
+    #[error("unsupported image: {0}")]
+    Unsupported(String),
+    #[error("access of {len} bytes at offset {offset} is outside the disk ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("disk is read-only")]
+    ReadOnly,
+    #[error("{0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+    #[error("backing chain: {0}")]
+    Backing(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ImageError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Image formats we read and write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+impl Format {
+    /// The name used in `raw:`/`qcow2:` prefixes and qcow2's backing format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Format> {
+        match s {
+            "raw" => Some(Format::Raw),
+            "qcow2" => Some(Format::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A virtual disk as the block device sees it. All offsets are guest bytes.
+pub trait Disk: Send {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), ImageError>;
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), ImageError>;
+    /// Makes every completed write durable (metadata, then fdatasync).
+    fn flush(&mut self) -> Result<(), ImageError>;
+    /// Lets the image drop the range; reads afterwards return zeroes or, for
+    /// a qcow2 v2 overlay where zero cannot be expressed, the old data.
+    fn discard(&mut self, offset: u64, len: u64) -> Result<(), ImageError>;
+    /// Makes the range read as zeroes, deallocating where possible.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ImageError>;
+}
+
+/// Checks that `len` bytes at `offset` lie inside a disk of `size` bytes.
+pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> Result<(), ImageError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(ImageError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// Reads as much of `buf` as the file holds at `offset`, zero-filling what
+/// lies past its end (qcow2 images may end inside their last cluster).
+pub(crate) fn pread_zero_tail(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    what: &str,
+) -> Result<(), ImageError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let pos = offset
+            .checked_add(done as u64)
+            .ok_or_else(|| ImageError::Corrupt(format!("{what}: offset {offset} overflows")))?;
+        match file.read_at(&mut buf[done..], pos) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ImageError::io(format!("reading {what} at {pos}"), e)),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn pwrite_all(file: &File, buf: &[u8], offset: u64, what: &str) -> Result<(), ImageError> {
+    file.write_all_at(buf, offset)
+        .map_err(|e| ImageError::io(format!("writing {what} at {offset}"), e))
+}
+
+/// File length via lseek, so block devices report their size too.
+pub(crate) fn file_len(file: &File) -> Result<u64, ImageError> {
+    // SAFETY: lseek on a valid fd has no memory effects.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if r < 0 {
+        return Err(ImageError::io("finding image size", io::Error::last_os_error()));
+    }
+    Ok(r as u64)
+}
+
+/// Detects the format from the qcow2 magic; anything else is raw.
+pub fn detect_format(file: &File) -> Result<Format, ImageError> {
+    let mut magic = [0u8; 4];
+    pread_zero_tail(file, &mut magic, 0, "image magic")?;
+    Ok(if magic == qcow2::header::MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Takes an exclusive, non-blocking flock on the top image so two VMs (or a
+/// VM and `vmctl create -i`) never write one image.
+pub fn lock_exclusive(file: &File, path: &Path) -> Result<(), ImageError> {
+    // SAFETY: flock on a valid fd has no memory effects.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(ImageError::io(
+            format!("locking {} (is it in use by another VM?)", path.display()),
+            e,
+        ));
+    }
+    Ok(())
+}
+
+/// Builds a disk from already-open files: `top` and its backing files in
+/// chain order (as [`backing_chain`] lists them), which are read-only.
+/// `format` is detected from the qcow2 magic when `None`.
+pub fn open_disk(
+    top: File,
+    backing: Vec<File>,
+    read_only: bool,
+    format: Option<Format>,
+) -> Result<Box<dyn Disk>, ImageError> {
+    let mut backing = backing.into_iter();
+    let disk = open_layer(top, &mut backing, read_only, format, 0)?;
+    let extra = backing.count();
+    if extra > 0 {
+        return Err(ImageError::Backing(format!(
+            "{extra} backing file(s) passed that the image chain does not use"
+        )));
+    }
+    Ok(disk)
+}
+
+fn open_layer(
+    file: File,
+    backing: &mut std::vec::IntoIter<File>,
+    read_only: bool,
+    format: Option<Format>,
+    depth: usize,
+) -> Result<Box<dyn Disk>, ImageError> {
+    let format = match format {
+        Some(f) => f,
+        None => detect_format(&file)?,
+    };
+    match format {
+        Format::Raw => Ok(Box::new(RawDisk::open(file, read_only)?)),
+        Format::Qcow2 => {
+            let header = qcow2::header::Header::read(&file)?;
+            let below = match &header.backing_file {
+                None => None,
+                Some(name) => {
+                    if depth >= MAX_BACKING_DEPTH {
+                        return Err(ImageError::Backing(format!(
+                            "more than {MAX_BACKING_DEPTH} backing files (at {name:?})"
+                        )));
+                    }
+                    let f = backing.next().ok_or_else(|| {
+                        ImageError::Backing(format!("backing file {name:?} was not passed"))
+                    })?;
+                    let fmt = header.backing_format_parsed()?;
+                    Some(open_layer(f, backing, true, fmt, depth + 1)?)
+                }
+            };
+            Ok(Box::new(Qcow2Disk::open(file, header, below, read_only)?))
+        }
+    }
+}
+
+/// Reads a qcow2 image's backing file name, if any (raw images have none).
+fn backing_name(path: &Path) -> Result<Option<String>, ImageError> {
+    let file = File::open(path)
+        .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+    if detect_format(&file)? != Format::Qcow2 {
+        return Ok(None);
+    }
+    Ok(qcow2::header::Header::read(&file)?.backing_file)
+}
+
+/// Resolves a backing name as qemu does: relative names are relative to the
+/// directory of the image that names them.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Lists the backing files below `path`, nearest first (not `path` itself),
+/// at most [`MAX_BACKING_DEPTH`] deep; a loop is an error.
+pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let mut seen = vec![std::fs::canonicalize(path)
+        .map_err(|e| ImageError::io(format!("resolving {}", path.display()), e))?];
+    let mut chain = Vec::new();
+    let mut cur = path.to_path_buf();
+    while let Some(name) = backing_name(&cur)? {
+        let next = resolve_backing(&cur, &name);
+        if chain.len() >= MAX_BACKING_DEPTH {
+            return Err(ImageError::Backing(format!(
+                "{} has more than {MAX_BACKING_DEPTH} backing files",
+                path.display()
+            )));
+        }
+        let canon = std::fs::canonicalize(&next).map_err(|e| {
+            ImageError::io(
+                format!("backing file {} of {}", next.display(), cur.display()),
+                e,
+            )
+        })?;
+        if seen.contains(&canon) {
+            return Err(ImageError::Backing(format!(
+                "loop: {} is its own backing file",
+                canon.display()
+            )));
+        }
+        seen.push(canon);
+        chain.push(next.clone());
+        cur = next;
+    }
+    Ok(chain)
+}
+
+/// Opens an image and its backing chain by path, as priv and `vmctl
+/// create -i` do: the top read-write (locked) unless `read_only`, backing
+/// files read-only.
+pub fn open_path(
+    path: &Path,
+    read_only: bool,
+    format: Option<Format>,
+) -> Result<Box<dyn Disk>, ImageError> {
+    let top = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+    if !read_only {
+        lock_exclusive(&top, path)?;
+    }
+    let mut files = Vec::new();
+    for p in backing_chain(path)? {
+        files.push(
+            File::open(&p)
+                .map_err(|e| ImageError::io(format!("opening backing file {}", p.display()), e))?,
+        );
+    }
+    open_disk(top, files, read_only, format)
+}
