@@ -83,21 +83,14 @@ pub fn assert_identical(a: &Path, afmt: &str, b: &Path, bfmt: &str) {
     );
 }
 
-/// The "virtual-size" and "format" qemu-img info reports.
+/// The top-level "virtual-size" and "format" of `qemu-img info`.
 pub fn qemu_info(img: &Path) -> (u64, String) {
     let out = qemu_ok("qemu-img", &["info", "--output=json", p(img)]);
-    let grab = |key: &str| -> String {
-        let at = out.find(&format!("\"{key}\"")).unwrap_or_else(|| panic!("{key} in {out}"));
-        let rest = &out[at + key.len() + 2..];
-        let rest = rest.trim_start_matches([':', ' ']);
-        rest.split([',', '\n'])
-            .next()
-            .unwrap_or("")
-            .trim()
-            .trim_matches('"')
-            .to_string()
-    };
-    (grab("virtual-size").parse().expect("virtual-size"), grab("format"))
+    let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info json");
+    (
+        v["virtual-size"].as_u64().expect("virtual-size"),
+        v["format"].as_str().expect("format").to_string(),
+    )
 }
 
 /// xorshift64*: deterministic test data without a dependency.
