@@ -11,11 +11,14 @@ use image_util::{assert_check_clean, assert_identical, p, qemu_info, qemu_ok, Rn
 use vmd_proto::image::{create, open_path, CreateSpec, Disk, Format};
 
 fn new_qcow2(path: &Path, size: u64, cluster_bits: u32) {
-    create(path, CreateSpec {
-        size: Some(size),
-        cluster_bits,
-        ..CreateSpec::new(Format::Qcow2)
-    })
+    create(
+        path,
+        CreateSpec {
+            size: Some(size),
+            cluster_bits,
+            ..CreateSpec::new(Format::Qcow2)
+        },
+    )
     .expect("create qcow2");
 }
 
@@ -94,8 +97,15 @@ fn writes_with_small_clusters_grow_metadata() {
     assert_identical(&raw, "raw", &img, "qcow2");
     // The refcount table outgrew its first cluster and moved.
     let mut rt = [0u8; 8];
-    File::open(&img).unwrap().read_exact_at(&mut rt, 48).unwrap();
-    assert_ne!(u64::from_be_bytes(rt), 512, "refcount table should have moved");
+    File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut rt, 48)
+        .unwrap();
+    assert_ne!(
+        u64::from_be_bytes(rt),
+        512,
+        "refcount table should have moved"
+    );
     let mut d = open_path(&img, true, None).unwrap();
     assert_eq!(read_all(d.as_mut()), std::fs::read(&raw).unwrap());
 }
@@ -136,7 +146,9 @@ fn random_writes_discard_zeroes_compare_identical() {
                 (off.next_multiple_of(65536), (off + len) & !65535)
             };
             if ze > zs {
-                mirror.write_all_at(&vec![0u8; (ze - zs) as usize], zs).unwrap();
+                mirror
+                    .write_all_at(&vec![0u8; (ze - zs) as usize], zs)
+                    .unwrap();
             }
             let mut got = vec![0u8; len as usize];
             let mut want = vec![0u8; len as usize];
@@ -163,7 +175,15 @@ fn write_zeroes_reads_zero() {
     d.write_zeroes(1000, 300_000).unwrap();
     let all = read_all(d.as_mut());
     for (i, &b) in all.iter().enumerate() {
-        assert_eq!(b, if (1000..301_000).contains(&i) { 0 } else { 0xff }, "byte {i}");
+        assert_eq!(
+            b,
+            if (1000..301_000).contains(&i) {
+                0
+            } else {
+                0xff
+            },
+            "byte {i}"
+        );
     }
     d.flush().unwrap();
     drop(d);
@@ -183,9 +203,27 @@ fn qemu_made_images_read_back() {
         let img = dir.path(&format!("qemu-{compat}.qcow2"));
         qemu_ok(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &format!("compat={compat}"), p(&img), "8M"],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("compat={compat}"),
+                p(&img),
+                "8M",
+            ],
         );
-        qemu_ok("qemu-io", &["-c", "write -P 0xab 0 64k", "-c", "write -P 0x12 1000k 5000", p(&img)]);
+        qemu_ok(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 0xab 0 64k",
+                "-c",
+                "write -P 0x12 1000k 5000",
+                p(&img),
+            ],
+        );
         let mut want = vec![0u8; size as usize];
         pattern(&mut want, 0xab, 0, 65536);
         pattern(&mut want, 0x12, 1000 << 10, 5000);
@@ -215,18 +253,40 @@ fn qemu_made_overlays_read_back() {
     Rng(99).fill(&mut base);
     std::fs::write(&base_raw, &base).unwrap();
     let base_q = dir.path("base.qcow2");
-    qemu_ok("qemu-img", &["convert", "-O", "qcow2", p(&base_raw), p(&base_q)]);
+    qemu_ok(
+        "qemu-img",
+        &["convert", "-O", "qcow2", p(&base_raw), p(&base_q)],
+    );
     for (b, fmt) in [("base.raw", "raw"), ("base.qcow2", "qcow2")] {
         for compat in ["0.10", "1.1"] {
             let top = dir.path(&format!("top-{fmt}-{compat}.qcow2"));
             qemu_ok(
                 "qemu-img",
                 &[
-                    "create", "-q", "-f", "qcow2", "-o", &format!("compat={compat}"), "-b", b,
-                    "-F", fmt, p(&top), "6M",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("compat={compat}"),
+                    "-b",
+                    b,
+                    "-F",
+                    fmt,
+                    p(&top),
+                    "6M",
                 ],
             );
-            qemu_ok("qemu-io", &["-c", "write -P 0xab 0 64k", "-c", "write -P 0xcd 100000 3000", p(&top)]);
+            qemu_ok(
+                "qemu-io",
+                &[
+                    "-c",
+                    "write -P 0xab 0 64k",
+                    "-c",
+                    "write -P 0xcd 100000 3000",
+                    p(&top),
+                ],
+            );
             let mut want = base.clone();
             want.resize(6 << 20, 0);
             pattern(&mut want, 0xab, 0, 65536);
@@ -242,7 +302,9 @@ fn qemu_made_overlays_read_back() {
             let mut d = open_path(&top, false, None).unwrap();
             random_writes(d.as_mut(), &mirror, &mut Rng(5), 40, 100_000);
             d.write_zeroes(65536 * 3, 65536 * 2).unwrap();
-            mirror.write_all_at(&vec![0u8; 65536 * 2], 65536 * 3).unwrap();
+            mirror
+                .write_all_at(&vec![0u8; 65536 * 2], 65536 * 3)
+                .unwrap();
             d.flush().unwrap();
             drop(d);
             assert_check_clean(&top);
@@ -266,7 +328,10 @@ fn compressed_images_read_back_and_rewrite() {
     }
     std::fs::write(&src, &data).unwrap();
     let img = dir.path("c.qcow2");
-    qemu_ok("qemu-img", &["convert", "-c", "-O", "qcow2", p(&src), p(&img)]);
+    qemu_ok(
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", p(&src), p(&img)],
+    );
     let mut d = open_path(&img, true, None).unwrap();
     assert_eq!(read_all(d.as_mut()), data);
     drop(d);

@@ -12,17 +12,23 @@ use vmd_proto::image::{
 
 fn raw_disk(dir: &TempDir, size: u64, read_only: bool) -> (PathBuf, Box<dyn Disk>) {
     let path = dir.path("disk.raw");
-    create(&path, CreateSpec {
-        size: Some(size),
-        ..CreateSpec::new(Format::Raw)
-    })
+    create(
+        &path,
+        CreateSpec {
+            size: Some(size),
+            ..CreateSpec::new(Format::Raw)
+        },
+    )
     .expect("create raw");
     let f = OpenOptions::new()
         .read(true)
         .write(!read_only)
         .open(&path)
         .expect("open");
-    (path, open_disk(f, vec![], read_only, None).expect("open_disk"))
+    (
+        path,
+        open_disk(f, vec![], read_only, None).expect("open_disk"),
+    )
 }
 
 #[test]
@@ -55,7 +61,11 @@ fn raw_discard_and_write_zeroes() {
         let zero = (65536..131072).contains(&i) || (200_000..201_000).contains(&i);
         assert_eq!(b, if zero { 0 } else { 0xaa }, "byte {i}");
     }
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20, "size kept");
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        1 << 20,
+        "size kept"
+    );
 }
 
 #[test]
@@ -65,9 +75,16 @@ fn raw_out_of_range_and_read_only() {
     let mut b = [0u8; 2];
     assert!(matches!(
         d.read_at(&mut b, 4095),
-        Err(ImageError::OutOfRange { offset: 4095, len: 2, size: 4096 })
+        Err(ImageError::OutOfRange {
+            offset: 4095,
+            len: 2,
+            size: 4096
+        })
     ));
-    assert!(matches!(d.write_at(&b, u64::MAX), Err(ImageError::OutOfRange { .. })));
+    assert!(matches!(
+        d.write_at(&b, u64::MAX),
+        Err(ImageError::OutOfRange { .. })
+    ));
     assert!(d.discard(4000, 200).is_err());
     assert!(d.write_zeroes(u64::MAX - 1, 5).is_err());
     d.read_at(&mut b, 4094).unwrap();
@@ -86,10 +103,13 @@ fn create_never_clobbers() {
     let path = dir.path("x.img");
     std::fs::write(&path, b"precious").unwrap();
     for f in [Format::Raw, Format::Qcow2] {
-        let e = create(&path, CreateSpec {
-            size: Some(1 << 20),
-            ..CreateSpec::new(f)
-        })
+        let e = create(
+            &path,
+            CreateSpec {
+                size: Some(1 << 20),
+                ..CreateSpec::new(f)
+            },
+        )
         .unwrap_err();
         assert!(matches!(e, ImageError::Exists(_)), "{e}");
         assert!(e.to_string().contains("already exists"), "{e}");
@@ -102,12 +122,30 @@ fn create_never_clobbers() {
 
 #[test]
 fn create_targets() {
-    assert_eq!(parse_create_target("qcow2:a.img"), (Format::Qcow2, "a.img".into()));
-    assert_eq!(parse_create_target("raw:b.qcow2"), (Format::Raw, "b.qcow2".into()));
-    assert_eq!(parse_create_target("/x/disk.qcow2"), (Format::Qcow2, "/x/disk.qcow2".into()));
-    assert_eq!(parse_create_target("disk.QCOW2"), (Format::Qcow2, "disk.QCOW2".into()));
-    assert_eq!(parse_create_target("disk.img"), (Format::Raw, "disk.img".into()));
-    assert_eq!(parse_create_target("disk.raw"), (Format::Raw, "disk.raw".into()));
+    assert_eq!(
+        parse_create_target("qcow2:a.img"),
+        (Format::Qcow2, "a.img".into())
+    );
+    assert_eq!(
+        parse_create_target("raw:b.qcow2"),
+        (Format::Raw, "b.qcow2".into())
+    );
+    assert_eq!(
+        parse_create_target("/x/disk.qcow2"),
+        (Format::Qcow2, "/x/disk.qcow2".into())
+    );
+    assert_eq!(
+        parse_create_target("disk.QCOW2"),
+        (Format::Qcow2, "disk.QCOW2".into())
+    );
+    assert_eq!(
+        parse_create_target("disk.img"),
+        (Format::Raw, "disk.img".into())
+    );
+    assert_eq!(
+        parse_create_target("disk.raw"),
+        (Format::Raw, "disk.raw".into())
+    );
     assert_eq!(parse_create_target("disk"), (Format::Raw, "disk".into()));
 }
 
@@ -115,10 +153,13 @@ fn create_targets() {
 fn raw_create_rounds_and_is_sparse() {
     let dir = TempDir::new("raw");
     let path = dir.path("s.img");
-    create(&path, CreateSpec {
-        size: Some(1000),
-        ..CreateSpec::new(Format::Raw)
-    })
+    create(
+        &path,
+        CreateSpec {
+            size: Some(1000),
+            ..CreateSpec::new(Format::Raw)
+        },
+    )
     .unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1024);
 }

@@ -158,7 +158,12 @@ fn fill(
             }
             let h = Header::read(file)?;
             debug_assert!(backing_name.is_none());
-            Box::new(Qcow2Disk::open(file.try_clone().map_err(ctx)?, h, None, false)?)
+            Box::new(Qcow2Disk::open(
+                file.try_clone().map_err(ctx)?,
+                h,
+                None,
+                false,
+            )?)
         }
     };
     if let Some(mut inp) = input {
@@ -218,7 +223,8 @@ fn write_qcow2(
     let total = 1 + rt_clusters + blocks + l1_clusters;
     if let Some((name, fmt)) = &backing {
         // Header, format extension, end marker, then the name.
-        let room = cs - u64::from(header::V3_HEADER_LEN) - 8 - 8 - fmt.name().len().div_ceil(8) as u64 * 8;
+        let room =
+            cs - u64::from(header::V3_HEADER_LEN) - 8 - 8 - fmt.name().len().div_ceil(8) as u64 * 8;
         if name.is_empty() || name.len() as u64 > room.min(u64::from(header::MAX_BACKING_NAME)) {
             return Err(ImageError::Invalid(format!(
                 "base name {name:?} is empty or too long"

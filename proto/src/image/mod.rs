@@ -140,7 +140,12 @@ pub(crate) fn pread_zero_tail(
     Ok(())
 }
 
-pub(crate) fn pwrite_all(file: &File, buf: &[u8], offset: u64, what: &str) -> Result<(), ImageError> {
+pub(crate) fn pwrite_all(
+    file: &File,
+    buf: &[u8],
+    offset: u64,
+    what: &str,
+) -> Result<(), ImageError> {
     file.write_all_at(buf, offset)
         .map_err(|e| ImageError::io(format!("writing {what} at {offset}"), e))
 }
@@ -150,7 +155,10 @@ pub(crate) fn file_len(file: &File) -> Result<u64, ImageError> {
     // SAFETY: lseek on a valid fd has no memory effects.
     let r = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
     if r < 0 {
-        return Err(ImageError::io("finding image size", io::Error::last_os_error()));
+        return Err(ImageError::io(
+            "finding image size",
+            io::Error::last_os_error(),
+        ));
     }
     Ok(r as u64)
 }
@@ -238,8 +246,8 @@ fn open_layer(
 
 /// Reads a qcow2 image's backing file name, if any (raw images have none).
 fn backing_name(path: &Path) -> Result<Option<String>, ImageError> {
-    let file = File::open(path)
-        .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+    let file =
+        File::open(path).map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
     if detect_format(&file)? != Format::Qcow2 {
         return Ok(None);
     }

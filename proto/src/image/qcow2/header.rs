@@ -135,9 +135,12 @@ impl Header {
             h.header_length = be32(&b, 100);
             if h.header_length < V3_MIN_HEADER_LEN
                 || u64::from(h.header_length) > cs
-                || h.header_length % 8 != 0
+                || !h.header_length.is_multiple_of(8)
             {
-                return Err(corrupt(format!("header_length {} is invalid", h.header_length)));
+                return Err(corrupt(format!(
+                    "header_length {} is invalid",
+                    h.header_length
+                )));
             }
             if h.header_length > 104 {
                 h.compression_type = b[104];
@@ -197,8 +200,11 @@ impl Header {
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
                         let name = e[2..].split(|&c| c == 0).next().unwrap_or(&[]);
-                        self.feature_names
-                            .push((e[0], e[1], String::from_utf8_lossy(name).into_owned()));
+                        self.feature_names.push((
+                            e[0],
+                            e[1],
+                            String::from_utf8_lossy(name).into_owned(),
+                        ));
                     }
                 }
                 // Bitmaps, encryption, data file name and unknown ones: the
@@ -250,7 +256,9 @@ impl Header {
             return Err(ImageError::Unsupported("external data file".into()));
         }
         if inc & INCOMPAT_EXTL2 != 0 {
-            return Err(ImageError::Unsupported("extended L2 entries (subclusters)".into()));
+            return Err(ImageError::Unsupported(
+                "extended L2 entries (subclusters)".into(),
+            ));
         }
         if inc & INCOMPAT_COMPRESSION != 0 && self.compression_type != 0 {
             return Err(ImageError::Unsupported(format!(
@@ -321,7 +329,7 @@ impl Header {
             flen,
             true,
         )?;
-        if self.nb_snapshots > 0 && self.snapshots_offset % cs != 0 {
+        if self.nb_snapshots > 0 && !self.snapshots_offset.is_multiple_of(cs) {
             return Err(corrupt(format!(
                 "snapshot table offset {:#x} not cluster-aligned",
                 self.snapshots_offset
@@ -353,8 +361,10 @@ fn check_table(
     if !required {
         return Ok(());
     }
-    if offset == 0 || offset % cs != 0 {
-        return Err(corrupt(format!("{what} offset {offset:#x} is not a valid cluster")));
+    if offset == 0 || !offset.is_multiple_of(cs) {
+        return Err(corrupt(format!(
+            "{what} offset {offset:#x} is not a valid cluster"
+        )));
     }
     match offset.checked_add(len) {
         Some(end) if end <= flen => Ok(()),

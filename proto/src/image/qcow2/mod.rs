@@ -42,10 +42,18 @@ enum Mapping {
     /// Read the backing file (or zeroes).
     Unallocated,
     /// Reads as zeroes (v3 zero flag); `host` is a still-allocated cluster.
-    Zero { host: Option<u64> },
-    Data { host: u64, copied: bool },
+    Zero {
+        host: Option<u64>,
+    },
+    Data {
+        host: u64,
+        copied: bool,
+    },
     /// Compressed data: byte offset, and the 512-byte sectors it spans.
-    Compressed { offset: u64, sectors: u64 },
+    Compressed {
+        offset: u64,
+        sectors: u64,
+    },
 }
 
 pub struct Qcow2Disk {
@@ -81,7 +89,11 @@ impl Qcow2Disk {
         if h.backing_file.is_some() != backing.is_some() {
             return Err(ImageError::Backing(format!(
                 "image {} a backing file but {} was given",
-                if h.backing_file.is_some() { "names" } else { "has no" },
+                if h.backing_file.is_some() {
+                    "names"
+                } else {
+                    "has no"
+                },
                 if backing.is_some() { "one" } else { "none" }
             )));
         }
@@ -138,17 +150,20 @@ impl Qcow2Disk {
 
     /// The L2 table offset for `l1_index`, or None when unallocated.
     fn l2_offset(&self, l1_index: usize) -> Result<Option<(u64, bool)>, ImageError> {
-        let e = *self.l1.get(l1_index).ok_or_else(|| {
-            corrupt(format!("L1 index {l1_index} beyond the L1 table"))
-        })?;
+        let e = *self
+            .l1
+            .get(l1_index)
+            .ok_or_else(|| corrupt(format!("L1 index {l1_index} beyond the L1 table")))?;
         if e & L1_RESERVED != 0 {
-            return Err(corrupt(format!("L1 entry {l1_index} ({e:#x}) has reserved bits set")));
+            return Err(corrupt(format!(
+                "L1 entry {l1_index} ({e:#x}) has reserved bits set"
+            )));
         }
         let off = e & OFFSET_MASK;
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs() != 0 || off.saturating_add(self.cs()) > self.flen {
+        if !off.is_multiple_of(self.cs()) || off.saturating_add(self.cs()) > self.flen {
             return Err(corrupt(format!(
                 "L1 entry {l1_index}: L2 table at {off:#x} is unaligned or past the end of the file"
             )));
@@ -208,7 +223,9 @@ impl Qcow2Disk {
         let host = e & OFFSET_MASK;
         if e & ZERO != 0 {
             if self.version < 3 {
-                return Err(corrupt(format!("L2 entry {e:#x}: zero flag in a version 2 image")));
+                return Err(corrupt(format!(
+                    "L2 entry {e:#x}: zero flag in a version 2 image"
+                )));
             }
             return Ok(Mapping::Zero {
                 host: (host != 0).then_some(host),
@@ -322,7 +339,12 @@ impl Qcow2Disk {
             ))),
             None => {
                 let off = self.rc.alloc(&self.file)?;
-                pwrite_all(&self.file, &vec![0u8; self.cs() as usize], off, "new L2 table")?;
+                pwrite_all(
+                    &self.file,
+                    &vec![0u8; self.cs() as usize],
+                    off,
+                    "new L2 table",
+                )?;
                 self.flen = self.flen.max(off + self.cs());
                 let e = off | COPIED;
                 pwrite_all(
@@ -439,7 +461,7 @@ impl Qcow2Disk {
             let n = cluster_end.min(end) - pos;
             // The last cluster of a disk whose size is not cluster-aligned
             // counts as whole when the range reaches the disk's end.
-            let whole = n == cs || (pos % cs == 0 && pos + n == self.size);
+            let whole = n == cs || (pos.is_multiple_of(cs) && pos + n == self.size);
             if whole {
                 self.zero_cluster(pos, discard)?;
             } else if !discard {

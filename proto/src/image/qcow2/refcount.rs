@@ -115,7 +115,9 @@ impl Refcounts {
     fn set(&mut self, file: &File, cluster: u64, value: u16) -> Result<(), ImageError> {
         let (ri, bi) = self.split(cluster);
         let off = self.block_offset(ri)?.ok_or_else(|| {
-            corrupt(format!("no refcount block for cluster {cluster} (internal)"))
+            corrupt(format!(
+                "no refcount block for cluster {cluster} (internal)"
+            ))
         })?;
         pwrite_all(
             file,
@@ -207,7 +209,12 @@ impl Refcounts {
     /// least `min_entries` blocks, adding the blocks that describe the new
     /// clusters. The header switches to the new table only once it and its
     /// blocks are on disk; the old table is freed afterwards.
-    fn grow_table(&mut self, file: &File, min_entries: u64, free_from: u64) -> Result<(), ImageError> {
+    fn grow_table(
+        &mut self,
+        file: &File,
+        min_entries: u64,
+        free_from: u64,
+    ) -> Result<(), ImageError> {
         let cs = self.cs();
         let per_block = 1u64 << self.block_bits;
         // Everything from here on is free: past the file, past what we
@@ -281,7 +288,12 @@ impl Refcounts {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&table_off.to_be_bytes());
         hdr[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
-        pwrite_all(file, &hdr, HDR_REFTABLE_OFFSET, "header refcount table fields")?;
+        pwrite_all(
+            file,
+            &hdr,
+            HDR_REFTABLE_OFFSET,
+            "header refcount table fields",
+        )?;
         file.sync_data()
             .map_err(|e| ImageError::io("fdatasync after switching refcount table", e))?;
         self.free(file, old_off, old_clusters * cs)?;
