@@ -218,20 +218,9 @@ impl fmt::Display for BootDevice {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DiskFormat {
-    Raw,
-    Qcow2,
-}
-
-impl fmt::Display for DiskFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        })
-    }
-}
+/// Disk image formats: the image library's own type, so a format named in
+/// vm.conf travels to the VM process unchanged.
+pub use vmd_proto::image::Format as DiskFormat;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskDef {
@@ -406,5 +395,14 @@ pub fn to_start_request(vm: &VmDef) -> vmd_proto::vm::StartRequest {
         cmdline: vm.cmdline.clone(),
         memory: vm.memory,
         vcpus: vm.vcpus,
+        disks: vm
+            .disks
+            .iter()
+            .map(|d| vmd_proto::vm::DiskSpec {
+                path: d.path.to_string_lossy().into_owned(),
+                format: d.format,
+                read_only: false,
+            })
+            .collect(),
     }
 }

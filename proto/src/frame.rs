@@ -10,7 +10,9 @@ pub const HEADER_LEN: usize = 16;
 /// Largest payload accepted or sent.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
 /// Most fds one frame may carry.
-pub const MAX_FDS: usize = 8;
+/// Enough for a VM's start: kvm, tty, kernel, initrd and four disks with
+/// four backing files each.
+pub const MAX_FDS: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {

@@ -91,6 +91,9 @@ pub enum Msg {
     PrivOpen { kind: OpenKind, path: String },
     /// priv -> parent: the file is open; one fd follows.
     PrivOpened { kind: OpenKind },
+    /// priv -> parent: a disk is open; its top image and `backing` backing
+    /// files follow as fds, top down.
+    PrivOpenedDisk { index: u8, backing: u32 },
     /// priv -> parent: the file could not be opened.
     PrivFailed {
         kind: OpenKind,
@@ -206,6 +209,7 @@ wire_table! {
     20 => PrivOpen { kind: OpenKind, path: String },
     21 => PrivOpened { kind: OpenKind },
     22 => PrivFailed { kind: OpenKind, path: String, reason: String },
+    23 => PrivOpenedDisk { index: u8, backing: u32 },
     40 => VmmStart(params: VmmParams),
     41 => VmmRunning {},
     42 => VmmTerminate {},
@@ -224,6 +228,7 @@ impl Msg {
             Msg::Reply(Reply::Console { .. }) => 1,
             Msg::PrivOpened { .. } => 1,
             Msg::ControlSocket => 1,
+            Msg::PrivOpenedDisk { backing, .. } => 1 + *backing as usize,
             Msg::VmmStart(p) => p.fd_count(),
             _ => 0,
         }

@@ -13,8 +13,11 @@ use crate::channel::{Channel, ChannelError, Listener};
 use crate::frame::{
     decode, encode, DecodeError, EncodeError, Header, HEADER_LEN, MAX_FDS, MAX_PAYLOAD,
 };
+use crate::image::Format;
 use crate::msg::{Creds, Msg, Reply, Request, ResetWhat};
-use crate::vm::{ExitReason, OpenKind, StartRequest, VmInfo, VmState, VmmParams};
+use crate::vm::{
+    DiskParams, DiskSpec, ExitReason, OpenKind, StartRequest, VmInfo, VmState, VmmParams,
+};
 
 // ---- helpers ----
 
@@ -62,6 +65,7 @@ fn vmm_params(has_initrd: bool) -> VmmParams {
         uid: 1000,
         gid: 1000,
         verbose: true,
+        disks: Vec::new(),
     }
 }
 
@@ -442,6 +446,10 @@ fn type_codes_are_unique_and_covered() {
         Msg::VmmPauseState { paused: true },
         Msg::SetVerbose { level: 2 },
         Msg::ControlSocket,
+        Msg::PrivOpenedDisk {
+            index: 1,
+            backing: 2,
+        },
     ];
     let mut seen: Vec<u16> = samples.iter().map(Msg::type_code).collect();
     seen.sort_unstable();
@@ -644,8 +652,27 @@ fn arb_kind() -> impl Strategy<Value = OpenKind> {
     prop_oneof![
         Just(OpenKind::Kvm),
         Just(OpenKind::Kernel),
-        Just(OpenKind::Initrd)
+        Just(OpenKind::Initrd),
+        (any::<u8>(), any::<bool>(), arb_format()).prop_map(|(index, read_only, format)| {
+            OpenKind::Disk {
+                index,
+                read_only,
+                format,
+            }
+        }),
     ]
+}
+
+fn arb_format() -> impl Strategy<Value = Option<Format>> {
+    proptest::option::of(prop_oneof![Just(Format::Raw), Just(Format::Qcow2)])
+}
+
+fn arb_disk_spec() -> impl Strategy<Value = DiskSpec> {
+    (text(), arb_format(), any::<bool>()).prop_map(|(path, format, read_only)| DiskSpec {
+        path,
+        format,
+        read_only,
+    })
 }
 
 fn arb_state() -> impl Strategy<Value = VmState> {
@@ -666,15 +693,17 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
         proptest::option::of(text()),
         any::<Option<u64>>(),
         any::<Option<u32>>(),
+        proptest::collection::vec(arb_disk_spec(), 0..3),
     )
         .prop_map(
-            |(name, kernel, initrd, cmdline, memory, vcpus)| StartRequest {
+            |(name, kernel, initrd, cmdline, memory, vcpus, disks)| StartRequest {
                 name,
                 kernel,
                 initrd,
                 cmdline,
                 memory,
                 vcpus,
+                disks,
             },
         )
 }
@@ -690,12 +719,20 @@ fn arb_info() -> impl Strategy<Value = VmInfo> {
         ),
         (text(), text(), arb_state(), text()),
         (proptest::option::of(arb_exit()), any::<u32>()),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            proptest::collection::vec(text(), 0..3),
+            any::<u32>(),
+            proptest::option::of(text()),
+        ),
     )
         .prop_map(
             |(
                 (id, pid, vcpus, max_mem, cur_mem),
                 (tty, owner, state, name),
                 (last_exit, restarts),
+                (defined, enabled, disks, interfaces, cdrom),
             )| {
                 VmInfo {
                     id,
@@ -709,27 +746,43 @@ fn arb_info() -> impl Strategy<Value = VmInfo> {
                     name,
                     last_exit,
                     restarts,
+                    defined,
+                    enabled,
+                    disks,
+                    interfaces,
+                    cdrom,
                 }
             },
         )
 }
 
 fn arb_params() -> impl Strategy<Value = VmmParams> {
+    let disk = (arb_format(), any::<bool>(), 0u32..3).prop_map(|(format, read_only, backing)| {
+        DiskParams {
+            format,
+            read_only,
+            backing,
+        }
+    });
     (
         (any::<u32>(), text(), any::<u64>(), any::<u32>(), text()),
         (any::<bool>(), any::<u32>(), any::<u32>(), any::<bool>()),
+        proptest::collection::vec(disk, 0..2),
     )
         .prop_map(
-            |((id, name, memory, vcpus, cmdline), (has_initrd, uid, gid, verbose))| VmmParams {
-                id,
-                name,
-                memory,
-                vcpus,
-                cmdline,
-                has_initrd,
-                uid,
-                gid,
-                verbose,
+            |((id, name, memory, vcpus, cmdline), (has_initrd, uid, gid, verbose), disks)| {
+                VmmParams {
+                    id,
+                    name,
+                    memory,
+                    vcpus,
+                    cmdline,
+                    has_initrd,
+                    uid,
+                    gid,
+                    verbose,
+                    disks,
+                }
             },
         )
 }
@@ -790,6 +843,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         any::<bool>().prop_map(|paused| Msg::VmmPauseState { paused }),
         any::<u8>().prop_map(|level| Msg::SetVerbose { level }),
         Just(Msg::ControlSocket),
+        (any::<u8>(), 0u32..4).prop_map(|(index, backing)| Msg::PrivOpenedDisk { index, backing }),
     ]
 }
 

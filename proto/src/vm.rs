@@ -26,6 +26,8 @@ pub struct StartRequest {
     /// Bytes; `None` means the default.
     pub memory: Option<u64>,
     pub vcpus: Option<u32>,
+    /// Disks (`-d`); empty means the VM's defined ones, if any.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// Why a VM is not running (or why it last stopped).
@@ -106,6 +108,15 @@ pub struct VmInfo {
     pub last_exit: Option<ExitReason>,
     /// How many times the guest rebooted in this run.
     pub restarts: u32,
+    /// Defined in vm.conf (rather than started ad hoc).
+    pub defined: bool,
+    /// Started when vmd starts (`enable` in vm.conf).
+    pub enabled: bool,
+    /// Disk image paths, in guest order.
+    pub disks: Vec<String>,
+    /// Network interfaces configured.
+    pub interfaces: u32,
+    pub cdrom: Option<String>,
 }
 
 /// Which host file a VM needs, when the parent asks priv to open one.
@@ -117,7 +128,26 @@ pub enum OpenKind {
     Kernel,
     /// An initrd, read-only.
     Initrd,
+    /// Disk number `index` of the VM: the top image (locked, read-write
+    /// unless `read_only`) and its backing chain, read-only.
+    Disk {
+        index: u8,
+        read_only: bool,
+        format: Option<crate::image::Format>,
+    },
 }
+
+/// A disk as a client or vm.conf names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub path: String,
+    /// `None`: detect from the qcow2 magic.
+    pub format: Option<crate::image::Format>,
+    pub read_only: bool,
+}
+
+/// Most disks a VM may have.
+pub const MAX_DISKS: usize = 4;
 
 /// Everything a VM process needs to build its VM; its fds travel with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,13 +164,27 @@ pub struct VmmParams {
     pub gid: u32,
     /// Log verbosely.
     pub verbose: bool,
+    /// The VM's disks, in guest order.
+    pub disks: Vec<DiskParams>,
+}
+
+/// One disk of a VM as the VM process receives it: the top image's fd,
+/// then `backing` read-only fds for its backing chain, top down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskParams {
+    /// The format the admin named, or `None` to detect it.
+    pub format: Option<crate::image::Format>,
+    pub read_only: bool,
+    pub backing: u32,
 }
 
 impl VmmParams {
     /// fds sent with these params, in order: /dev/kvm, console tty,
-    /// kernel, and the initrd when there is one.
+    /// kernel, the initrd when there is one, then for each disk its top
+    /// image and its backing files.
     pub fn fd_count(&self) -> usize {
-        3 + usize::from(self.has_initrd)
+        let disks: usize = self.disks.iter().map(|d| 1 + d.backing as usize).sum();
+        3 + usize::from(self.has_initrd) + disks
     }
 }
 

@@ -91,7 +91,7 @@ const COMMANDS: &[Command] = &[
         name: "start",
         run: start::run,
         synopsis:
-            "start [-c] [-b path] [-m size] [--initrd path] [--cmdline string] [--vcpus N] name",
+            "start [-c] [-b path] [-d disk] [-m size] [--initrd path] [--cmdline string] [--vcpus N] name",
         about: "start a VM",
         flags: &[
             ("-c", "attach the console once the VM runs"),
@@ -101,7 +101,11 @@ const COMMANDS: &[Command] = &[
             ("--cmdline string", "kernel command line"),
             ("--vcpus N", "number of virtual CPUs, 1 to 64"),
             (
-                "-B, -d, -i, -L, -n, -r, -t",
+                "-d [raw:|qcow2:]path",
+                "a disk image (up to 4; format detected unless named)",
+            ),
+            (
+                "-B, -i, -L, -n, -r, -t",
                 "OpenBSD's other start flags: not supported yet",
             ),
         ],

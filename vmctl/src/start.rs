@@ -4,7 +4,10 @@ use std::path::Path;
 
 use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
-use vmd_proto::vm::{validate_name, StartRequest, MAX_CMDLINE, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
+use vmd_proto::image::Format;
+use vmd_proto::vm::{
+    validate_name, DiskSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY,
+};
 
 use crate::args::{Opt, Spec};
 use crate::client::{Ctx, Error};
@@ -12,7 +15,7 @@ use crate::console;
 
 const CMD: &str = "start";
 
-/// OpenBSD's flags are all accepted; -B -d -i -L -n -r -t are refused as
+/// OpenBSD's flags are all accepted; -B -i -L -n -r -t are refused as
 /// not supported yet.
 pub const SPEC: Spec = Spec {
     short: "B:b:cd:Li:m:n:r:t:",
@@ -35,6 +38,12 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
         let arg = found.arg();
         match found.opt {
             Opt::Short('c') => out.console = true,
+            Opt::Short('d') => {
+                if out.req.disks.len() == MAX_DISKS {
+                    return Err(Error::usage(CMD, format!("more than {MAX_DISKS} disks (-d)")));
+                }
+                out.req.disks.push(disk(arg)?);
+            }
             Opt::Short('b') => out.req.kernel = Some(absolute(arg)?),
             Opt::Long("initrd") => out.req.initrd = Some(absolute(arg)?),
             Opt::Short('m') => out.req.memory = Some(memory(arg)?),
@@ -73,6 +82,22 @@ pub fn run(ctx: &Ctx, args: &[String]) -> Result<(), Error> {
         console::attach(ctx, &name)?;
     }
     Ok(())
+}
+
+/// `-d [raw:|qcow2:]path`: a disk, its format named or detected by vmd.
+fn disk(arg: &str) -> Result<DiskSpec, Error> {
+    let (format, path) = match arg.split_once(':') {
+        Some((prefix, rest)) => match Format::from_name(prefix) {
+            Some(f) => (Some(f), rest),
+            None => (None, arg),
+        },
+        None => (None, arg),
+    };
+    Ok(DiskSpec {
+        path: absolute(path)?,
+        format,
+        read_only: false,
+    })
 }
 
 /// Makes `path` absolute against vmctl's cwd: vmd runs elsewhere.
@@ -153,6 +178,9 @@ mod tests {
             "console=ttyS0 -- quiet",
             "--vcpus",
             "2",
+            "-d",
+            "qcow2:/d/a.qcow2",
+            "-d/d/b.img",
             "vm1",
         ])
         .unwrap();
@@ -166,6 +194,18 @@ mod tests {
                 cmdline: Some("console=ttyS0 -- quiet".into()),
                 memory: Some(1 << 30),
                 vcpus: Some(2),
+                disks: vec![
+                    DiskSpec {
+                        path: "/d/a.qcow2".into(),
+                        format: Some(Format::Qcow2),
+                        read_only: false,
+                    },
+                    DiskSpec {
+                        path: "/d/b.img".into(),
+                        format: None,
+                        read_only: false,
+                    },
+                ],
             }
         );
     }
@@ -195,7 +235,6 @@ mod tests {
     fn not_supported_yet() {
         for (args, flag) in [
             (&["-L", "vm"][..], "-L"),
-            (&["-d", "disk.img", "vm"][..], "-d"),
             (&["-B", "net", "vm"][..], "-B"),
             (&["-i1", "vm"][..], "-i"),
             (&["-n", "sw0", "vm"][..], "-n"),

@@ -114,6 +114,20 @@ pub fn table(vms: &[VmInfo], single: bool) -> String {
         );
     }
     if let ([vm], true) = (vms, single) {
+        // The one-VM view adds what the table has no column for.
+        if vm.defined {
+            let how = if vm.enabled { "enabled" } else { "disabled" };
+            let _ = writeln!(out, "defined in vm.conf, {how}");
+        }
+        for (i, disk) in vm.disks.iter().enumerate() {
+            let _ = writeln!(out, "disk {i}: {disk}");
+        }
+        if vm.interfaces > 0 {
+            let _ = writeln!(out, "interfaces: {}", vm.interfaces);
+        }
+        if let Some(cdrom) = &vm.cdrom {
+            let _ = writeln!(out, "cdrom: {cdrom}");
+        }
         if let Some(reason) = &vm.last_exit {
             let _ = writeln!(out, "last exit: {reason}");
         }
@@ -148,6 +162,11 @@ mod tests {
             name: name.into(),
             last_exit: None,
             restarts: 0,
+            defined: false,
+            enabled: false,
+            disks: Vec::new(),
+            interfaces: 0,
+            cdrom: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The one vmd binary. It re-executes itself for every role, so the role
 //! dispatch is the very first thing main does: before any thread exists.
 
+mod conf;
 mod console;
 mod control;
 mod logger;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmd";
+pub const DEFAULT_CONFIG: &str = "/etc/vm.conf";
 /// The unprivileged user the control and VM processes run as.
 pub const VMD_USER: &str = "_vmd";
 
@@ -27,9 +28,15 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Internal: uid:gid the unprivileged roles switch to.
     pub user: Option<(u32, u32)>,
+    /// `-f`: the configuration file.
+    pub config: PathBuf,
+    /// Whether `-f` named it (a missing default file is no error).
+    pub config_given: bool,
+    /// `-n`: check the configuration and exit.
+    pub check_only: bool,
 }
 
-pub const USAGE: &str = "usage: vmd [-dv] [-s socket] [--state-dir dir]";
+pub const USAGE: &str = "usage: vmd [-dnv] [-f file] [-s socket] [--state-dir dir]";
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options, String> {
@@ -40,6 +47,9 @@ impl Options {
             socket: PathBuf::from(vmd_proto::DEFAULT_SOCKET),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             user: None,
+            config: PathBuf::from(DEFAULT_CONFIG),
+            config_given: false,
+            check_only: false,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -70,11 +80,16 @@ impl Options {
                     value("--vm")?;
                 }
                 "-s" => opts.socket = PathBuf::from(value("-s")?),
+                "-f" => {
+                    opts.config = PathBuf::from(value("-f")?);
+                    opts.config_given = true;
+                }
                 "--state-dir" => opts.state_dir = PathBuf::from(value("--state-dir")?),
                 flags if flags.starts_with('-') && !flags.starts_with("--") && flags.len() > 1 => {
                     for c in flags[1..].chars() {
                         match c {
                             'd' => opts.foreground = true,
+                            'n' => opts.check_only = true,
                             'v' => opts.verbose = opts.verbose.saturating_add(1),
                             other => return Err(format!("unknown option -{other}")),
                         }

@@ -3,7 +3,7 @@
 //! orderly work. It is single-threaded (one poll loop), so re-executing
 //! children by fork + exec is safe.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -15,13 +15,16 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use vmd_proto::msg::{Creds, Reply, Request};
-use vmd_proto::vm::{validate_name, ExitReason, OpenKind, StartRequest, VmState, VmmParams};
+use vmd_proto::msg::ResetWhat;
+use vmd_proto::vm::{
+    validate_name, DiskParams, ExitReason, OpenKind, StartRequest, VmState, VmmParams,
+};
 use vmd_proto::{ChannelError, Msg};
 
 use crate::console::Console;
 use crate::options::Options;
 use crate::spawn::{spawn_role, ChildProc};
-use crate::vms::{Vm, VmProc, VmSpec, VmTable};
+use crate::vms::{Vm, VmOwner, VmProc, VmSpec, VmTable};
 
 /// How long a graceful stop may take before the VM process is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -35,6 +38,17 @@ struct PendingStart {
     kernel: Option<OwnedFd>,
     initrd: Option<OwnedFd>,
     need_initrd: bool,
+    /// Per disk: its top image and backing files, once priv sent them.
+    disks: Vec<Option<Vec<OwnedFd>>>,
+}
+
+impl PendingStart {
+    fn complete(&self) -> bool {
+        self.kvm.is_some()
+            && self.kernel.is_some()
+            && (!self.need_initrd || self.initrd.is_some())
+            && self.disks.iter().all(Option::is_some)
+    }
 }
 
 /// A `vmctl stop -w` waiting for these VMs to stop.
@@ -64,9 +78,46 @@ struct Parent {
     stop_waiters: Vec<StopWaiter>,
     shutting_down: bool,
     console_dir: PathBuf,
+    /// The configuration in force.
+    config: vmd_config::Config,
+    /// VMs waiting for their turn to autostart, and when the next group
+    /// may go.
+    autostart: VecDeque<u32>,
+    next_autostart: Instant,
+    /// A `vmctl reset` waiting for the VMs to stop: (client, what).
+    pending_reset: Option<(u32, ResetWhat)>,
+}
+
+/// `vmd -n`: checks the configuration, says so, exits 0 or 1.
+fn check_config(opts: &Options) -> i32 {
+    match crate::conf::load(&opts.config) {
+        Ok(config) => {
+            if opts.verbose > 0 {
+                print!("{}", config.dump());
+            }
+            eprintln!("configuration OK");
+            0
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            1
+        }
+    }
+}
+
+/// The configuration at start: the file if it exists; a missing default
+/// file just means no VMs are defined.
+fn initial_config(opts: &Options) -> Result<vmd_config::Config, String> {
+    if !opts.config_given && !opts.config.exists() {
+        return Ok(vmd_config::Config::default());
+    }
+    crate::conf::load(&opts.config)
 }
 
 pub fn run(opts: Options) -> i32 {
+    if opts.check_only {
+        return check_config(&opts);
+    }
     match setup(opts) {
         Ok((mut parent, signals)) => parent.serve(signals),
         Err(e) => {
@@ -87,9 +138,11 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
             opts.socket.display()
         ));
     }
+    let config = initial_config(&opts)?;
     let user = crate::user::ensure_vmd_user()?;
     // Bound before daemonizing, so the socket exists once `vmd` returns.
     let listener = bind_control_socket(&opts.socket)?;
+    set_socket_owner(&opts.socket, &config)?;
     if !opts.foreground {
         // Still single-threaded with no children: forking here is safe.
         nix::unistd::daemon(false, false).map_err(|e| format!("daemon: {e}"))?;
@@ -130,21 +183,51 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         control.pid,
         opts.socket.display()
     );
-    Ok((
-        Parent {
-            opts,
-            user,
-            privsep,
-            control,
-            vms: VmTable::default(),
-            pending: BTreeMap::new(),
-            next_seq: 0,
-            stop_waiters: Vec::new(),
-            shutting_down: false,
-            console_dir,
-        },
-        signals,
-    ))
+    let mut parent = Parent {
+        opts,
+        user,
+        privsep,
+        control,
+        vms: VmTable::default(),
+        pending: BTreeMap::new(),
+        next_seq: 0,
+        stop_waiters: Vec::new(),
+        shutting_down: false,
+        console_dir,
+        config: vmd_config::Config::default(),
+        autostart: VecDeque::new(),
+        next_autostart: Instant::now(),
+        pending_reset: None,
+    };
+    parent.apply_config(config, true)?;
+    Ok((parent, signals))
+}
+
+/// A client's supplementary groups, read from /proc: SO_PEERCRED carries
+/// only the primary group.
+fn client_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// `socket owner user[:group]`: who besides root may connect.
+fn set_socket_owner(path: &std::path::Path, config: &vmd_config::Config) -> Result<(), String> {
+    let Some(owner) = &config.globals.socket_owner else {
+        return Ok(());
+    };
+    let o = crate::conf::resolve_owner(owner, &"socket owner")?;
+    nix::unistd::chown(
+        path,
+        o.uid.map(nix::unistd::Uid::from_raw),
+        o.gid.map(nix::unistd::Gid::from_raw),
+    )
+    .map_err(|e| format!("{}: chown: {e}", path.display()))
 }
 
 /// Creates the control socket, mode 0660, so root (and later the
@@ -199,6 +282,8 @@ impl Parent {
                 }
             }
             self.kill_overdue();
+            self.finish_reset();
+            self.autostart_due();
         }
     }
 
@@ -253,10 +338,12 @@ impl Parent {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
+        let autostart = (!self.autostart.is_empty()).then_some(self.next_autostart);
         self.vms
             .vms
             .values()
             .filter_map(|vm| vm.proc.as_ref().and_then(|p| p.kill_at))
+            .chain(autostart)
             .min()
     }
 
@@ -278,7 +365,10 @@ impl Parent {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => self.reap(),
                 Ok(Signal::SIGHUP) => {
-                    info!("SIGHUP: no configuration file is loaded yet; nothing to reload")
+                    info!("SIGHUP: reloading {}", self.opts.config.display());
+                    if let Err(e) = self.reload() {
+                        error!("reload failed, keeping the running configuration: {e}");
+                    }
                 }
                 Ok(sig @ (Signal::SIGTERM | Signal::SIGINT)) => self.begin_shutdown(sig),
                 _ => {}
@@ -389,9 +479,14 @@ impl Parent {
         self.reply(client, Reply::Error(reason), &[]);
     }
 
-    /// Root may do anything; a VM's owner may start, stop and console it.
+    /// Root may do anything; a VM's owner (user, or a member of its
+    /// group) may start, stop, pause, unpause, wait for and console it.
     fn may_manage(creds: &Creds, vm: &Vm) -> bool {
-        creds.uid == 0 || creds.uid == vm.owner_uid
+        if creds.uid == 0 || vm.owner.uid == Some(creds.uid) {
+            return true;
+        }
+        let Some(gid) = vm.owner.gid else { return false };
+        creds.gid == gid || client_groups(creds.pid).contains(&gid)
     }
 
     fn request(&mut self, client: u32, creds: Creds, req: Request) {
@@ -418,9 +513,28 @@ impl Parent {
             Request::Unpause { name } => self.pause_request(client, creds, &name, false),
             Request::Wait { name } => self.wait_request(client, creds, &name),
             Request::Log { verbose } => self.log_request(client, creds, verbose),
-            Request::Load { .. } | Request::Reload | Request::Reset { .. } => {
-                self.error(client, "no configuration file support yet".into())
+            Request::Load { .. } | Request::Reload | Request::Reset { .. } if creds.uid != 0 => {
+                self.error(client, "permission denied".into())
             }
+            Request::Reload => match self.reload() {
+                Ok(()) => self.reply(client, Reply::Ok("configuration reloaded".into()), &[]),
+                Err(e) => {
+                    error!("reload failed, keeping the running configuration: {e}");
+                    self.error(client, e)
+                }
+            },
+            Request::Load { path } => {
+                let loaded = crate::conf::load(std::path::Path::new(&path))
+                    .and_then(|config| self.apply_config(config, false));
+                match loaded {
+                    Ok(()) => self.reply(client, Reply::Ok(format!("loaded {path}")), &[]),
+                    Err(e) => {
+                        error!("load {path} failed: {e}");
+                        self.error(client, e)
+                    }
+                }
+            }
+            Request::Reset { what } => self.reset_request(client, what),
         }
     }
 
@@ -429,53 +543,64 @@ impl Parent {
             return self.error(client, e);
         }
         let existing = self.vms.by_name(&req.name).map(|vm| vm.id);
-        if let Some(id) = existing {
-            let vm = &self.vms.vms[&id];
-            if !Self::may_manage(&creds, vm) {
+        let Some(id) = existing else {
+            // Defining VMs is root's; users start the ones they own.
+            if creds.uid != 0 {
                 return self.error(client, "permission denied".into());
             }
-            if vm.is_active() {
-                return self.error(client, format!("vm {} is already running", req.name));
+            let spec = match VmSpec::from_request(&req) {
+                Ok(spec) => spec,
+                Err(e) => return self.error(client, e),
+            };
+            let owner = VmOwner {
+                uid: Some(0),
+                gid: None,
+                name: "root".into(),
+            };
+            match self.new_vm(&req.name, spec, None, owner) {
+                Ok(id) => return self.begin_start(id, Some(client)),
+                Err(e) => return self.error(client, e),
             }
-        } else if creds.uid != 0 {
-            // Defining VMs is root's; users start the ones they own.
+        };
+        let vm = &self.vms.vms[&id];
+        if !Self::may_manage(&creds, vm) {
             return self.error(client, "permission denied".into());
         }
-        let id = match existing {
-            Some(id) => {
-                if req.kernel.is_some() {
-                    match VmSpec::from_request(&req) {
-                        Ok(spec) => self.vms.vms.get_mut(&id).map(|vm| vm.spec = spec),
-                        Err(e) => return self.error(client, e),
-                    };
-                }
-                id
-            }
-            None => match self.new_vm(&req, creds.uid) {
-                Ok(id) => id,
-                Err(e) => return self.error(client, e),
-            },
+        if vm.is_active() {
+            return self.error(client, format!("vm {} is already running", req.name));
+        }
+        // A start lays its settings over the definition (or over what the
+        // ad-hoc VM last ran with).
+        let base = vm.defined.clone().unwrap_or_else(|| vm.spec.clone());
+        let spec = match VmSpec::merged(&base, &req) {
+            Ok(spec) => spec,
+            Err(e) => return self.error(client, e),
         };
+        if let Some(vm) = self.vms.vms.get_mut(&id) {
+            vm.spec = spec;
+        }
         self.begin_start(id, Some(client));
     }
 
-    fn new_vm(&mut self, req: &StartRequest, owner_uid: u32) -> Result<u32, String> {
-        let spec = VmSpec::from_request(req)?;
-        let log_path = self.console_dir.join(format!("{}.log", req.name));
-        let console =
-            Console::new(&log_path, owner_uid).map_err(|e| format!("vm {}: {e}", req.name))?;
+    fn new_vm(
+        &mut self,
+        name: &str,
+        spec: VmSpec,
+        defined: Option<VmSpec>,
+        owner: VmOwner,
+    ) -> Result<u32, String> {
+        let log_path = self.console_dir.join(format!("{name}.log"));
+        let console = Console::new(&log_path, owner.uid.unwrap_or(0))
+            .map_err(|e| format!("vm {name}: {e}"))?;
         let id = self.vms.alloc_id();
-        let owner = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(owner_uid))
-            .ok()
-            .flatten()
-            .map_or_else(|| owner_uid.to_string(), |u| u.name);
         self.vms.vms.insert(
             id,
             Vm {
                 id,
-                name: req.name.clone(),
+                name: name.to_string(),
                 spec,
-                owner_uid,
+                defined,
+                enabled: false,
                 owner,
                 state: VmState::Stopped,
                 proc: None,
@@ -679,6 +804,134 @@ impl Parent {
         );
     }
 
+    // --- configuration ------------------------------------------------------
+
+    /// Re-reads the configuration file; on any error nothing changes.
+    fn reload(&mut self) -> Result<(), String> {
+        let config = initial_config(&self.opts)?;
+        set_socket_owner(&self.opts.socket, &config)?;
+        self.apply_config(config, true)
+    }
+
+    /// Takes a configuration's VM definitions: new VMs are added (and
+    /// queued to start when enabled), stopped ones take their new
+    /// definition, running ones are left untouched until their next start.
+    /// With `replace`, stopped VMs the configuration no longer defines are
+    /// forgotten. Everything is resolved first, so an error changes nothing.
+    fn apply_config(&mut self, config: vmd_config::Config, replace: bool) -> Result<(), String> {
+        let mut resolved = Vec::new();
+        for def in &config.vms {
+            let spec = crate::conf::spec_of(def)?;
+            let owner = match &def.owner {
+                Some(o) => crate::conf::resolve_owner(o, &def.defined_at)?,
+                None => VmOwner::root(),
+            };
+            resolved.push((def, spec, owner));
+        }
+        if replace {
+            let defined: Vec<&str> = config.vms.iter().map(|d| d.name.as_str()).collect();
+            let gone: Vec<u32> = self
+                .vms
+                .vms
+                .values()
+                .filter(|vm| vm.defined.is_some() && !vm.is_active())
+                .filter(|vm| !defined.contains(&vm.name.as_str()))
+                .map(|vm| vm.id)
+                .collect();
+            for id in gone {
+                if let Some(vm) = self.vms.vms.remove(&id) {
+                    info!("vm {}: no longer defined, forgotten", vm.name);
+                }
+            }
+        }
+        for (def, spec, owner) in resolved {
+            match self.vms.by_name(&def.name).map(|vm| vm.id) {
+                Some(id) => {
+                    let Some(vm) = self.vms.vms.get_mut(&id) else { continue };
+                    let unchanged = vm.defined.as_ref() == Some(&spec)
+                        && vm.enabled == def.enabled
+                        && vm.owner == owner;
+                    if unchanged {
+                        continue;
+                    }
+                    vm.defined = Some(spec.clone());
+                    vm.enabled = def.enabled;
+                    vm.owner = owner;
+                    if !vm.is_active() {
+                        vm.spec = spec;
+                    }
+                    info!("vm {}: definition updated", vm.name);
+                }
+                None => {
+                    let id = self.new_vm(&def.name, spec.clone(), Some(spec), owner)?;
+                    if let Some(vm) = self.vms.vms.get_mut(&id) {
+                        vm.enabled = def.enabled;
+                        info!("vm {}: defined", vm.name);
+                        if vm.enabled {
+                            self.autostart.push_back(id);
+                        }
+                    }
+                }
+            }
+        }
+        if replace {
+            self.config = config;
+        }
+        Ok(())
+    }
+
+    /// Starts the next group of queued VMs when its time has come.
+    fn autostart_due(&mut self) {
+        if self.autostart.is_empty() || Instant::now() < self.next_autostart || self.shutting_down {
+            return;
+        }
+        let (parallel, delay) = crate::conf::stagger(&self.config);
+        let mut started = 0;
+        while started < parallel {
+            let Some(id) = self.autostart.pop_front() else { break };
+            let Some(vm) = self.vms.vms.get(&id) else { continue };
+            if vm.is_active() {
+                continue;
+            }
+            self.begin_start(id, None);
+            started += 1;
+        }
+        self.next_autostart = Instant::now() + delay;
+    }
+
+    fn reset_request(&mut self, client: u32, what: ResetWhat) {
+        if self.pending_reset.is_some() {
+            return self.error(client, "a reset is already in progress".into());
+        }
+        info!("reset {what:?}");
+        if matches!(what, ResetWhat::All | ResetWhat::Vms) {
+            self.autostart.clear();
+            let ids: Vec<u32> = self.vms.vms.keys().copied().collect();
+            for id in ids {
+                self.request_stop(id, true);
+            }
+        }
+        self.pending_reset = Some((client, what));
+        self.finish_reset();
+    }
+
+    /// Completes a reset once every VM has stopped: forgets them all and
+    /// reads the configuration afresh.
+    fn finish_reset(&mut self) {
+        let Some((client, what)) = self.pending_reset else { return };
+        if self.vms.vms.values().any(|vm| vm.proc.is_some()) || !self.pending.is_empty() {
+            return;
+        }
+        self.pending_reset = None;
+        if matches!(what, ResetWhat::All | ResetWhat::Vms) {
+            self.vms.vms.clear();
+        }
+        match self.reload() {
+            Ok(()) => self.reply(client, Reply::Ok("reset done".into()), &[]),
+            Err(e) => self.error(client, format!("reset done, but reload failed: {e}")),
+        }
+    }
+
     // --- starting VMs -----------------------------------------------------
 
     /// Asks priv for every fd the VM needs; the VM process is spawned when
@@ -687,17 +940,32 @@ impl Parent {
         let Some(vm) = self.vms.vms.get_mut(&id) else {
             return;
         };
-        vm.state = VmState::Starting;
         vm.start_waiter = client;
+        let (kernel, why_not) = match (&vm.spec.kernel, vm.spec.unsupported()) {
+            (Some(k), None) => (k.clone(), None),
+            (_, why) => (String::new(), why),
+        };
+        if let Some(why) = why_not {
+            return self.start_failed(id, why);
+        }
+        vm.state = VmState::Starting;
         info!("vm {}: starting", vm.name);
         self.next_seq = self.next_seq.wrapping_add(1);
         let seq = self.next_seq;
         let mut wants = vec![
             (OpenKind::Kvm, vmd_priv::KVM_PATH.to_string()),
-            (OpenKind::Kernel, vm.spec.kernel.clone()),
+            (OpenKind::Kernel, kernel),
         ];
         if let Some(initrd) = &vm.spec.initrd {
             wants.push((OpenKind::Initrd, initrd.clone()));
+        }
+        for (index, disk) in vm.spec.disks.iter().enumerate() {
+            let kind = OpenKind::Disk {
+                index: index as u8,
+                read_only: disk.read_only,
+                format: disk.format,
+            };
+            wants.push((kind, disk.path.clone()));
         }
         self.pending.insert(
             seq,
@@ -707,6 +975,7 @@ impl Parent {
                 kernel: None,
                 initrd: None,
                 need_initrd: vm.spec.initrd.is_some(),
+                disks: vm.spec.disks.iter().map(|_| None).collect(),
             },
         );
         for (kind, path) in wants {
@@ -746,27 +1015,37 @@ impl Parent {
                     OpenKind::Kvm => pending.kvm = fd,
                     OpenKind::Kernel => pending.kernel = fd,
                     OpenKind::Initrd => pending.initrd = fd,
-                }
-                let complete = pending.kvm.is_some()
-                    && pending.kernel.is_some()
-                    && (!pending.need_initrd || pending.initrd.is_some());
-                if complete {
-                    if let Some(p) = self.pending.remove(&seq) {
-                        self.launch(p);
+                    OpenKind::Disk { .. } => {
+                        warn!("priv answered a disk with a single fd");
+                        return;
                     }
                 }
             }
-            Msg::PrivFailed { kind, path, reason } => {
+            Msg::PrivOpenedDisk { index, .. } => {
+                match pending.disks.get_mut(usize::from(index)) {
+                    Some(slot) => *slot = Some(frame.fds),
+                    None => warn!("priv answered for a disk {index} this VM does not have"),
+                }
+            }
+            Msg::PrivFailed { kind, path: _, reason } => {
                 self.pending.remove(&seq);
                 let what = match kind {
-                    OpenKind::Kvm => "kvm device",
-                    OpenKind::Kernel => "kernel",
-                    OpenKind::Initrd => "initrd",
+                    OpenKind::Kvm => "kvm device".to_string(),
+                    OpenKind::Kernel => "kernel".to_string(),
+                    OpenKind::Initrd => "initrd".to_string(),
+                    OpenKind::Disk { index, .. } => format!("disk {index}:"),
                 };
-                let _ = path;
-                self.start_failed(vm_id, format!("{what} {reason}"));
+                return self.start_failed(vm_id, format!("{what} {reason}"));
             }
-            other => warn!("priv sent unexpected message type {}", other.type_code()),
+            other => {
+                warn!("priv sent unexpected message type {}", other.type_code());
+                return;
+            }
+        }
+        if self.pending.get(&seq).is_some_and(PendingStart::complete) {
+            if let Some(p) = self.pending.remove(&seq) {
+                self.launch(p);
+            }
         }
     }
 
@@ -792,11 +1071,23 @@ impl Parent {
             uid: self.user.0,
             gid: self.user.1,
             verbose: self.opts.verbose > 0,
+            disks: vm
+                .spec
+                .disks
+                .iter()
+                .zip(&p.disks)
+                .map(|(spec, fds)| DiskParams {
+                    format: spec.format,
+                    read_only: spec.read_only,
+                    backing: fds.as_ref().map_or(0, |f| f.len().saturating_sub(1)) as u32,
+                })
+                .collect(),
         };
         let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
         if let Some(initrd) = &p.initrd {
             fds.push(initrd.as_fd());
         }
+        fds.extend(p.disks.iter().flatten().flatten().map(|f| f.as_fd()));
         let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
             Ok(child) => child,
             Err(e) => return self.start_failed(id, format!("starting vm process: {e}")),

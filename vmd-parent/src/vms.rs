@@ -4,7 +4,10 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
-use vmd_proto::vm::{ExitReason, StartRequest, VmInfo, VmState, DEFAULT_MEMORY};
+use vmd_proto::vm::{
+    DiskSpec, ExitReason, StartRequest, VmInfo, VmState, DEFAULT_MEMORY, MAX_CMDLINE, MAX_DISKS,
+    MAX_MEMORY, MAX_VCPUS, MIN_MEMORY,
+};
 use vmd_proto::Channel;
 
 use crate::console::Console;
@@ -14,55 +17,97 @@ use crate::console::Console;
 pub const MAX_REBOOTS: usize = 3;
 pub const REBOOT_WINDOW: Duration = Duration::from_secs(6);
 
-/// What a VM is made of, settled from a start request.
+/// What a VM is made of: from vm.conf, a start request, or both (a
+/// request's settings override the definition's for that start).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmSpec {
-    pub kernel: String,
+    pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: String,
     pub memory: u64,
     pub vcpus: u32,
+    pub disks: Vec<DiskSpec>,
+    /// Devices that parse and show but cannot run yet.
+    pub interfaces: u32,
+    pub cdrom: Option<String>,
 }
 
 impl VmSpec {
+    /// Settles and checks a request on its own.
     pub fn from_request(req: &StartRequest) -> Result<VmSpec, String> {
-        let kernel = req
-            .kernel
+        Self::checked(req, None)
+    }
+
+    /// The spec of `req` laid over `base` (a defined VM).
+    pub fn merged(base: &VmSpec, req: &StartRequest) -> Result<VmSpec, String> {
+        Self::checked(req, Some(base))
+    }
+
+    fn checked(req: &StartRequest, base: Option<&VmSpec>) -> Result<VmSpec, String> {
+        let name = &req.name;
+        let memory = req
+            .memory
+            .or(base.map(|b| b.memory))
+            .unwrap_or(DEFAULT_MEMORY);
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
+            return Err(format!(
+                "vm {name}: memory size {memory} bytes out of range (1M to 1T)"
+            ));
+        }
+        let vcpus = req.vcpus.or(base.map(|b| b.vcpus)).unwrap_or(1);
+        if vcpus == 0 || vcpus > MAX_VCPUS {
+            return Err(format!("vm {name}: vcpus {vcpus} out of range (1 to {MAX_VCPUS})"));
+        }
+        let cmdline = req
+            .cmdline
             .clone()
-            .ok_or_else(|| format!("vm {}: no kernel given (-b path)", req.name))?;
-        let memory = req.memory.unwrap_or(DEFAULT_MEMORY);
-        if !(vmd_proto::vm::MIN_MEMORY..=vmd_proto::vm::MAX_MEMORY).contains(&memory) {
-            return Err(format!(
-                "vm {}: memory size {memory} bytes out of range (1M to 1T)",
-                req.name
-            ));
-        }
-        let vcpus = req.vcpus.unwrap_or(1);
-        if vcpus == 0 || vcpus > vmd_proto::vm::MAX_VCPUS {
-            return Err(format!(
-                "vm {}: vcpus {vcpus} out of range (1 to {})",
-                req.name,
-                vmd_proto::vm::MAX_VCPUS
-            ));
-        }
-        let cmdline = req.cmdline.clone().unwrap_or_default();
-        if cmdline.len() > vmd_proto::vm::MAX_CMDLINE {
-            return Err(format!(
-                "vm {}: command line longer than {} bytes",
-                req.name,
-                vmd_proto::vm::MAX_CMDLINE
-            ));
+            .or(base.map(|b| b.cmdline.clone()))
+            .unwrap_or_default();
+        if cmdline.len() > MAX_CMDLINE {
+            return Err(format!("vm {name}: command line longer than {MAX_CMDLINE} bytes"));
         }
         if cmdline.bytes().any(|b| b == 0) {
-            return Err(format!("vm {}: command line contains a NUL byte", req.name));
+            return Err(format!("vm {name}: command line contains a NUL byte"));
         }
+        let disks = if req.disks.is_empty() {
+            base.map(|b| b.disks.clone()).unwrap_or_default()
+        } else {
+            req.disks.clone()
+        };
+        if disks.len() > MAX_DISKS {
+            return Err(format!("vm {name}: more than {MAX_DISKS} disks"));
+        }
+        let kernel = req.kernel.clone().or(base.and_then(|b| b.kernel.clone()));
+        // A new kernel brings its own initrd (or none).
+        let initrd = match (&req.kernel, &req.initrd) {
+            (_, Some(i)) => Some(i.clone()),
+            (Some(_), None) => None,
+            (None, None) => base.and_then(|b| b.initrd.clone()),
+        };
         Ok(VmSpec {
             kernel,
-            initrd: req.initrd.clone(),
+            initrd,
             cmdline,
             memory,
             vcpus,
+            disks,
+            interfaces: base.map_or(0, |b| b.interfaces),
+            cdrom: base.and_then(|b| b.cdrom.clone()),
         })
+    }
+
+    /// Why this VM cannot start with what vmd has today, if it cannot.
+    pub fn unsupported(&self) -> Option<String> {
+        if self.kernel.is_none() {
+            return Some("no kernel to boot (-b path, or boot in vm.conf); BIOS boot is not supported yet".into());
+        }
+        if self.interfaces > 0 {
+            return Some("network interfaces are not supported yet".into());
+        }
+        if self.cdrom.is_some() {
+            return Some("cdrom is not supported yet".into());
+        }
+        None
     }
 }
 
@@ -80,12 +125,35 @@ pub struct VmProc {
     pub kill_at: Option<Instant>,
 }
 
+/// Who may manage a VM besides root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmOwner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// As status shows it: "user", "user:group" or ":group".
+    pub name: String,
+}
+
+impl VmOwner {
+    pub fn root() -> VmOwner {
+        VmOwner {
+            uid: Some(0),
+            gid: None,
+            name: "root".into(),
+        }
+    }
+}
+
 pub struct Vm {
     pub id: u32,
     pub name: String,
+    /// What the next start runs.
     pub spec: VmSpec,
-    pub owner_uid: u32,
-    pub owner: String,
+    /// The vm.conf definition, when the VM has one; starts lay requests
+    /// over it.
+    pub defined: Option<VmSpec>,
+    pub enabled: bool,
+    pub owner: VmOwner,
     pub state: VmState,
     pub proc: Option<VmProc>,
     pub console: Console,
@@ -127,11 +195,16 @@ impl Vm {
             } else {
                 String::new()
             },
-            owner: self.owner.clone(),
+            owner: self.owner.name.clone(),
             state: self.state,
             name: self.name.clone(),
             last_exit: self.last_exit.clone(),
             restarts: self.restarts,
+            defined: self.defined.is_some(),
+            enabled: self.enabled,
+            disks: self.spec.disks.iter().map(|d| d.path.clone()).collect(),
+            interfaces: self.spec.interfaces,
+            cdrom: self.spec.cdrom.clone(),
         }
     }
 
@@ -217,9 +290,10 @@ mod tests {
         let spec = VmSpec::from_request(&req("a")).unwrap();
         assert_eq!(spec.memory, DEFAULT_MEMORY);
         assert_eq!(spec.vcpus, 1);
+        assert_eq!(spec.unsupported(), None);
         let mut r = req("a");
         r.kernel = None;
-        assert!(VmSpec::from_request(&r).unwrap_err().contains("no kernel"));
+        assert!(VmSpec::from_request(&r).unwrap().unsupported().unwrap().contains("no kernel"));
         let mut r = req("a");
         r.vcpus = Some(0);
         assert!(VmSpec::from_request(&r).unwrap_err().contains("vcpus"));
@@ -228,8 +302,29 @@ mod tests {
         assert!(VmSpec::from_request(&r).unwrap_err().contains("memory"));
         let mut r = req("a");
         r.cmdline = Some("x".repeat(5000));
-        assert!(VmSpec::from_request(&r)
-            .unwrap_err()
-            .contains("command line"));
+        assert!(VmSpec::from_request(&r).unwrap_err().contains("command line"));
+    }
+
+    #[test]
+    fn request_overrides_definition() {
+        let mut base = VmSpec::from_request(&req("a")).unwrap();
+        base.memory = 64 << 20;
+        base.initrd = Some("/i".into());
+        base.cmdline = "def".into();
+        let r = StartRequest {
+            name: "a".into(),
+            vcpus: Some(2),
+            ..Default::default()
+        };
+        let m = VmSpec::merged(&base, &r).unwrap();
+        assert_eq!((m.memory, m.vcpus, m.cmdline.as_str()), (64 << 20, 2, "def"));
+        assert_eq!(m.initrd.as_deref(), Some("/i"));
+        // A new kernel drops the definition's initrd unless one is given.
+        let r = StartRequest {
+            name: "a".into(),
+            kernel: Some("/k2".into()),
+            ..Default::default()
+        };
+        assert_eq!(VmSpec::merged(&base, &r).unwrap().initrd, None);
     }
 }

@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use log::{debug, error, info};
+use vmd_proto::image::{self, Format, ImageError};
 use vmd_proto::vm::OpenKind;
 use vmd_proto::{Channel, ChannelError, Msg};
 
@@ -30,6 +31,8 @@ pub enum OpenError {
     NotRegular { path: String },
     #[error("{path}: not a character device")]
     NotCharDevice { path: String },
+    #[error("{path}: {reason}")]
+    Image { path: String, reason: String },
 }
 
 /// Opens what `kind` names. Kernels and initrds are opened read-only and
@@ -55,6 +58,7 @@ pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
             }
             Ok(file)
         }
+        OpenKind::Disk { .. } => Err(OpenError::NotRegular { path: path.into() }),
         OpenKind::Kernel | OpenKind::Initrd => {
             // O_NONBLOCK so a FIFO planted at the path cannot hang us
             // before the regular-file check.
@@ -69,6 +73,60 @@ pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
             Ok(file)
         }
     }
+}
+
+/// Opens a disk for a VM: the top image read-write (or read-only) and
+/// locked exclusively, so two VMs never write one image, then each file of
+/// its backing chain read-only. With `format` given as raw the image is
+/// never parsed for a backing chain.
+pub fn open_disk(
+    path: &str,
+    read_only: bool,
+    format: Option<Format>,
+) -> Result<Vec<File>, OpenError> {
+    let image_err = |e: ImageError| OpenError::Image {
+        path: path.to_string(),
+        reason: e.to_string(),
+    };
+    let io = |source| OpenError::Io {
+        path: path.to_string(),
+        source,
+    };
+    if !Path::new(path).is_absolute() {
+        return Err(OpenError::NotAbsolute { path: path.into() });
+    }
+    let top = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io)?;
+    let meta = top.metadata().map_err(io)?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(OpenError::NotRegular { path: path.into() });
+    }
+    if !read_only {
+        image::lock_exclusive(&top, Path::new(path)).map_err(image_err)?;
+    }
+    let format = match format {
+        Some(f) => f,
+        None => image::detect_format(&top).map_err(image_err)?,
+    };
+    let mut files = vec![top];
+    if format == Format::Qcow2 {
+        for backing in image::backing_chain(Path::new(path)).map_err(image_err)? {
+            let file = OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+                .open(&backing)
+                .map_err(|source| OpenError::Io {
+                    path: backing.display().to_string(),
+                    source,
+                })?;
+            files.push(file);
+        }
+    }
+    Ok(files)
 }
 
 /// Role entry point: serve the parent until it goes away.
@@ -90,6 +148,31 @@ pub fn run(chan: Channel) -> i32 {
         };
         let reply_to = frame.peer_id;
         let sent = match frame.msg {
+            Msg::PrivOpen {
+                kind:
+                    kind @ OpenKind::Disk {
+                        index,
+                        read_only,
+                        format,
+                    },
+                path,
+            } => match open_disk(&path, read_only, format) {
+                Ok(files) => {
+                    debug!("vm {reply_to}: opened disk {index} {path} (+{} backing)", files.len() - 1);
+                    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+                    let backing = (files.len() - 1) as u32;
+                    chan.send(&Msg::PrivOpenedDisk { index, backing }, reply_to, &fds)
+                }
+                Err(e) => chan.send(
+                    &Msg::PrivFailed {
+                        kind,
+                        path,
+                        reason: e.to_string(),
+                    },
+                    reply_to,
+                    &[],
+                ),
+            },
             Msg::PrivOpen { kind, path } => match open_for_vm(kind, &path) {
                 Ok(file) => {
                     debug!("vm {reply_to}: opened {kind:?} {path}");

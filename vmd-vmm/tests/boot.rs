@@ -161,6 +161,7 @@ fn params(vcpus: u32, cmdline: &str) -> VmmParams {
         uid: 0,
         gid: 0,
         verbose: true,
+        disks: Vec::new(),
     }
 }
 
