@@ -9,7 +9,7 @@
 //! [`kick_signal`]. The handler sets `immediate_exit` in the thread's
 //! `kvm_run`, so KVM_RUN returns EINTR at once even if the signal lands
 //! just before the thread enters it; the loop then checks why it was
-//! kicked. Stopping uses this today; pausing can reuse it.
+//! kicked: stopping, or pausing (it then parks, see [`ExitSignal::park`]).
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -293,6 +293,15 @@ impl Vcpu {
         loop {
             if self.exit.is_stopping() {
                 return None;
+            }
+            if self.exit.pause_requested() {
+                // Paused: wait outside KVM_RUN until unpaused or stopping,
+                // then look again. An AP still waiting for its SIPI parks
+                // the same way (the kick took it out of KVM_RUN's wait);
+                // its mp_state is untouched, so its next KVM_RUN goes back
+                // to waiting for the SIPI.
+                self.exit.park();
+                continue;
             }
             let crash = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -266,6 +266,7 @@ impl Vm {
         let mut running = RunningVm {
             vm: self,
             threads: Vec::new(),
+            pause: PauseBook::default(),
         };
         for v in vcpus {
             let id = v.id;
@@ -293,6 +294,20 @@ fn shared<D: crate::bus::BusDevice + 'static>(d: D) -> SharedDevice {
 pub struct RunningVm {
     vm: Vm,
     threads: Vec<JoinHandle<()>>,
+    pause: PauseBook,
+}
+
+/// The main loop's side of pausing (the vCPUs' side is in `ExitSignal`).
+#[derive(Default)]
+struct PauseBook {
+    /// Paused, or pausing: the vCPUs were told to park.
+    paused: bool,
+    /// Every live vCPU is parked (and the clock saved).
+    settled: bool,
+    /// Peers waiting for `VmmPauseState { paused: true }`.
+    waiting: Vec<u32>,
+    /// kvmclock as it was when the last vCPU parked.
+    clock: Option<kvm_clock_data>,
 }
 
 /// What woke the event loop.
@@ -348,6 +363,9 @@ impl RunningVm {
         loop {
             if let Some(reason) = self.vm.exit.reason() {
                 return Outcome::Exited(reason);
+            }
+            if let Some(c) = chan {
+                self.settle_pause(c);
             }
             let mut want_tty = false;
             if tty_open {
@@ -424,12 +442,32 @@ impl RunningVm {
     }
 
     /// One message from the parent; `Some` ends the loop.
-    fn handle_message(&self, chan: &Channel) -> Option<Outcome> {
+    fn handle_message(&mut self, chan: &Channel) -> Option<Outcome> {
         match chan.recv() {
             Ok(frame) => match frame.msg {
                 Msg::VmmTerminate => {
+                    // Also when paused: the request wakes parked vCPUs.
                     log::info!("stopping on request");
                     self.vm.exit.request(ExitReason::Stopped);
+                    None
+                }
+                Msg::VmmPause => {
+                    self.pause(frame.peer_id);
+                    self.settle_pause(chan);
+                    None
+                }
+                Msg::VmmUnpause => {
+                    self.unpause();
+                    // Whoever still waited for the pause (not all vCPUs
+                    // parked yet) learns it did not happen.
+                    for peer in std::mem::take(&mut self.pause.waiting) {
+                        self.answer(chan, peer, false);
+                    }
+                    self.answer(chan, frame.peer_id, false);
+                    None
+                }
+                Msg::SetVerbose { level } => {
+                    log::set_max_level(vmd_proto::log_filter(level));
                     None
                 }
                 other => {
@@ -448,6 +486,85 @@ impl RunningVm {
                     "channel: {e}"
                 ))))
             }
+        }
+    }
+
+    /// Starts pausing (once) and queues `peer` for the answer, which
+    /// [`Self::settle_pause`] sends when every vCPU is parked.
+    fn pause(&mut self, peer: u32) {
+        self.pause.waiting.push(peer);
+        if self.pause.paused {
+            return;
+        }
+        log::info!("pausing");
+        self.pause.paused = true;
+        self.pause.settled = false;
+        self.vm.exit.set_paused(true);
+        // Running vCPUs leave KVM_RUN (EINTR), and so do APs blocked in
+        // it waiting for their SIPI; all of them then park.
+        for t in &self.threads {
+            vcpu::kick(t);
+        }
+    }
+
+    /// Once every live vCPU is parked: saves the guest clock and answers
+    /// whoever waits for the pause.
+    fn settle_pause(&mut self, chan: &Channel) {
+        if !self.pause.paused {
+            return;
+        }
+        if !self.pause.settled {
+            let live = self.threads.iter().filter(|t| !t.is_finished()).count();
+            if self.vm.exit.parked() < live {
+                return;
+            }
+            // With the vCPUs stopped, KVM's kvmclock still follows the
+            // host's monotonic clock: on unpause the guest would see the
+            // paused time pass at once. Save it now and put it back then
+            // (as QEMU does for kvmclock). A guest reading the raw TSC
+            // still sees the TSC advance across the pause: that would need
+            // each vCPU's TSC offset moved back, which QEMU does not do
+            // either.
+            self.pause.clock = match self.vm._vm.get_clock() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log::warn!("KVM_GET_CLOCK: {e}; the guest clock runs on while paused");
+                    None
+                }
+            };
+            self.pause.settled = true;
+            log::info!("paused ({live} vCPUs parked)");
+        }
+        for peer in std::mem::take(&mut self.pause.waiting) {
+            self.answer(chan, peer, true);
+        }
+    }
+
+    /// Releases the parked vCPUs, with the guest clock where it stopped.
+    fn unpause(&mut self) {
+        if !self.pause.paused {
+            return;
+        }
+        if let Some(saved) = self.pause.clock.take() {
+            // Only the value: flags such as KVM_CLOCK_REALTIME would ask
+            // KVM to add the time that passed, older kernels refuse any.
+            let clock = kvm_clock_data {
+                clock: saved.clock,
+                ..Default::default()
+            };
+            if let Err(e) = self.vm._vm.set_clock(&clock) {
+                log::warn!("KVM_SET_CLOCK: {e}; the guest clock jumps ahead");
+            }
+        }
+        self.pause.paused = false;
+        self.pause.settled = false;
+        self.vm.exit.set_paused(false);
+        log::info!("unpaused");
+    }
+
+    fn answer(&self, chan: &Channel, peer: u32, paused: bool) {
+        if let Err(e) = chan.send(&Msg::VmmPauseState { paused }, peer, &[]) {
+            log::error!("cannot send the pause state to the parent: {e}");
         }
     }
 
