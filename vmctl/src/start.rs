@@ -2,11 +2,12 @@
 
 use std::path::Path;
 
+use vmd_proto::image::Format;
 use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
-use vmd_proto::image::Format;
 use vmd_proto::vm::{
-    validate_name, DiskSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY,
+    validate_name, DiskSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_VCPUS,
+    MIN_MEMORY,
 };
 
 use crate::args::{Opt, Spec};
@@ -40,7 +41,10 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
             Opt::Short('c') => out.console = true,
             Opt::Short('d') => {
                 if out.req.disks.len() == MAX_DISKS {
-                    return Err(Error::usage(CMD, format!("more than {MAX_DISKS} disks (-d)")));
+                    return Err(Error::usage(
+                        CMD,
+                        format!("more than {MAX_DISKS} disks (-d)"),
+                    ));
                 }
                 out.req.disks.push(disk(arg)?);
             }

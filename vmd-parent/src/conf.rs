@@ -66,7 +66,10 @@ pub fn resolve_owner(owner: &Owner, at: &impl std::fmt::Display) -> Result<VmOwn
 /// CPUs, 30 seconds).
 pub fn stagger(config: &Config) -> (usize, Duration) {
     match &config.globals.staggered {
-        Some(s) => (s.parallel.max(1) as usize, Duration::from_secs(u64::from(s.delay))),
+        Some(s) => (
+            s.parallel.max(1) as usize,
+            Duration::from_secs(u64::from(s.delay)),
+        ),
         None => (
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             Duration::from_secs(30),

@@ -14,8 +14,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use vmd_proto::msg::{Creds, Reply, Request};
 use vmd_proto::msg::ResetWhat;
+use vmd_proto::msg::{Creds, Reply, Request};
 use vmd_proto::vm::{
     validate_name, DiskParams, ExitReason, OpenKind, StartRequest, VmState, VmmParams,
 };
@@ -209,9 +209,11 @@ fn client_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -485,7 +487,9 @@ impl Parent {
         if creds.uid == 0 || vm.owner.uid == Some(creds.uid) {
             return true;
         }
-        let Some(gid) = vm.owner.gid else { return false };
+        let Some(gid) = vm.owner.gid else {
+            return false;
+        };
         creds.gid == gid || client_groups(creds.pid).contains(&gid)
     }
 
@@ -847,7 +851,9 @@ impl Parent {
         for (def, spec, owner) in resolved {
             match self.vms.by_name(&def.name).map(|vm| vm.id) {
                 Some(id) => {
-                    let Some(vm) = self.vms.vms.get_mut(&id) else { continue };
+                    let Some(vm) = self.vms.vms.get_mut(&id) else {
+                        continue;
+                    };
                     let unchanged = vm.defined.as_ref() == Some(&spec)
                         && vm.enabled == def.enabled
                         && vm.owner == owner;
@@ -888,8 +894,12 @@ impl Parent {
         let (parallel, delay) = crate::conf::stagger(&self.config);
         let mut started = 0;
         while started < parallel {
-            let Some(id) = self.autostart.pop_front() else { break };
-            let Some(vm) = self.vms.vms.get(&id) else { continue };
+            let Some(id) = self.autostart.pop_front() else {
+                break;
+            };
+            let Some(vm) = self.vms.vms.get(&id) else {
+                continue;
+            };
             if vm.is_active() {
                 continue;
             }
@@ -918,7 +928,9 @@ impl Parent {
     /// Completes a reset once every VM has stopped: forgets them all and
     /// reads the configuration afresh.
     fn finish_reset(&mut self) {
-        let Some((client, what)) = self.pending_reset else { return };
+        let Some((client, what)) = self.pending_reset else {
+            return;
+        };
         if self.vms.vms.values().any(|vm| vm.proc.is_some()) || !self.pending.is_empty() {
             return;
         }
@@ -1021,13 +1033,15 @@ impl Parent {
                     }
                 }
             }
-            Msg::PrivOpenedDisk { index, .. } => {
-                match pending.disks.get_mut(usize::from(index)) {
-                    Some(slot) => *slot = Some(frame.fds),
-                    None => warn!("priv answered for a disk {index} this VM does not have"),
-                }
-            }
-            Msg::PrivFailed { kind, path: _, reason } => {
+            Msg::PrivOpenedDisk { index, .. } => match pending.disks.get_mut(usize::from(index)) {
+                Some(slot) => *slot = Some(frame.fds),
+                None => warn!("priv answered for a disk {index} this VM does not have"),
+            },
+            Msg::PrivFailed {
+                kind,
+                path: _,
+                reason,
+            } => {
                 self.pending.remove(&seq);
                 let what = match kind {
                     OpenKind::Kvm => "kvm device".to_string(),

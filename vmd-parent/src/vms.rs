@@ -56,7 +56,9 @@ impl VmSpec {
         }
         let vcpus = req.vcpus.or(base.map(|b| b.vcpus)).unwrap_or(1);
         if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(format!("vm {name}: vcpus {vcpus} out of range (1 to {MAX_VCPUS})"));
+            return Err(format!(
+                "vm {name}: vcpus {vcpus} out of range (1 to {MAX_VCPUS})"
+            ));
         }
         let cmdline = req
             .cmdline
@@ -64,7 +66,9 @@ impl VmSpec {
             .or(base.map(|b| b.cmdline.clone()))
             .unwrap_or_default();
         if cmdline.len() > MAX_CMDLINE {
-            return Err(format!("vm {name}: command line longer than {MAX_CMDLINE} bytes"));
+            return Err(format!(
+                "vm {name}: command line longer than {MAX_CMDLINE} bytes"
+            ));
         }
         if cmdline.bytes().any(|b| b == 0) {
             return Err(format!("vm {name}: command line contains a NUL byte"));
@@ -99,7 +103,10 @@ impl VmSpec {
     /// Why this VM cannot start with what vmd has today, if it cannot.
     pub fn unsupported(&self) -> Option<String> {
         if self.kernel.is_none() {
-            return Some("no kernel to boot (-b path, or boot in vm.conf); BIOS boot is not supported yet".into());
+            return Some(
+                "no kernel to boot (-b path, or boot in vm.conf); BIOS boot is not supported yet"
+                    .into(),
+            );
         }
         if self.interfaces > 0 {
             return Some("network interfaces are not supported yet".into());
@@ -293,7 +300,11 @@ mod tests {
         assert_eq!(spec.unsupported(), None);
         let mut r = req("a");
         r.kernel = None;
-        assert!(VmSpec::from_request(&r).unwrap().unsupported().unwrap().contains("no kernel"));
+        assert!(VmSpec::from_request(&r)
+            .unwrap()
+            .unsupported()
+            .unwrap()
+            .contains("no kernel"));
         let mut r = req("a");
         r.vcpus = Some(0);
         assert!(VmSpec::from_request(&r).unwrap_err().contains("vcpus"));
@@ -302,7 +313,9 @@ mod tests {
         assert!(VmSpec::from_request(&r).unwrap_err().contains("memory"));
         let mut r = req("a");
         r.cmdline = Some("x".repeat(5000));
-        assert!(VmSpec::from_request(&r).unwrap_err().contains("command line"));
+        assert!(VmSpec::from_request(&r)
+            .unwrap_err()
+            .contains("command line"));
     }
 
     #[test]
@@ -317,7 +330,10 @@ mod tests {
             ..Default::default()
         };
         let m = VmSpec::merged(&base, &r).unwrap();
-        assert_eq!((m.memory, m.vcpus, m.cmdline.as_str()), (64 << 20, 2, "def"));
+        assert_eq!(
+            (m.memory, m.vcpus, m.cmdline.as_str()),
+            (64 << 20, 2, "def")
+        );
         assert_eq!(m.initrd.as_deref(), Some("/i"));
         // A new kernel drops the definition's initrd unless one is given.
         let r = StartRequest {

@@ -158,7 +158,10 @@ pub fn run(chan: Channel) -> i32 {
                 path,
             } => match open_disk(&path, read_only, format) {
                 Ok(files) => {
-                    debug!("vm {reply_to}: opened disk {index} {path} (+{} backing)", files.len() - 1);
+                    debug!(
+                        "vm {reply_to}: opened disk {index} {path} (+{} backing)",
+                        files.len() - 1
+                    );
                     let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
                     let backing = (files.len() - 1) as u32;
                     chan.send(&Msg::PrivOpenedDisk { index, backing }, reply_to, &fds)
