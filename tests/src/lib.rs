@@ -121,9 +121,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(test: &str) -> Daemon {
+        Self::start_with(test, &[])
+    }
+
+    /// The daemon's test directory, made before the daemon starts (so a
+    /// test can write a vm.conf there first).
+    pub fn dir_for(test: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("vmd-e2e-{}-{test}", std::process::id()))
+    }
+
+    /// Starts vmd with extra arguments (`-f vm.conf`, say).
+    pub fn start_with(test: &str, extra: &[&str]) -> Daemon {
         require_kvm();
-        let dir = std::env::temp_dir().join(format!("vmd-e2e-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = Self::dir_for(test);
         std::fs::create_dir_all(&dir).expect("test dir");
         let socket = dir.join("vmd.sock");
         let mut child = Command::new(bin("vmd"))
@@ -131,6 +141,7 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -219,6 +230,39 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends vmd a signal (SIGHUP: reload).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig)
+            .expect("signalling vmd");
+    }
+
+    /// Waits until vmd's log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "vmd never logged {needle:?}; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs vmctl as another user (with that user's groups), as an admin's
+    /// colleague would.
+    pub fn vmctl_as(&self, user: &str, args: &[&str]) -> Output {
+        Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(bin("vmctl"))
+            .arg("-s")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("runuser vmctl")
     }
 
     /// SIGTERM and wait for exit; returns the exit status code.

@@ -48,7 +48,8 @@ fn main() {
         Role::Control => "control",
         Role::Vmm => "vmm",
     };
-    logger::init(role_name, opts.foreground, opts.verbose);
+    // `vmd -n` is a foreground check: its words belong on the terminal.
+    logger::init(role_name, opts.foreground || opts.check_only, opts.verbose);
     let code = if opts.role == Role::Parent {
         parent::run(opts)
     } else {

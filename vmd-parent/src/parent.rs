@@ -272,7 +272,9 @@ impl Parent {
                     }
                     Token::ConsoleClient(id, idx) => {
                         if let Some(vm) = self.vms.vms.get_mut(&id) {
-                            let running = vm.state == VmState::Running;
+                            // Input typed while paused waits in the pty
+                            // for the guest to read after unpause.
+                            let running = vm.proc.is_some();
                             if revents.contains(PollFlags::POLLOUT) {
                                 vm.console.flush_clients();
                             }

@@ -1,0 +1,239 @@
+//! The control plane as an admin uses it: vm.conf autostart, SIGHUP and
+//! `vmctl reload`, owners and the socket group, pause/unpause, `vmd -n`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use vmd_e2e::{bin, guest, Daemon};
+
+const T: Duration = Duration::from_secs(60);
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn vm_block(name: &str, kernel: &str, enabled: bool, extra: &str) -> String {
+    let enable = if enabled { "enable" } else { "disable" };
+    format!("vm {name} {{\n    boot \"{kernel}\"\n    memory 32M\n    {enable}\n{extra}}}\n")
+}
+
+#[test]
+fn vm_conf_autostart_reload_and_broken_edits() {
+    let dir = Daemon::dir_for("conf");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spin = guest("spin.elf");
+    let spin = spin.to_str().unwrap();
+    let conf = dir.join("vm.conf");
+    let base = format!(
+        "# test configuration\nkernel = \"{spin}\"\nstaggered start parallel 4 delay 1\n{}{}{}",
+        vm_block("auto1", "$kernel", true, ""),
+        vm_block("auto2", "$kernel", true, ""),
+        vm_block("manual", "$kernel", false, ""),
+    )
+    .replace("\"$kernel\"", "$kernel");
+    std::fs::write(&conf, &base).unwrap();
+    let d = Daemon::start_with("conf", &["-f", conf.to_str().unwrap()]);
+
+    let p1 = d.wait_state("auto1", "running", T).pid;
+    let p2 = d.wait_state("auto2", "running", T).pid;
+    let manual = d.status("manual").expect("disabled VM is listed");
+    assert_eq!(manual.state, "stopped", "{manual:?}");
+    let show = d.ok(&["status", "manual"]);
+    assert!(show.contains("defined in vm.conf, disabled"), "{show}");
+    d.ok(&["start", "manual"]);
+    let p3 = d.wait_state("manual", "running", T).pid;
+
+    // A third enabled VM appears after SIGHUP; the others are untouched.
+    let added = format!("{base}{}", vm_block("added", spin, true, ""));
+    std::fs::write(&conf, &added).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_state("added", "running", T);
+    for (name, pid) in [("auto1", p1), ("auto2", p2), ("manual", p3)] {
+        assert_eq!(
+            d.status(name).map(|s| (s.state, s.pid)),
+            Some(("running".into(), pid))
+        );
+    }
+
+    // A broken edit changes nothing and says where it is broken.
+    std::fs::write(&conf, format!("{added}vm broken {{\n    memory lots\n}}\n")).unwrap();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("reload failed, keeping the running configuration", T);
+    let log = d.log();
+    assert!(log.contains(&format!("{}:", conf.display())), "{log}");
+    // Line 25, column 12: the bad size in the appended block.
+    let at = format!("{}:25:12: ", conf.display());
+    assert!(log.contains(&at), "no {at} in:\n{log}");
+    let out = d.vmctl(&["reload"]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains(&at), "{}", stderr(&out));
+    for name in ["auto1", "auto2", "manual", "added"] {
+        assert_eq!(
+            d.status(name).map(|s| s.state),
+            Some("running".into()),
+            "{name}"
+        );
+    }
+    assert!(d.status("broken").is_none());
+
+    // Removing a running VM's definition leaves it running; once stopped
+    // and reloaded, it is forgotten.
+    std::fs::write(&conf, &base).unwrap();
+    d.ok(&["reload"]);
+    assert_eq!(d.status("added").map(|s| s.state), Some("running".into()));
+    d.ok(&["stop", "-fw", "added"]);
+    d.ok(&["reload"]);
+    assert!(
+        d.status("added").is_none(),
+        "stopped undefined VM still listed"
+    );
+}
+
+#[test]
+fn vmd_n_checks_a_file() {
+    let dir = Daemon::dir_for("check");
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.conf");
+    std::fs::write(&good, "vm a {\n    memory 64M\n}\n").unwrap();
+    let out = Command::new(bin("vmd"))
+        .args(["-n", "-f"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("configuration OK"));
+    let bad = dir.join("bad.conf");
+    std::fs::write(&bad, "vm a {\n    memroy 64M\n}\n").unwrap();
+    let out = Command::new(bin("vmd"))
+        .args(["-n", "-f"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).starts_with(&format!("{}:2:5: ", bad.display())),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn ensure_group(group: &str) {
+    let _ = Command::new("groupadd").args(["--system", group]).status();
+}
+
+fn ensure_user(user: &str, group: &str) {
+    if nix::unistd::User::from_name(user).ok().flatten().is_none() {
+        let st = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                "-G",
+                group,
+                user,
+            ])
+            .status()
+            .expect("useradd");
+        assert!(st.success(), "useradd {user}");
+    }
+}
+
+#[test]
+fn owners_may_manage_their_vm_and_others_may_not() {
+    ensure_group("vmdtestg");
+    ensure_user("vmdtesto", "vmdtestg");
+    ensure_user("vmdtestx", "vmdtestg");
+    let dir = Daemon::dir_for("owner");
+    std::fs::create_dir_all(&dir).unwrap();
+    let spin = guest("spin.elf");
+    let conf = dir.join("vm.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "socket owner root:vmdtestg\n{}",
+            vm_block(
+                "owned",
+                spin.to_str().unwrap(),
+                false,
+                "    owner vmdtesto\n"
+            )
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with("owner", &["-f", conf.to_str().unwrap()]);
+
+    // Both users may connect (socket group) and see status.
+    let out = d.vmctl_as("vmdtestx", &["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The non-owner is refused, and nothing changes.
+    let out = d.vmctl_as("vmdtestx", &["start", "owned"]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).trim(), "vmctl: permission denied");
+    assert_eq!(d.status("owned").map(|s| s.state), Some("stopped".into()));
+    // The owner may start it, and its console pty is the owner's.
+    let out = d.vmctl_as("vmdtesto", &["start", "owned"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state("owned", "running", T);
+    let show = d.ok(&["status", "--json"]);
+    let tty = show
+        .split("\"tty\": \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("tty in status");
+    let owner_uid = nix::unistd::User::from_name("vmdtesto")
+        .unwrap()
+        .unwrap()
+        .uid;
+    let st = nix::sys::stat::stat(tty).expect("stat tty");
+    assert_eq!(
+        st.st_uid,
+        owner_uid.as_raw(),
+        "tty {tty} not owned by the VM's owner"
+    );
+    for args in [
+        &["stop", "owned"][..],
+        &["pause", "owned"],
+        &["console", "owned"],
+    ] {
+        let out = d.vmctl_as("vmdtestx", args);
+        assert!(!out.status.success(), "{args:?} allowed for a non-owner");
+        assert_eq!(stderr(&out).trim(), "vmctl: permission denied", "{args:?}");
+    }
+    // Root-only verbs stay root's.
+    let out = d.vmctl_as("vmdtesto", &["reload"]);
+    assert_eq!(stderr(&out).trim(), "vmctl: permission denied");
+    let out = d.vmctl_as("vmdtesto", &["stop", "-w", "owned"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.status("owned").map(|s| s.state), Some("stopped".into()));
+}
+
+#[test]
+fn pause_stops_the_guest_and_unpause_resumes_it() {
+    let d = Daemon::start("pause");
+    let echo = guest("echo.elf");
+    d.ok(&["start", "-b", echo.to_str().unwrap(), "-m", "32M", "p1"]);
+    let mut console = d.console("p1");
+    console.wait_for("VMD-TEST echo ready", T);
+    d.ok(&["pause", "p1"]);
+    assert_eq!(d.status("p1").map(|s| s.state), Some("paused".into()));
+    let out = d.vmctl(&["pause", "p1"]);
+    assert_eq!(stderr(&out).trim(), "vmctl: vm p1 is not running");
+    console.type_text("while-paused");
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        !console.text().contains("while-paused"),
+        "a paused guest echoed"
+    );
+    d.ok(&["unpause", "p1"]);
+    console.wait_for("while-paused", Duration::from_secs(10));
+    assert_eq!(d.status("p1").map(|s| s.state), Some("running".into()));
+    // Stopping a paused VM works too.
+    d.ok(&["pause", "p1"]);
+    d.ok(&["stop", "-w", "p1"]);
+    assert_eq!(d.status("p1").map(|s| s.state), Some("stopped".into()));
+    assert!(d.log().contains("vm p1: paused"), "{}", d.log());
+}
