@@ -37,6 +37,12 @@ pub enum Error {
     /// The daemon answered something that does not fit the request.
     #[error("unexpected answer from vmd: {0}")]
     Protocol(String),
+    /// Creating a disk image failed.
+    #[error("create {path}: {source}")]
+    Image {
+        path: String,
+        source: vmd_proto::image::ImageError,
+    },
     #[error("{what}: {source}")]
     Io {
         what: &'static str,

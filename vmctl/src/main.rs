@@ -6,6 +6,7 @@
 mod args;
 mod client;
 mod console;
+mod create;
 mod simple;
 mod start;
 mod status;
@@ -37,6 +38,17 @@ const COMMANDS: &[Command] = &[
         synopsis: "console name",
         about: "attach to a VM's serial console; type ~. at the start of a line to leave",
         flags: &[("name", "the VM whose console to attach")],
+    },
+    Command {
+        name: "create",
+        run: create::run,
+        synopsis: "create [-b base | -i input] [-s size] [raw:|qcow2:]path",
+        about: "create a disk image (qcow2 if named *.qcow2 or qcow2:, else raw)",
+        flags: &[
+            ("-s size", "virtual size, e.g. 10G (defaults to the base's or input's)"),
+            ("-b base", "make a qcow2 overlay backed by base (stored as given)"),
+            ("-i input", "copy an existing raw or qcow2 image (conversion)"),
+        ],
     },
     Command {
         name: "help",
@@ -312,7 +324,8 @@ mod tests {
         assert_eq!(name_of("sto"), Ok("stop"));
         assert_eq!(name_of("star"), Ok("start"));
         assert_eq!(name_of("sh"), Ok("show"));
-        assert_eq!(name_of("c"), Ok("console"));
+        assert_eq!(name_of("co"), Ok("console"));
+        assert_eq!(name_of("cr"), Ok("create"));
         assert_eq!(name_of("h"), Ok("help"));
     }
 
