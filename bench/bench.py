@@ -1,0 +1,762 @@
+#!/usr/bin/env python3
+"""vmd vs QEMU benchmarks; writes docs/BENCHMARKS.md.  Run through bench/run.sh.
+
+Every figure is measured from outside the guest, on CLOCK_MONOTONIC:
+  * serial output: vmd's console log (STATE/console/NAME.log, written by the
+    parent as it drains the pty) is polled every 0.5 ms; QEMU's `-serial
+    stdio` pipe is read by a thread.  A byte is timestamped when the harness
+    sees it.
+  * first guest instruction: ftrace (tracefs instance "vmdbench", trace_clock
+    mono) records the first ioctl(KVM_RUN) of the VMM process, and
+    sched_stat_runtime events give the CPU time every thread of it ran up to
+    that instant.
+  * memory: /proc/PID/smaps of the VMM process (Rss of everything, minus the
+    Rss of the guest RAM mapping = guest pages touched).
+Standard library only (Python 3.11).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = int(os.environ.get("RUNS", "5"))
+LINUX_RUNS = int(os.environ.get("LINUX_RUNS", str(RUNS)))
+EXITS_N = int(os.environ.get("EXITS_N", "20000"))
+BIN = Path(os.environ["VMD_BIN_DIR"])
+GUESTS = Path(os.environ["GUEST_DIR"])
+VMLINUX = os.environ.get("VMLINUX", "")
+OUT_MD = Path(os.environ.get("OUT_MD", ROOT / "docs/BENCHMARKS.md"))
+WORK = Path(os.environ.get("BENCH_WORK", "/tmp/vmd-bench"))
+QEMU = shutil.which("qemu-system-x86_64")
+# Flags QEMU needs on this nested KVM (see ../shared/guest/README.md): -cpu
+# host aborts on MSR 0x10a (ARCH_CAPABILITIES).
+QEMU_BASE = ["-enable-kvm", "-cpu", "qemu64,-cx16", "-smp", "1", "-nodefaults",
+             "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"]
+LINUX_CMDLINE = "console=ttyS0 earlyprintk=ttyS0"
+BOOT_MARK = b"VMD-BENCH boot\n"
+IDLE_MARK = b"VMD-BENCH idle\n"
+HW_VIRT = any(("vmx" in l.split() or "svm" in l.split())
+              for l in open("/proc/cpuinfo") if l.startswith("flags"))
+VMMS = ["vmd", "qemu-microvm", "qemu-pc"]
+notes = [          # free-text notes collected for the report
+    "QEMU flags: `-enable-kvm -cpu qemu64,-cx16` as ../shared/guest/README.md says (`-cpu host` is "
+    "reported there to abort on MSR 0x10a; in a quick check with QEMU 10.0.2 on this machine `-cpu host` "
+    "did boot bench_boot.elf under microvm and pc, but the benchmark keeps the documented flags). QEMU warns "
+    "`host doesn't support requested feature: CPUID.01H:ECX.pni [bit 0]` and runs on. microvm has no PM "
+    "port at 0x604, so its guests do not power off: the harness kills QEMU once the marker is in.",
+]
+failures = {}       # (figure, vmm) -> error text
+
+
+def log(*a):
+    print("[bench]", *a, file=sys.stderr, flush=True)
+
+
+def now():
+    return time.monotonic()
+
+
+# ---------------------------------------------------------------- vmd side
+
+class Vmd:
+    def __init__(self):
+        self.dir = WORK / "vmd"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        self.sock = self.dir / "vmd.sock"
+        self.state = self.dir / "state"
+        self.errf = open(self.dir / "vmd.log", "wb")
+        self.p = subprocess.Popen([BIN / "vmd", "-d", "-s", self.sock, "--state-dir", self.state],
+                                  stdin=subprocess.DEVNULL, stdout=self.errf, stderr=self.errf)
+        t = now()
+        while not self.sock.exists():
+            if self.p.poll() is not None or now() - t > 10:
+                raise SystemExit("vmd did not start: " + (self.dir / "vmd.log").read_text())
+            time.sleep(0.01)
+        self.seq = 0
+
+    def vmctl(self, *args, check=True):
+        r = subprocess.run([BIN / "vmctl", "-s", self.sock, *args], capture_output=True, text=True)
+        if check and r.returncode:
+            raise RuntimeError(f"vmctl {args}: {r.stdout}{r.stderr}")
+        return r
+
+    def name(self):
+        self.seq += 1
+        return f"b{self.seq}"
+
+    def log_path(self, name):
+        return self.state / "console" / f"{name}.log"
+
+    def start(self, kernel, cmdline="", mem="64M", name=None):
+        """Starts a VM; returns (name, t0, Popen of vmctl)."""
+        name = name or self.name()
+        args = [BIN / "vmctl", "-s", self.sock, "start", "-b", kernel, "-m", mem, "--vcpus", "1"]
+        if cmdline:
+            args += ["--cmdline", cmdline]
+        t0 = now()
+        p = subprocess.Popen([*args, name], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return name, t0, p
+
+    def wait_marks(self, name, marks, timeout, vmctl=None):
+        """Polls the console log; returns {'first': t, mark: t, ...} (monotonic)."""
+        path = self.log_path(name)
+        got, buf, pos = {}, b"", 0
+        deadline = now() + timeout
+        while now() < deadline:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            t = now()
+            if chunk:
+                pos += len(chunk)
+                buf += chunk
+                got.setdefault("first", t)
+                for m in marks:
+                    if m not in got and m in buf:
+                        got[m] = t
+                if all(m in got for m in marks):
+                    return got, buf
+            elif vmctl is not None and vmctl.poll() not in (None, 0):
+                raise RuntimeError("vmctl start failed: " + vmctl.stderr.read().decode())
+            time.sleep(0.0005)
+        raise TimeoutError(f"vmd {name}: markers {marks} not all seen in {timeout}s; got {buf[-300:]!r}")
+
+    def pid(self, name):
+        st = json.loads(self.vmctl("status", "--json").stdout)
+        vms = st if isinstance(st, list) else st.get("vms", st)
+        for v in vms:
+            if v.get("name") == name:
+                return v.get("pid")
+        return None
+
+    def stop(self, name):
+        self.vmctl("stop", "-f", "-w", name, check=False)
+
+    def daemon_pids(self):
+        pids = [self.p.pid]
+        for tid in os.listdir(f"/proc/{self.p.pid}/task"):
+            try:
+                pids += [int(x) for x in open(f"/proc/{self.p.pid}/task/{tid}/children").read().split()]
+            except OSError:
+                pass
+        return pids
+
+    def close(self):
+        self.vmctl("stop", "-a", "-f", "-w", check=False)
+        self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.wait(15)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+# --------------------------------------------------------------- QEMU side
+
+class Qemu:
+    """One QEMU process; its serial output (stdout) timestamped as it arrives."""
+
+    def __init__(self, machine, kernel, cmdline="", mem="64M", extra=()):
+        self.machine = machine
+        self.argv = [QEMU, "-M", machine, *QEMU_BASE, "-m", mem, "-kernel", str(kernel), *extra]
+        if cmdline:
+            self.argv += ["-append", cmdline]
+        self.buf = b""
+        self.events = []        # (t, len(buf) after chunk)
+        self.cv = threading.Condition()
+        self.err = open(WORK / f"qemu-{machine}.err", "ab")
+        self.t0 = now()
+        self.p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=self.err)
+        self.th = threading.Thread(target=self._reader, daemon=True)
+        self.th.start()
+
+    def _reader(self):
+        fd = self.p.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            t = now()
+            with self.cv:
+                if not chunk:
+                    self.events.append((t, -1))
+                    self.cv.notify_all()
+                    return
+                self.buf += chunk
+                self.events.append((t, len(self.buf)))
+                self.cv.notify_all()
+
+    def wait_marks(self, marks, timeout):
+        deadline = now() + timeout
+        with self.cv:
+            while True:
+                done = all(m in self.buf for m in marks)
+                eof = self.events and self.events[-1][1] == -1
+                if done or eof or now() > deadline:
+                    break
+                self.cv.wait(0.05)
+            if not all(m in self.buf for m in marks):
+                rc = self.p.poll()
+                raise RuntimeError(f"QEMU -M {self.machine}: markers not all seen "
+                                   f"(exit {rc}, output {self.buf[-300:]!r})")
+            got = {}
+            if self.events:
+                got["first"] = next(t for t, n in self.events if n > 0)
+            for m in marks:
+                end = self.buf.index(m) + len(m)
+                got[m] = next(t for t, n in self.events if n >= end)
+            return got, self.buf
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait()
+        self.err.close()
+
+
+# ------------------------------------------------------------------ ftrace
+
+TRACE = Path("/sys/kernel/tracing")
+INST = TRACE / "instances" / "vmdbench"
+LINE = re.compile(r"^\s*(.*)-(\d+)\s+\(\s*([-\d]+)\)\s+\[\d+\]\s+\S+\s+([\d.]+): (\w+)(?:: |\()(.*)$")
+
+
+class Ftrace:
+    def __init__(self, pids):
+        if not (TRACE / "instances").exists():
+            subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACE)], check=False)
+        if not INST.exists():
+            INST.mkdir()
+        self.w("tracing_on", "0")
+        self.w("trace_clock", "mono")
+        self.w("buffer_size_kb", "8192")
+        self.w("options/record-tgid", "1")
+        self.w("options/event-fork", "1")
+        self.w("events/syscalls/sys_enter_ioctl/filter", "cmd == 0xae80")
+        for ev in ["syscalls/sys_enter_ioctl", "sched/sched_stat_runtime"]:
+            self.w(f"events/{ev}/enable", "1")
+        self.set_pids(pids)
+
+    def w(self, f, v):
+        (INST / f).write_text(v)
+
+    def set_pids(self, pids):
+        self.w("set_event_pid", " ".join(str(p) for p in pids))
+
+    def start(self):
+        self.w("trace", "")
+        self.w("tracing_on", "1")
+
+    def stop(self):
+        self.w("tracing_on", "0")
+        return (INST / "trace").read_text()
+
+    def close(self):
+        try:
+            self.w("tracing_on", "0")
+            for ev in ["syscalls/sys_enter_ioctl", "sched/sched_stat_runtime"]:
+                self.w(f"events/{ev}/enable", "0")
+            INST.rmdir()
+        except OSError:
+            pass
+
+
+def first_run_cpu(text, vmm_tgid=None, exclude=()):
+    """From one trace: (t of the first KVM_RUN, its tgid, CPU s of that tgid
+    before it, CPU s of every traced process but `exclude` before it)."""
+    tgid_of, runtime, kvm_run = {}, [], None
+    for line in text.splitlines():
+        m = LINE.match(line)
+        if not m:
+            continue
+        pid, tgid, ts, ev, rest = int(m[2]), m[3], float(m[4]), m[5], m[6]
+        if tgid.lstrip("-").isdigit() and int(tgid) > 0:
+            tgid_of[pid] = int(tgid)
+        if ev in ("sys_enter_ioctl", "sys_ioctl"):
+            t = tgid_of.get(pid, pid)
+            if kvm_run is None and (vmm_tgid is None or t == vmm_tgid):
+                kvm_run = (ts, t)
+        elif ev == "sched_stat_runtime":
+            f = dict(re.findall(r"(\w+)=(\S+)", rest))
+            runtime.append((ts, int(f["pid"]), int(f["runtime"]) / 1e9))
+    if kvm_run is None:
+        return None
+    t_run, tg = kvm_run
+    own = total = 0.0
+    for ts, pid, rt in runtime:
+        start = ts - rt
+        if start >= t_run:
+            continue
+        part = min(ts, t_run) - start      # the slice ran continuously up to ts
+        t = tgid_of.get(pid)
+        if t is None or t in exclude:
+            continue
+        total += part
+        if t == tg:
+            own += part
+    return t_run, tg, own, total
+
+
+# ---------------------------------------------------------------- memory
+
+def smaps_overhead(pid, guest_bytes):
+    """(VMM RSS, guest RAM Rss, overhead) in KiB from /proc/PID/smaps.
+    The guest RAM mapping is the anonymous mapping whose size is within
+    [guest, guest + 4 MiB] with the largest Rss."""
+    total, maps, cur = 0, [], None
+    for line in open(f"/proc/{pid}/smaps"):
+        parts = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            cur = {"path": parts[5] if len(parts) > 5 else "", "size": 0, "rss": 0}
+            maps.append(cur)
+        elif parts[0] == "Size:":
+            cur["size"] = int(parts[1])
+        elif parts[0] == "Rss:":
+            cur["rss"] = int(parts[1])
+            total += int(parts[1])
+    g = guest_bytes // 1024
+    cands = [m for m in maps if g <= m["size"] <= g + 4096 and m["path"] in ("", "[anon]")
+             or m["path"].startswith("/memfd:") and g <= m["size"] <= g + 4096]
+    guest = max((m["rss"] for m in cands), default=0)
+    return total, guest, total - guest
+
+
+# ------------------------------------------------------------------ stats
+
+results = {}        # figure -> vmm -> list of values
+
+
+def add(fig, vmm, v):
+    results.setdefault(fig, {}).setdefault(vmm, []).append(v)
+
+
+def fail(fig, vmm, err):
+    log(f"{fig} / {vmm}: {err}")
+    failures[(fig, vmm)] = str(err).strip().splitlines()[0][:300] if str(err).strip() else repr(err)
+
+
+# --------------------------------------------------------------- figures
+
+def boot_vmd(vmd, tr, fig, kernel, cmdline, marks, timeout, mem="64M"):
+    tr.set_pids([os.getpid(), *vmd.daemon_pids()])
+    tr.start()
+    name, t0, p = vmd.start(kernel, cmdline, mem)
+    got, _ = vmd.wait_marks(name, marks, timeout, p)
+    text = tr.stop()
+    p.wait()
+    vmd.stop(name)
+    return t0, got, text
+
+
+def boot_qemu(machine, tr, kernel, cmdline, marks, timeout, mem="64M"):
+    tr.set_pids([os.getpid()])
+    tr.start()
+    q = Qemu(machine, kernel, cmdline, mem)
+    try:
+        got, _ = q.wait_marks(marks, timeout)
+    finally:
+        text = tr.stop()
+        q.kill()
+    return q.t0, got, text, q.p.pid
+
+
+def fig_boot(vmd, tr):
+    """Test guest and Debian vmlinux: start command -> first byte / marker;
+    and (from the test-guest runs) VMM CPU/wall before the first KVM_RUN."""
+    guests = [("test", GUESTS / "bench_boot.elf", "", [BOOT_MARK], 30, RUNS, "64M")]
+    if VMLINUX:
+        guests.append(("linux", Path(VMLINUX), LINUX_CMDLINE,
+                       [b"Linux version", b"Kernel command line:"], 120, LINUX_RUNS, "256M"))
+    else:
+        notes.append("No Debian vmlinux found (tests/guest/build-linux-guest.sh): Linux boot rows skipped.")
+    me = os.getpid()
+    for gname, kernel, cmdline, marks, timeout, runs, mem in guests:
+        for i in range(runs):
+            for vmm in VMMS:
+                if vmm != "vmd" and not QEMU:
+                    continue
+                if (f"{gname}-boot", vmm) in failures:
+                    continue
+                log(f"boot {gname} {vmm} run {i + 1}/{runs}")
+                try:
+                    if vmm == "vmd":
+                        t0, got, text = boot_vmd(vmd, tr, gname, kernel, cmdline, marks, timeout, mem)
+                        pid = None
+                    else:
+                        t0, got, text, pid = boot_qemu(vmm.split("-")[1], tr, kernel, cmdline,
+                                                       marks, timeout, mem)
+                except Exception as e:
+                    fail(f"{gname}-boot", vmm, e)
+                    continue
+                add(f"{gname}: start -> first serial byte (ms)", vmm, (got["first"] - t0) * 1e3)
+                for m in marks:
+                    label = m.decode().strip()
+                    add(f"{gname}: start -> `{label}` (ms)", vmm, (got[m] - t0) * 1e3)
+                if gname != "test":
+                    continue
+                r = first_run_cpu(text, pid, exclude={me})
+                if r is None:
+                    fail("pre-run", vmm, "no KVM_RUN in the trace")
+                    continue
+                t_run, tg, own, total = r
+                add("start -> first KVM_RUN, wall (ms)", vmm, (t_run - t0) * 1e3)
+                add("VMM process CPU before first KVM_RUN (ms)", vmm, own * 1e3)
+                add("all processes' CPU before first KVM_RUN (ms)", vmm, total * 1e3)
+
+
+def fig_exits(vmd):
+    marks = [f"VMD-BENCH {k} {e}\n".encode() for k in ["pio-out", "pio-in", "mmio-write", "mmio-read"]
+             for e in ["begin", "end"]] + [b"VMD-BENCH exits done\n"]
+    for i in range(RUNS):
+        for vmm in VMMS:
+            if vmm != "vmd" and not QEMU or ("exits", vmm) in failures:
+                continue
+            log(f"exits {vmm} run {i + 1}/{RUNS}")
+            cmd = f"n={EXITS_N}"
+            try:
+                if vmm == "vmd":
+                    name, t0, p = vmd.start(GUESTS / "bench_exits.elf", cmd)
+                    got, _ = vmd.wait_marks(name, marks, 300, p)
+                    p.wait()
+                    vmd.stop(name)
+                else:
+                    q = Qemu(vmm.split("-")[1], GUESTS / "bench_exits.elf", cmd)
+                    try:
+                        got, _ = q.wait_marks(marks, 300)
+                    finally:
+                        q.kill()
+            except Exception as e:
+                fail("exits", vmm, e)
+                continue
+            for k in ["pio-out", "pio-in", "mmio-write", "mmio-read"]:
+                dt = got[f"VMD-BENCH {k} end\n".encode()] - got[f"VMD-BENCH {k} begin\n".encode()]
+                add(f"{k} exits per second (1 vCPU)", vmm, EXITS_N / dt)
+
+
+def fig_memory(vmd):
+    for count in (1, 10):
+        for i in range(RUNS):
+            for vmm in VMMS:
+                if vmm != "vmd" and not QEMU or (f"mem{count}", vmm) in failures:
+                    continue
+                log(f"memory {count} idle VM(s) {vmm} run {i + 1}/{RUNS}")
+                started, qs = [], []
+                try:
+                    for _ in range(count):
+                        if vmm == "vmd":
+                            name, t0, p = vmd.start(GUESTS / "bench_boot.elf", "idle")
+                            started.append((name, p))
+                        else:
+                            qs.append(Qemu(vmm.split("-")[1], GUESTS / "bench_boot.elf", "idle"))
+                    pids = []
+                    if vmm == "vmd":
+                        for name, p in started:
+                            vmd.wait_marks(name, [IDLE_MARK], 60, p)
+                            p.wait()
+                            pids.append(vmd.pid(name))
+                    else:
+                        for q in qs:
+                            q.wait_marks([IDLE_MARK], 60)
+                            pids.append(q.p.pid)
+                    time.sleep(0.5)
+                    over = rss = guest = 0
+                    for pid in pids:
+                        r, g, o = smaps_overhead(pid, 64 << 20)
+                        rss, guest, over = rss + r, guest + g, over + o
+                    if count == 1:
+                        add("1 idle VM: VMM RSS (MiB)", vmm, rss / 1024)
+                        add("1 idle VM: guest pages touched (MiB)", vmm, guest / 1024)
+                        add("1 idle VM: overhead = RSS - guest (MiB)", vmm, over / 1024)
+                        if vmm == "vmd" and i == 0:
+                            d = sum(smaps_overhead(p, 1 << 60)[0] for p in vmd.daemon_pids())
+                            notes.append(f"vmd's fixed daemons (parent, control, priv) add {d / 1024:.1f} MiB RSS "
+                                         "once per host, whatever the number of VMs (not counted per VM).")
+                    else:
+                        add("10 idle VMs: total overhead (MiB)", vmm, over / 1024)
+                        add("10 idle VMs: overhead per VM (MiB)", vmm, over / 1024 / 10)
+                except Exception as e:
+                    fail(f"mem{count}", vmm, e)
+                finally:
+                    for name, _ in started:
+                        vmd.stop(name)
+                    for q in qs:
+                        q.kill()
+
+
+def fig_many(vmd):
+    """20 VMs until all printed their marker (vm.conf if vmd has it)."""
+    usage = subprocess.run([BIN / "vmd", "-h"], capture_output=True, text=True)
+    has_conf = "-f" in (usage.stdout + usage.stderr).split("usage:")[-1].split("[")[1] \
+        if "usage:" in usage.stdout + usage.stderr else False
+    label = "20 VMs: vm.conf start -> all markers (ms)" if has_conf else \
+        "20 VMs: 20 x `vmctl start` -> all markers (ms)"
+    if has_conf:
+        notes.append("vmd has -f: TODO measure the vm.conf path (bench.py fig_many); "
+                     "the figure below still uses 20 x vmctl start.")
+        label = "20 VMs: 20 x `vmctl start` -> all markers (ms)"
+    else:
+        notes.append("vmd has no vm.conf support yet (`vmd -f`): the 20-VM figure starts them with "
+                     "20 sequential `vmctl start` commands; QEMU's with 20 processes spawned at once.")
+    for i in range(RUNS):
+        for vmm in VMMS:
+            if vmm != "vmd" and not QEMU or ("many", vmm) in failures:
+                continue
+            log(f"20 VMs {vmm} run {i + 1}/{RUNS}")
+            qs, names = [], []
+            try:
+                t0 = now()
+                if vmm == "vmd":
+                    for _ in range(20):
+                        name, _, p = vmd.start(GUESTS / "bench_boot.elf", "idle")
+                        p.wait()
+                        names.append(name)
+                    t_end = max(max(vmd.wait_marks(n, [BOOT_MARK], 120)[0].values()) for n in names)
+                else:
+                    qs = [Qemu(vmm.split("-")[1], GUESTS / "bench_boot.elf", "idle") for _ in range(20)]
+                    t0 = min(q.t0 for q in qs)
+                    t_end = max(q.wait_marks([BOOT_MARK], 300)[0][BOOT_MARK] for q in qs)
+                add(label, vmm, (t_end - t0) * 1e3)
+            except Exception as e:
+                fail("many", vmm, e)
+            finally:
+                for n in names:
+                    vmd.stop(n)
+                for q in qs:
+                    q.kill()
+
+
+def fig_linux_hw(vmd):
+    """Linux-guest variants that need hardware virtualization."""
+    if not HW_VIRT:
+        notes.append("SKIPPED (no vmx/svm in /proc/cpuinfo: the nested KVM here emulates guest CPL0 code, "
+                     "so Linux cannot boot to userspace): Linux full boot to `GUEST-READY` with the busybox "
+                     "initramfs under each VMM; idle-Linux memory overhead.")
+        return
+    d = Path(VMLINUX).parent if VMLINUX else None
+    if not d or not (d / "initrd.gz").exists():
+        notes.append("Linux full-boot rows skipped: no initrd.gz next to the vmlinux.")
+        return
+    for i in range(RUNS):
+        for vmm in VMMS:
+            try:
+                if vmm == "vmd":
+                    name = vmd.name()
+                    args = [BIN / "vmctl", "-s", vmd.sock, "start", "-b", d / "vmlinux", "--initrd",
+                            d / "initrd.gz", "-m", "256M", "--cmdline", LINUX_CMDLINE, name]
+                    t0 = now()
+                    p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    got, _ = vmd.wait_marks(name, [b"GUEST-READY"], 60, p)
+                    vmd.stop(name)
+                else:
+                    if not QEMU:
+                        continue
+                    q = Qemu(vmm.split("-")[1], d / "vmlinux", LINUX_CMDLINE, "256M",
+                             ["-initrd", str(d / "initrd.gz")])
+                    t0 = q.t0
+                    try:
+                        got, _ = q.wait_marks([b"GUEST-READY"], 60)
+                    finally:
+                        q.kill()
+                add("linux: start -> `GUEST-READY` (ms)", vmm, (got[b"GUEST-READY"] - t0) * 1e3)
+            except Exception as e:
+                fail("linux-full", vmm, e)
+
+
+def placeholders():
+    """virtio-blk / virtio-net: measured only once vmd has the devices and a
+    test-guest driver exists that both VMMs can run."""
+    help_ = subprocess.run([BIN / "vmctl", "help"], capture_output=True, text=True).stdout
+    has_disk = bool(re.search(r"start \[[^\n]*-d ", help_)) and "not supported yet" not in \
+        "".join(l for l in help_.splitlines() if "-d," in l or " -d " in l)
+    has_blk_guest = (GUESTS / "bench_blk.elf").exists()
+    has_net_guest = (GUESTS / "bench_net.elf").exists()
+    rows = []
+    for fig, dev, guest_ok in [("virtio-blk requests/s and MiB/s", "virtio-blk (vmctl start -d)", has_blk_guest),
+                               ("virtio-net frames/s and MiB/s", "virtio-net (vmctl start -i)", has_net_guest)]:
+        if not has_disk:
+            why = f"vmd has no {dev} yet (vmctl start lists -d/-i as not supported yet)"
+        elif not guest_ok:
+            why = "no test-guest virtio driver (tests/guests/bench_blk.c / bench_net.c) exists yet"
+        else:
+            why = "devices and guest exist, but the measuring code in bench/bench.py is still a stub"
+        rows.append((fig, why))
+    return rows
+
+
+# ----------------------------------------------------------------- report
+
+def fmt(v):
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def machine_info():
+    def sh(*c):
+        try:
+            return subprocess.run(c, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        except OSError:
+            return "?"
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    mem = next(l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    mods = sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm"))
+    pvm = ""
+    if Path("/sys/module/kvm_pvm/parameters/pvm_native").exists():
+        pvm = " (pvm_native=" + Path("/sys/module/kvm_pvm/parameters/pvm_native").read_text().strip() + ")"
+    dirty = " + uncommitted changes" if sh("git", "status", "--porcelain", "--untracked-files=no") else ""
+    return [
+        ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
+        ("CPU", f"{cpu}, {os.cpu_count()} cores; hardware virtualization (vmx/svm): {'yes' if HW_VIRT else 'no'}"),
+        ("memory", f"{int(mem) // 1024} MiB"),
+        ("kernel", sh("uname", "-srm")),
+        ("KVM", ", ".join(mods) + pvm),
+        ("OS", sh("sh", "-c", ". /etc/os-release; echo $PRETTY_NAME")),
+        ("vmd", f"git {sh('git', 'rev-parse', '--short', 'HEAD')}{dirty}, release build, {sh('rustc', '--version')}"),
+        ("QEMU", sh(QEMU, "--version").splitlines()[0] if QEMU else "not installed"),
+        ("QEMU flags", "`" + " ".join(["-M microvm|pc", *QEMU_BASE, "-m 64M -kernel GUEST"]) + "`"),
+        ("runs", f"{RUNS} per figure ({LINUX_RUNS} for the Linux boot); exits: n={EXITS_N} per phase"),
+    ]
+
+
+def write_report(placeholder_rows, elapsed):
+    L = ["# Benchmarks: vmd vs QEMU", "",
+         "Generated by `bench/run.sh` (see bench/README.md for the methods); do not edit by hand.", "",
+         "## Machine", "", "| | |", "|---|---|"]
+    L += [f"| {k} | {v} |" for k, v in machine_info()]
+    L += ["", f"Whole run: {elapsed / 60:.1f} min.", "",
+          "## Results", "",
+          "Median (min-max) over the runs; ratio = vmd median / QEMU median (lower is better for times "
+          "and memory, higher is better for rates).", "",
+          "| figure | vmd | QEMU microvm | QEMU pc | vmd/microvm | vmd/pc |",
+          "|---|---|---|---|---|---|"]
+    fig_keys = {"test": "test-boot", "linux": "linux-boot"}
+    for fig, per in results.items():
+        cells, med = [], {}
+        for vmm in VMMS:
+            vals = per.get(vmm)
+            key = next((k for k in failures if k[1] == vmm and fig.startswith(k[0].split("-")[0])), None)
+            if vals:
+                med[vmm] = statistics.median(vals)
+                cells.append(f"{fmt(med[vmm])} ({fmt(min(vals))}-{fmt(max(vals))}), n={len(vals)}")
+            else:
+                cells.append("failed (see below)" if key else "-")
+        for q in ["qemu-microvm", "qemu-pc"]:
+            cells.append(f"{med['vmd'] / med[q]:.3g}" if "vmd" in med and q in med and med[q] else "-")
+        L.append(f"| {fig} | " + " | ".join(cells) + " |")
+    for fig, why in placeholder_rows:
+        L.append(f"| {fig} | not yet measurable: {why} | | | | |")
+    L += ["", "## Targets", ""]
+    L += targets()
+    if failures:
+        L += ["", "## Failures", "", "| figure | VMM | error |", "|---|---|---|"]
+        L += [f"| {f} | {v} | `{e}` |" for (f, v), e in failures.items()]
+    if notes:
+        L += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    L += ["", "## Methods", ""] + METHODS
+    OUT_MD.parent.mkdir(parents=True, exist_ok=True)
+    OUT_MD.write_text("\n".join(L) + "\n")
+    log(f"wrote {OUT_MD}")
+
+
+def med(fig, vmm):
+    v = results.get(fig, {}).get(vmm)
+    return statistics.median(v) if v else None
+
+
+def targets():
+    out = []
+    a = med("test: start -> first serial byte (ms)", "vmd")
+    for q in ["qemu-microvm", "qemu-pc"]:
+        b = med("test: start -> first serial byte (ms)", q)
+        if a and b:
+            ok = "met" if a <= b / 10 else "NOT met"
+            out.append(f"- Start to first guest output at most 1/10 of QEMU's ({q}, same test guest): "
+                       f"{a:.1f} ms vs {b:.1f} ms = {a / b:.3f} of QEMU's: **{ok}**.")
+    c = med("VMM process CPU before first KVM_RUN (ms)", "vmd")
+    if c is not None:
+        out.append(f"- Firecracker's spec, at most 8 CPU ms in the VMM before the guest's first instruction: "
+                   f"vmd's vmm process {c:.2f} ms: **{'met' if c <= 8 else 'NOT met'}** "
+                   f"(all vmd processes together, vmctl included: "
+                   f"{med('all processes' + chr(39) + ' CPU before first KVM_RUN (ms)', 'vmd'):.2f} ms).")
+    o = med("1 idle VM: overhead = RSS - guest (MiB)", "vmd")
+    o10 = med("10 idle VMs: overhead per VM (MiB)", "vmd")
+    if o is not None:
+        out.append(f"- VMM overhead under 5 MiB per idle VM: {o:.2f} MiB for one"
+                   + (f", {o10:.2f} MiB each for ten" if o10 is not None else "")
+                   + f": **{'met' if o < 5 and (o10 is None or o10 < 5) else 'NOT met'}**.")
+    out.append("- Block and network throughput at least QEMU's: **not yet measurable** (no virtio-blk/net "
+               "in vmd yet; see the placeholder rows).")
+    return out
+
+
+METHODS = [
+    "- **Start -> first serial byte / marker**: t0 is taken just before spawning `vmctl start` (vmd) or "
+    "`qemu-system-x86_64` (QEMU). vmd's serial output is read from its console log "
+    "(`STATE/console/NAME.log`, written by the parent as it drains the pty), polled every 0.5 ms; QEMU's "
+    "from its `-serial stdio` pipe by a reader thread. A marker counts when its whole line has arrived. "
+    "The test guest is `tests/guests/bench_boot.elf` (PVH entry, prints `VMD-BENCH boot` as its first "
+    "output, then powers off); under QEMU it is loaded with `-kernel` (microvm: qboot + PVH; pc: SeaBIOS + "
+    "the PVH option ROM). The Linux rows boot Debian's vmlinux (PVH note) with "
+    f"`{LINUX_CMDLINE}` and 256 MiB; it gets no further than its early boot on a nested KVM that emulates "
+    "guest kernel code.",
+    "- **Before the guest's first instruction**: an ftrace instance (`trace_clock=mono`, the clock "
+    "Python's `time.monotonic` reads) records `sys_enter_ioctl` with `cmd == 0xae80` (KVM_RUN) and "
+    "`sched_stat_runtime` for the harness's descendants and vmd's daemons (`set_event_pid` + "
+    "`event-fork`). Wall = first KVM_RUN - t0. CPU = the run time of every thread of the VMM process "
+    "(vmd: the per-VM `vmm` process; QEMU: the qemu process) up to that instant, from the "
+    "sched_stat_runtime slices (each one a contiguous run ending at its timestamp, cut at the KVM_RUN). "
+    "The `all processes` row adds, for vmd, vmctl, control, parent and priv. For QEMU the guest's first "
+    "instruction is its firmware's (qboot or SeaBIOS), not the test guest's.",
+    "- **Memory**: `bench_boot.elf idle` prints `VMD-BENCH idle` and halts with interrupts off. 0.5 s "
+    "after the marker, Rss of every mapping in /proc/PID/smaps of the VMM process is summed; the guest "
+    "RAM mapping (anonymous, 64 MiB to 68 MiB in size, the largest Rss of those) is subtracted. RSS counts "
+    "shared library pages in full for each process (QEMU maps many more libraries than vmd).",
+    f"- **Exits**: `tests/guests/bench_exits.elf n={EXITS_N}` switches to ring 3 (CPL3 runs natively on "
+    "this nested KVM; the TSS I/O bitmap allows every port, since this KVM ignores RFLAGS.IOPL for ring 3) "
+    "and runs four phases of N accesses: `outb` to port 0x2e0, `inb` from it, 32-bit stores to and loads "
+    "from 0xd0000000 (all unclaimed in both VMMs, each one a userspace exit). Rate = N / (host time "
+    "between the phase's `begin` and `end` lines).",
+    "- **20 VMs**: 20 `bench_boot.elf idle` VMs; time from the first start command to the last `VMD-BENCH "
+    "boot` line seen.",
+]
+
+
+def main():
+    t_start = now()
+    WORK.mkdir(parents=True, exist_ok=True)
+    vmd = Vmd()
+    tr = Ftrace([os.getpid(), *vmd.daemon_pids()])
+    only = set(os.environ.get("ONLY", "boot,exits,memory,many,linuxhw").split(","))
+    try:
+        if "boot" in only:
+            fig_boot(vmd, tr)
+        if "exits" in only:
+            fig_exits(vmd)
+        if "memory" in only:
+            fig_memory(vmd)
+        if "many" in only:
+            fig_many(vmd)
+        if "linuxhw" in only:
+            fig_linux_hw(vmd)
+    finally:
+        tr.close()
+        vmd.close()
+    rows = placeholders()
+    write_report(rows, now() - t_start)
+    print(OUT_MD.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+#!/bin/sh
+# bench/run.sh - vmd vs QEMU benchmarks on this machine; writes docs/BENCHMARKS.md.
+# Run as root from anywhere.  Environment: RUNS (default 5), LINUX_RUNS
+# (default RUNS), EXITS_N (accesses per exit phase, default 20000), ONLY
+# (comma list of boot,exits,memory,many,linuxhw), OUT_MD, CARGO_TARGET_DIR,
+# VMD_BIN_DIR (skip the cargo build), VMLINUX (Debian vmlinux; default: the
+# one tests/guest/build-linux-guest.sh caches).  Sends no network traffic
+# except apt's, and only when QEMU must be installed.
+set -eu
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+[ "$(id -u)" = 0 ] || { echo "bench/run.sh: run as root (vmd, /dev/kvm, tracefs)" >&2; exit 1; }
+[ -e /dev/kvm ] || { echo "bench/run.sh: /dev/kvm missing" >&2; exit 1; }
+
+# QEMU from Debian: bookworm's 7.2 conflicts with the qemu-utils 10.0 from
+# bookworm-backports these machines ship, so take it from backports too.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+	. /etc/os-release
+	if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+		src=/etc/apt/sources.list.d/bookworm-backports.sources
+		if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+			mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
+			printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+				"${mirror:-http://deb.debian.org/debian}" > "$src"
+		fi
+		DEBIAN_FRONTEND=noninteractive apt-get update -q
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			-t bookworm-backports qemu-system-x86
+	else
+		DEBIAN_FRONTEND=noninteractive apt-get update -q
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends qemu-system-x86
+	fi
+fi
+
+if [ -z "${VMD_BIN_DIR:-}" ]; then
+	cargo build --release --bins -q
+	VMD_BIN_DIR=${CARGO_TARGET_DIR:-$ROOT/target}/release
+fi
+GUEST_DIR=${GUEST_DIR:-$ROOT/target/bench-guests}
+sh tests/guests/build.sh "$GUEST_DIR" >/dev/null
+if [ -z "${VMLINUX:-}" ]; then
+	VMLINUX=$(ls -d "$ROOT"/.cache/linux-*/vmlinux 2>/dev/null | tail -1 || true)
+fi
+export VMD_BIN_DIR GUEST_DIR VMLINUX
+exec python3 bench/bench.py
