@@ -15,7 +15,8 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 use crate::devices::power::SLP_TYP_S5;
 use crate::layout::{
     ACPI_DSDT, ACPI_END, ACPI_FACS, ACPI_FADT, ACPI_MADT, ACPI_RSDP, ACPI_XSDT, IOAPIC_ADDR,
-    LAPIC_ADDR, PM1A_CNT_LEN, PM1A_EVT_LEN, PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_RESET_CTRL, SCI_IRQ,
+    LAPIC_ADDR, PCI_MMIO_END, PCI_MMIO_START, PM1A_CNT_LEN, PM1A_EVT_LEN, PORT_PM1A_CNT,
+    PORT_PM1A_EVT, PORT_RESET_CTRL, SCI_IRQ,
 };
 use crate::mptable::ioapic_id;
 
@@ -393,27 +394,168 @@ fn facs() -> Facs {
     }
 }
 
-/// The DSDT's AML: only the S5 (soft-off) sleep object.
+/// AML opcodes and prefixes used below (ACPI 6.5, 20.2).
+const ZERO_OP: u8 = 0x00;
+const NAME_OP: u8 = 0x08;
+const BYTE_PREFIX: u8 = 0x0a;
+const DWORD_PREFIX: u8 = 0x0c;
+const SCOPE_OP: u8 = 0x10;
+const BUFFER_OP: u8 = 0x11;
+const PACKAGE_OP: u8 = 0x12;
+const EXT_OP: u8 = 0x5b;
+const DEVICE_OP: u8 = 0x82;
+
+/// PkgLength (20.2.4) for `body` bytes that follow it: the encoded length
+/// counts its own bytes too.
+fn pkg_length(body: usize) -> Vec<u8> {
+    if body + 1 < 0x40 {
+        return vec![(body + 1) as u8];
+    }
+    for n in 2..=4usize {
+        let total = body + n;
+        if total < 1 << (4 + 8 * (n - 1)) {
+            let mut v = vec![((n - 1) << 6) as u8 | (total & 0xf) as u8];
+            for i in 0..n - 1 {
+                v.push((total >> (4 + 8 * i)) as u8);
+            }
+            return v;
+        }
+    }
+    unreachable!("AML package too large")
+}
+
+/// `op [ext]` PkgLength `name` `body`.
+fn aml_block(op: &[u8], name: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut v = op.to_vec();
+    v.extend(pkg_length(name.len() + body.len()));
+    v.extend_from_slice(name);
+    v.extend_from_slice(body);
+    v
+}
+
+fn aml_name(name: &[u8; 4], value: &[u8]) -> Vec<u8> {
+    let mut v = vec![NAME_OP];
+    v.extend_from_slice(name);
+    v.extend_from_slice(value);
+    v
+}
+
+fn aml_dword(v: u32) -> Vec<u8> {
+    let mut b = vec![DWORD_PREFIX];
+    b.extend_from_slice(&v.to_le_bytes());
+    b
+}
+
+/// Package () { elements } (each element already encoded).
+fn aml_package(count: u8, elements: &[u8]) -> Vec<u8> {
+    let mut body = vec![count];
+    body.extend_from_slice(elements);
+    aml_block(&[PACKAGE_OP], &[], &body)
+}
+
+/// The PCI root bridge's current resources:
+///
+/// ```text
+/// ResourceTemplate () {
+///     WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode,
+///         0x0000, 0x0000, 0x0000, 0x0000, 0x0001)
+///     IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08)
+///     DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed,
+///         NonCacheable, ReadWrite, 0x00000000,
+///         PCI_MMIO_START, PCI_MMIO_END - 1, 0x00000000,
+///         PCI_MMIO_END - PCI_MMIO_START)
+/// }
+/// ```
+fn pci_crs() -> Vec<u8> {
+    const PRODUCER_MIN_MAX_FIXED: u8 = 0x0c;
+    let mut r = vec![0x88, 13, 0, 2, PRODUCER_MIN_MAX_FIXED, 0];
+    for v in [0u16, 0, 0, 0, 1] {
+        r.extend_from_slice(&v.to_le_bytes());
+    }
+    r.extend_from_slice(&[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]);
+    // Memory; type-specific flags: read-write, non-cacheable.
+    r.extend_from_slice(&[0x87, 23, 0, 0, PRODUCER_MIN_MAX_FIXED, 1]);
+    for v in [
+        0u32,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_END - 1) as u32,
+        0,
+        (PCI_MMIO_END - PCI_MMIO_START) as u32,
+    ] {
+        r.extend_from_slice(&v.to_le_bytes());
+    }
+    // End tag, checksum 0 ("the sum is zero").
+    r.extend_from_slice(&[0x79, 0]);
+    r
+}
+
+/// The DSDT's AML:
 ///
 /// ```text
 /// Name (\_S5, Package (0x04) { 0x05, Zero, Zero, Zero })
+/// Scope (\_SB) {
+///     Device (PCI0) {
+///         Name (_HID, EisaId ("PNP0A03"))
+///         Name (_UID, Zero)
+///         Name (_SEG, Zero)
+///         Name (_BBN, Zero)
+///         Name (_CRS, ResourceTemplate () { ... see pci_crs ... })
+///         Name (_PRT, Package (31) {
+///             // slot s (1-31), pin A, no link device: GSI 16 + (s-1) % 8
+///             Package (4) { 0x0001FFFF, Zero, Zero, 16 },
+///             ...
+///             Package (4) { 0x001FFFFF, Zero, Zero, 22 },
+///         })
+///     }
+/// }
 /// ```
-/// The first element is PM1a_CNT.SLP_TYP (devices/power.rs acts on 5),
-/// the second PM1b's (there is none), the rest reserved.
+/// `\_S5`: the first element is PM1a_CNT.SLP_TYP (devices/power.rs acts
+/// on 5), the second PM1b's (there is none), the rest reserved.
+///
+/// Linux finds the PCI bus through PNP0A03 (type-1 config access, no
+/// MCFG), takes the BAR window from _CRS and routes each slot's INTA#
+/// through _PRT; with MSI-X (which virtio-pci drivers use first) the
+/// _PRT matters only as a fallback.
 fn dsdt_aml() -> Vec<u8> {
-    const NAME_OP: u8 = 0x08;
-    const ROOT_CHAR: u8 = b'\\';
-    const PACKAGE_OP: u8 = 0x12;
-    const BYTE_PREFIX: u8 = 0x0a;
-    const ZERO_OP: u8 = 0x00;
     let elements = [BYTE_PREFIX, SLP_TYP_S5 as u8, ZERO_OP, ZERO_OP, ZERO_OP];
-    let mut aml = vec![NAME_OP, ROOT_CHAR];
+    let mut aml = vec![NAME_OP, b'\\'];
     aml.extend_from_slice(b"_S5_");
     aml.push(PACKAGE_OP);
     // PkgLength (one byte, counting itself), NumElements, the elements.
     aml.push((1 + 1 + elements.len()) as u8);
     aml.push(4);
     aml.extend_from_slice(&elements);
+
+    let mut dev = Vec::new();
+    // EisaId ("PNP0A03") compressed: 0x41d0 "PNP", 0x0a03.
+    dev.extend(aml_name(b"_HID", &aml_dword(0x030a_d041)));
+    dev.extend(aml_name(b"_UID", &[ZERO_OP]));
+    dev.extend(aml_name(b"_SEG", &[ZERO_OP]));
+    dev.extend(aml_name(b"_BBN", &[ZERO_OP]));
+    let crs = pci_crs();
+    let mut buf = vec![BYTE_PREFIX, crs.len() as u8];
+    buf.extend_from_slice(&crs);
+    let mut crs_obj = vec![BUFFER_OP];
+    crs_obj.extend(pkg_length(buf.len()));
+    crs_obj.extend(buf);
+    dev.extend(aml_name(b"_CRS", &crs_obj));
+    let mut prt = Vec::new();
+    for slot in 1..crate::pci::SLOTS as u32 {
+        let mut e = aml_dword((slot << 16) | 0xffff);
+        e.extend_from_slice(&[
+            ZERO_OP,
+            ZERO_OP,
+            BYTE_PREFIX,
+            crate::pci::intx_gsi(slot as usize) as u8,
+        ]);
+        prt.extend(aml_package(4, &e));
+    }
+    dev.extend(aml_name(
+        b"_PRT",
+        &aml_package((crate::pci::SLOTS - 1) as u8, &prt),
+    ));
+    let device = aml_block(&[EXT_OP, DEVICE_OP], b"PCI0", &dev);
+    aml.extend(aml_block(&[SCOPE_OP], b"\\_SB_", &device));
     aml
 }
 
@@ -616,10 +758,47 @@ mod tests {
         let mem = written(1);
         let d = table(&mem, ACPI_DSDT, b"DSDT");
         assert_eq!(
-            &d[36..],
+            &d[36..50],
             &[0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0, 0, 0]
         );
         assert_eq!(u16::from(d[46]), SLP_TYP_S5);
+    }
+
+    #[test]
+    fn pkg_length_encodings() {
+        assert_eq!(pkg_length(0), vec![1]);
+        assert_eq!(pkg_length(62), vec![63]);
+        assert_eq!(pkg_length(63), vec![0x41, 0x04]);
+        assert_eq!(pkg_length(0x200), vec![0x42, 0x20]);
+        assert_eq!(pkg_length(5000), vec![0x8b, 0x38, 0x01]);
+    }
+
+    #[test]
+    fn dsdt_has_the_pci_root_bridge() {
+        let mem = written(1);
+        let d = table(&mem, ACPI_DSDT, b"DSDT");
+        let find = |needle: &[u8]| d.windows(needle.len()).position(|w| w == needle);
+        let scope = find(&[0x10]).unwrap();
+        assert_eq!(&d[scope + 3..scope + 8], b"\\_SB_");
+        let dev = find(&[0x5b, 0x82]).unwrap();
+        assert_eq!(&d[dev + 4..dev + 8], b"PCI0");
+        // _HID EisaId ("PNP0A03").
+        let hid = find(b"_HID").unwrap();
+        assert_eq!(&d[hid + 4..hid + 9], &[0x0c, 0x41, 0xd0, 0x0a, 0x03]);
+        // _CRS: the memory window.
+        let crs = find(&[0x87, 23, 0]).unwrap();
+        assert_eq!(u32_at(&d, crs + 10), 0xe000_0000);
+        assert_eq!(u32_at(&d, crs + 14), 0xfbff_ffff);
+        // _PRT: 31 entries, slot 1 pin A on GSI 16, slot 9 on 16 again.
+        let prt = find(b"_PRT").unwrap();
+        assert_eq!(d[prt + 4], 0x12);
+        assert_eq!(d[prt + 7], 31);
+        let e1 = find(&[0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00]).unwrap();
+        assert_eq!(&d[e1 + 8..e1 + 12], &[0, 0, 0x0a, 16]);
+        let e8 = find(&[0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x08, 0x00]).unwrap();
+        assert_eq!(d[e8 + 11], 23);
+        // The outer lengths add up to the table's end.
+        assert!(ACPI_DSDT + d.len() as u64 <= ACPI_MADT);
     }
 
     /// `(type, entry bytes)` for each MADT entry.

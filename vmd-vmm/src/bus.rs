@@ -1,7 +1,11 @@
 //! Port-I/O and MMIO buses: address ranges mapped to devices. An access
 //! nobody claims reads as all-ones (a floating bus) and writes vanish.
+//!
+//! Ranges can be added and removed while vCPUs run (PCI BARs move when
+//! the guest reprograms them): the range list sits behind a read-write
+//! lock that accesses only read.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of the range the
 /// device was inserted at; `data.len()` is the access size.
@@ -31,18 +35,18 @@ struct Range {
 pub struct Bus {
     name: &'static str,
     /// Sorted by base, never overlapping.
-    ranges: Vec<Range>,
+    ranges: RwLock<Vec<Range>>,
 }
 
 impl Bus {
     pub fn new(name: &'static str) -> Bus {
         Bus {
             name,
-            ranges: Vec::new(),
+            ranges: RwLock::new(Vec::new()),
         }
     }
 
-    pub fn insert(&mut self, base: u64, len: u64, dev: SharedDevice) -> Result<(), BusError> {
+    pub fn insert(&self, base: u64, len: u64, dev: SharedDevice) -> Result<(), BusError> {
         let err = BusError::Overlap {
             bus: self.name,
             base,
@@ -51,28 +55,43 @@ impl Bus {
         let Some(end) = base.checked_add(len).filter(|_| len > 0) else {
             return Err(err);
         };
-        let at = self.ranges.partition_point(|r| r.base < base);
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let at = ranges.partition_point(|r| r.base < base);
         let clashes_prev = at > 0 && {
-            let p = &self.ranges[at - 1];
+            let p = &ranges[at - 1];
             p.base + p.len > base
         };
-        let clashes_next = self.ranges.get(at).is_some_and(|n| n.base < end);
+        let clashes_next = ranges.get(at).is_some_and(|n| n.base < end);
         if clashes_prev || clashes_next {
             return Err(err);
         }
-        self.ranges.insert(at, Range { base, len, dev });
+        ranges.insert(at, Range { base, len, dev });
         Ok(())
     }
 
-    fn find(&self, addr: u64) -> Option<(&Range, u64)> {
-        let at = self.ranges.partition_point(|r| r.base <= addr);
-        let r = self.ranges.get(at.checked_sub(1)?)?;
-        (addr - r.base < r.len).then_some((r, addr - r.base))
+    /// Removes the range starting at `base`; false if there is none.
+    pub fn remove(&self, base: u64) -> bool {
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        match ranges.iter().position(|r| r.base == base) {
+            Some(i) => {
+                ranges.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The device at `addr` and the offset into its range.
+    fn find(&self, addr: u64) -> Option<(SharedDevice, u64)> {
+        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let at = ranges.partition_point(|r| r.base <= addr);
+        let r = ranges.get(at.checked_sub(1)?)?;
+        (addr - r.base < r.len).then(|| (r.dev.clone(), addr - r.base))
     }
 
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((r, offset)) => lock(&r.dev).read(offset, data),
+            Some((dev, offset)) => lock(&dev).read(offset, data),
             None => {
                 log::trace!(
                     "{} read of {} bytes at {addr:#x}: unclaimed",
@@ -86,7 +105,7 @@ impl Bus {
 
     pub fn write(&self, addr: u64, data: &[u8]) {
         match self.find(addr) {
-            Some((r, offset)) => lock(&r.dev).write(offset, data),
+            Some((dev, offset)) => lock(&dev).write(offset, data),
             None => log::trace!("{} write {data:x?} at {addr:#x}: unclaimed", self.name),
         }
     }
@@ -117,7 +136,7 @@ mod tests {
 
     #[test]
     fn dispatch_and_unclaimed() {
-        let mut bus = Bus::new("pio");
+        let bus = Bus::new("pio");
         bus.insert(0x3f8, 8, dev(0x10)).unwrap();
         bus.insert(0x60, 1, dev(0x20)).unwrap();
         let mut b = [0u8; 1];
@@ -138,7 +157,7 @@ mod tests {
 
     #[test]
     fn overlaps_rejected() {
-        let mut bus = Bus::new("pio");
+        let bus = Bus::new("pio");
         bus.insert(0x100, 0x10, dev(0)).unwrap();
         assert!(bus.insert(0x10f, 1, dev(0)).is_err());
         assert!(bus.insert(0xf8, 0x9, dev(0)).is_err());
@@ -146,5 +165,8 @@ mod tests {
         assert!(bus.insert(u64::MAX, 2, dev(0)).is_err());
         bus.insert(0xf8, 0x8, dev(0)).unwrap();
         bus.insert(0x110, 1, dev(0)).unwrap();
+        assert!(bus.remove(0x100));
+        assert!(!bus.remove(0x100));
+        bus.insert(0x108, 8, dev(0)).unwrap();
     }
 }

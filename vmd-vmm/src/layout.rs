@@ -46,10 +46,11 @@ pub const ACPI_XSDT: u64 = ACPI_START + 0x40;
 pub const ACPI_FACS: u64 = ACPI_START + 0x80;
 /// FADT (276 bytes, revision 6).
 pub const ACPI_FADT: u64 = ACPI_START + 0x100;
-/// DSDT: only `\_S5` for now, room to grow to 256 bytes.
+/// DSDT: `\_S5` and the PCI root bridge with its _CRS and _PRT
+/// (about 0x220 bytes), room to grow to 0x500.
 pub const ACPI_DSDT: u64 = ACPI_START + 0x300;
 /// MADT last: its length grows with the vCPU count (8 bytes per vCPU).
-pub const ACPI_MADT: u64 = ACPI_START + 0x400;
+pub const ACPI_MADT: u64 = ACPI_START + 0x800;
 /// End of the ACPI area, where the BIOS ROM area starts.
 pub const ACPI_END: u64 = BIOS_ROM_START;
 /// The BIOS ROM area (reserved in e820). The MP configuration table goes
@@ -70,6 +71,12 @@ pub const HIGH_RAM_START: u64 = 1 << 32;
 /// it needs (three pages), both inside the MMIO gap, out of RAM's way.
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 pub const KVM_TSS_ADDR: u64 = 0xfeff_d000;
+/// PCI memory BARs are allocated from this window (inside the MMIO gap,
+/// clear of 0xd000_0000, which benchmarks use as an unclaimed address, and
+/// of the IOAPIC/LAPIC/KVM pages at 0xfec0_0000 and up). The ACPI PCI root
+/// bridge's _CRS hands the same window to the guest.
+pub const PCI_MMIO_START: u64 = 0xe000_0000;
+pub const PCI_MMIO_END: u64 = 0xfc00_0000;
 /// The in-kernel IOAPIC and local APICs (architectural defaults).
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
@@ -97,6 +104,18 @@ pub const PM1A_CNT_LEN: u8 = 2;
 /// PCI reset control register.
 pub const PORT_RESET_CTRL: u16 = 0xcf9;
 
+/// PCI configuration mechanism #1: address (dword at 0xcf8) and data
+/// (0xcfc-0xcff). Byte accesses to 0xcf9 stay the reset control register.
+pub const PORT_PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+pub const PORT_PCI_CONFIG_DATA: u16 = 0xcfc;
+
+/// INTx: PCI device `n` (slot n, pin A) raises IOAPIC input
+/// `PCI_INTX_GSI_BASE + (n - 1) % PCI_INTX_GSI_COUNT` (GSIs 16-23, shared
+/// beyond 8 devices), level-triggered, as the DSDT's _PRT says.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+/// The IOAPIC has 24 inputs (GSIs 0-23); MSI-X vectors get GSIs from here.
+pub const IOAPIC_PINS: u32 = 24;
 /// Legacy IRQ (and GSI) of COM1.
 pub const COM1_IRQ: u32 = 4;
 /// Legacy IRQ (and GSI) of the ACPI SCI, as the FADT and MADT say.

@@ -4,8 +4,9 @@
 //! Protocol, as seen from here:
 //! 1. receive exactly one `Msg::VmmStart(params)` with `params.fd_count()`
 //!    fds, in order: /dev/kvm (read-write), the console tty (a pty slave in
-//!    raw mode), the kernel image (read-only) and, when `has_initrd`, the
-//!    initrd (read-only);
+//!    raw mode), the kernel image (read-only), when `has_initrd` the
+//!    initrd (read-only), then per disk its top image and its backing
+//!    files (top down);
 //! 2. drop privileges to `params.uid`/`params.gid` (see the `vmd-sandbox` crate);
 //! 3. build the VM and start its vCPUs, then send `Msg::VmmRunning`;
 //! 4. serve the console and the channel until the guest ends or the
@@ -23,13 +24,15 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod pci;
 pub mod vcpu;
+pub mod virtio;
 pub mod vm;
 
 use vmd_proto::vm::ExitReason;
 use vmd_proto::{Channel, Msg};
 
-pub use vm::{build_and_run, DevOptions, Outcome, VmError, VmFiles};
+pub use vm::{build_and_run, DevOptions, DiskFiles, Outcome, VmError, VmFiles};
 
 /// Role entry point: serves one VM over `chan`, returns the exit status.
 pub fn run(chan: Channel) -> i32 {
@@ -56,7 +59,7 @@ pub fn run(chan: Channel) -> i32 {
         log::set_max_level(log::LevelFilter::Debug);
     }
     let id = params.id;
-    let files = match VmFiles::from_fds(frame.fds, params.has_initrd) {
+    let files = match VmFiles::from_fds(frame.fds, params.has_initrd, &params.disks) {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };

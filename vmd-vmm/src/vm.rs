@@ -13,7 +13,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vm_memory::GuestMemoryMmap;
-use vmd_proto::vm::{ExitReason, VmmParams, MAX_VCPUS};
+use vmd_proto::image::open_disk;
+use vmd_proto::vm::{DiskParams, ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,14 +26,21 @@ use crate::devices::cmos::Cmos;
 use crate::devices::i8042::{ResetControl, I8042};
 use crate::devices::power::{Pm1aControl, Pm1aEvent};
 use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
+use crate::devices::virtio_blk::{self, VirtioBlk};
+use crate::devices::virtio_rng::VirtioRng;
 use crate::devices::Sink;
 use crate::layout::{
     COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PM1A_EVT_LEN, PORT_CMOS, PORT_COM1,
-    PORT_I8042_DATA, PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_POST, PORT_RESET_CTRL,
+    PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PCI_CONFIG_DATA, PORT_PM1A_CNT, PORT_PM1A_EVT,
+    PORT_POST, PORT_RESET_CTRL,
 };
 use crate::memory::{self, MemoryError, RamLayout};
 use crate::mptable::{self, MpTableError};
+use crate::pci::irq::GsiRouter;
+use crate::pci::{intx_gsi, ConfigAddress, ConfigData, PciError, PciRoot};
 use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::virtio::pci::{spawn_worker, TransportError, VirtioPci, Worker};
+use crate::virtio::VirtioDevice;
 use crate::{cpuid, cpuid::CpuidError};
 
 /// The KVM API version every kernel since 2.6.22 reports.
@@ -68,6 +76,17 @@ pub enum VmError {
     Serial(#[from] SerialError),
     #[error("{0}: {1}")]
     Io(&'static str, io::Error),
+    #[error("disk {index}: {err}")]
+    Disk {
+        index: usize,
+        err: vmd_proto::image::ImageError,
+    },
+    #[error("{0} disks, but {1} sets of disk fds")]
+    DiskCount(usize, usize),
+    #[error("PCI: {0}")]
+    Pci(#[from] PciError),
+    #[error("virtio device {name}: {err}")]
+    Virtio { name: String, err: TransportError },
 }
 
 /// The fds that come with `VmmStart`, in their order.
@@ -81,22 +100,50 @@ pub struct VmFiles {
     pub kernel: OwnedFd,
     /// The initrd, read-only, when `has_initrd`.
     pub initrd: Option<OwnedFd>,
+    /// One entry per `VmmParams::disks`, in guest order.
+    pub disks: Vec<DiskFiles>,
+}
+
+/// A disk's fds: the top image, then its backing files top down.
+#[derive(Debug)]
+pub struct DiskFiles {
+    pub top: OwnedFd,
+    pub backing: Vec<OwnedFd>,
 }
 
 impl VmFiles {
-    pub fn from_fds(fds: Vec<OwnedFd>, has_initrd: bool) -> Result<VmFiles, VmError> {
-        let expected = 3 + usize::from(has_initrd);
+    /// Splits the fds that came with `VmmStart` (see
+    /// `VmmParams::fd_count` for their order).
+    pub fn from_fds(
+        fds: Vec<OwnedFd>,
+        has_initrd: bool,
+        disks: &[DiskParams],
+    ) -> Result<VmFiles, VmError> {
+        let disk_fds: usize = disks.iter().map(|d| 1 + d.backing as usize).sum();
+        let expected = 3 + usize::from(has_initrd) + disk_fds;
         let got = fds.len();
-        let mut it = fds.into_iter();
-        match (it.next(), it.next(), it.next(), it.next(), it.next()) {
-            (Some(kvm), Some(tty), Some(kernel), initrd, None) if got == expected => Ok(VmFiles {
-                kvm,
-                tty,
-                kernel,
-                initrd,
-            }),
-            _ => Err(VmError::FdCount { expected, got }),
+        if got != expected {
+            return Err(VmError::FdCount { expected, got });
         }
+        let mut it = fds.into_iter();
+        let mut next = || it.next().ok_or(VmError::FdCount { expected, got });
+        let kvm = next()?;
+        let tty = next()?;
+        let kernel = next()?;
+        let initrd = if has_initrd { Some(next()?) } else { None };
+        let mut files = Vec::with_capacity(disks.len());
+        for d in disks {
+            let top = next()?;
+            let backing = (0..d.backing).map(|_| next()).collect::<Result<_, _>>()?;
+            files.push(DiskFiles { top, backing });
+        }
+        Ok(VmFiles {
+            kvm,
+            tty,
+            kernel,
+            initrd,
+            disks: files,
+        })
     }
 }
 
@@ -122,8 +169,10 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A VM built and ready to run.
 pub struct Vm {
+    /// Stopped (and joined) first when the VM goes away.
+    _io_workers: Vec<Worker>,
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
@@ -176,6 +225,7 @@ impl Vm {
         let ram = RamLayout::new(params.memory)?;
         let mem = memory::create(&ram)?;
         memory::register(&vm, &mem)?;
+        let vm = Arc::new(vm);
 
         let mut kernel = File::from(files.kernel);
         let mut initrd = files.initrd.map(File::from);
@@ -200,7 +250,7 @@ impl Vm {
             .map_err(kvm_io("KVM_IRQFD for COM1"))?;
         let serial = Arc::new(Mutex::new(serial));
 
-        let mut pio = Bus::new("port I/O");
+        let pio = Bus::new("port I/O");
         pio.insert(u64::from(PORT_COM1), 8, serial.clone())?;
         pio.insert(u64::from(PORT_POST), 1, shared(Sink))?;
         pio.insert(
@@ -224,8 +274,10 @@ impl Vm {
             1,
             shared(ResetControl::new(exit.clone())),
         )?;
-        let pio = Arc::new(pio);
         let mmio = Arc::new(Bus::new("MMIO"));
+        let mem = Arc::new(mem);
+        let io_workers = add_pci_devices(params, files.disks, &vm, &mem, &pio, &mmio)?;
+        let pio = Arc::new(pio);
 
         let base_cpuid = cpuid::supported(&kvm)?;
         let mut vcpus = Vec::new();
@@ -247,9 +299,10 @@ impl Vm {
         }
 
         Ok(Vm {
+            _io_workers: io_workers,
             _kvm: kvm,
             _vm: vm,
-            mem: Arc::new(mem),
+            mem,
             vcpus,
             exit,
             serial,
@@ -289,6 +342,67 @@ impl Vm {
 
 fn shared<D: crate::bus::BusDevice + 'static>(d: D) -> SharedDevice {
     Arc::new(Mutex::new(d))
+}
+
+/// PCI bus 0 on the port bus, one virtio-blk function per disk and a
+/// virtio-rng, each with its I/O thread.
+fn add_pci_devices(
+    params: &VmmParams,
+    disks: Vec<DiskFiles>,
+    vm: &Arc<VmFd>,
+    mem: &Arc<GuestMemoryMmap>,
+    pio: &Bus,
+    mmio: &Arc<Bus>,
+) -> Result<Vec<Worker>, VmError> {
+    if disks.len() != params.disks.len() {
+        return Err(VmError::DiskCount(params.disks.len(), disks.len()));
+    }
+    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    pio.insert(
+        u64::from(PORT_PCI_CONFIG_ADDRESS),
+        1,
+        shared(ConfigAddress(root.clone())),
+    )?;
+    pio.insert(
+        u64::from(PORT_PCI_CONFIG_DATA),
+        4,
+        shared(ConfigData(root.clone())),
+    )?;
+    let router = GsiRouter::new(vm.clone());
+    let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    for (index, (p, f)) in params.disks.iter().zip(disks).enumerate() {
+        let backing = f.backing.into_iter().map(File::from).collect();
+        let disk = open_disk(File::from(f.top), backing, p.read_only, p.format)
+            .map_err(|err| VmError::Disk { index, err })?;
+        log::info!(
+            "disk {index}: {} bytes{}",
+            disk.size(),
+            if p.read_only { ", read-only" } else { "" }
+        );
+        let id = virtio_blk::serial(&params.name, index);
+        models.push((
+            format!("blk{index}"),
+            Box::new(VirtioBlk::new(disk, id, p.read_only)),
+        ));
+    }
+    models.push(("rng".into(), Box::new(VirtioRng::new())));
+    let mut workers = Vec::new();
+    for (name, model) in models {
+        let mut r = lock(&root);
+        let slot = r.next_slot().ok_or(PciError::BusFull)?;
+        let verr = |err| VmError::Virtio {
+            name: name.clone(),
+            err,
+        };
+        let dev = VirtioPci::new(name.clone(), model, mem.clone(), &router, intx_gsi(slot))
+            .map_err(verr)?;
+        let dev = Arc::new(Mutex::new(dev));
+        r.add(dev.clone(), dev.clone())?;
+        drop(r);
+        log::debug!("virtio {name} at 00:{slot:02x}.0");
+        workers.push(spawn_worker(dev).map_err(|e| VmError::Io("virtio I/O thread", e))?);
+    }
+    Ok(workers)
 }
 
 pub struct RunningVm {

@@ -217,6 +217,7 @@ fn boot_with(
         tty: slave,
         kernel: File::open(kernel).unwrap().into(),
         initrd: initrd.map(|i| File::open(i).unwrap().into()),
+        disks: Vec::new(),
     };
     let mut p = params(vcpus, cmdline);
     p.has_initrd = initrd.is_some();
@@ -625,6 +626,7 @@ _start:
         tty: slave,
         kernel: File::open(&elf).unwrap().into(),
         initrd: None,
+        disks: Vec::new(),
     };
     let p = params(2, "");
     let t =
@@ -666,6 +668,7 @@ fn linux_prints_its_version() {
             tty: slave,
             kernel: File::open(kernel).unwrap().into(),
             initrd: None,
+            disks: Vec::new(),
         };
         let p = VmmParams {
             memory: 512 << 20,
@@ -796,6 +799,7 @@ _start:
         tty: slave,
         kernel: File::open(&elf).unwrap().into(),
         initrd: None,
+        disks: Vec::new(),
     };
     let p = params(1, "");
     let t = std::thread::spawn(move || build_and_run(&p, files, None, &DevOptions::default()));

@@ -294,6 +294,7 @@ fn start(kvm: OwnedFd, elf: &Path, vcpus: u32) -> Vm {
         tty: slave,
         kernel: File::open(elf).unwrap().into(),
         initrd: None,
+        disks: Vec::new(),
     };
     let p = params(vcpus);
     let thread =

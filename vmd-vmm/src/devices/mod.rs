@@ -1,9 +1,12 @@
-//! Emulated legacy devices on the port-I/O bus.
+//! Emulated legacy devices on the port-I/O bus, and the virtio device
+//! models (behind the PCI transport in `virtio::pci`).
 
 pub mod cmos;
 pub mod i8042;
 pub mod power;
 pub mod serial;
+pub mod virtio_blk;
+pub mod virtio_rng;
 
 use crate::bus::BusDevice;
 
