@@ -7,9 +7,11 @@
 //! and fds that came with a bad frame are closed.
 
 pub mod channel;
+pub mod dhcp;
 pub mod frame;
 pub mod image;
 pub mod msg;
+pub mod net;
 pub mod size;
 pub mod vm;
 

@@ -2,6 +2,8 @@
 //! (never reuse or renumber one) and a fixed number of fds that must travel
 //! with it.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::frame::MAX_PAYLOAD;
@@ -78,6 +80,20 @@ pub struct Creds {
     pub pid: i32,
 }
 
+/// The switch (a Linux bridge) a VM's TAP joins, from a vm.conf `switch`
+/// block. `locked lladdr` is not here: the VM process enforces it per NIC
+/// ([`crate::vm::NicParams::locked`]), where the guest's frames come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchParams {
+    /// Host bridge name; priv creates it when missing (and deletes it at
+    /// `PrivCleanup`), an existing one is used as it is.
+    pub bridge: String,
+    /// The switch's group, set as the bridge's interface alias.
+    pub group: Option<String>,
+    /// Bring the bridge up (or down).
+    pub up: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// client -> control.
@@ -120,6 +136,26 @@ pub enum Msg {
     /// parent -> control, first message: the listening control socket
     /// follows as one fd.
     ControlSocket,
+    /// priv -> parent: answers `PrivOpen` of `OpenKind::Tap`; the TAP fd
+    /// follows. `name` is the interface the kernel created.
+    PrivOpenedTap { index: u8, name: String },
+    /// parent -> priv: configure host interface `name` (a VM's TAP): join
+    /// `switch` (creating its bridge if missing), set `group` as its alias,
+    /// bring it up or down, give it `host_addr` (a local interface's host
+    /// side). Answered by `PrivIfDone` or `PrivFailed` (kind `Interface`).
+    PrivIfConfig {
+        name: String,
+        switch: Option<SwitchParams>,
+        group: Option<String>,
+        up: bool,
+        host_addr: Option<(Ipv4Addr, u8)>,
+    },
+    /// priv -> parent: `PrivIfConfig` of `name` (or `PrivCleanup`, with an
+    /// empty name) is done.
+    PrivIfDone { name: String },
+    /// parent -> priv, at shutdown: delete the bridges priv created and
+    /// forget its TAPs. Answered by `PrivIfDone` or `PrivFailed`.
+    PrivCleanup,
 }
 
 /// Bincode settings for payloads. The limit caps what a decoder may
@@ -210,6 +246,16 @@ wire_table! {
     21 => PrivOpened { kind: OpenKind },
     22 => PrivFailed { kind: OpenKind, path: String, reason: String },
     23 => PrivOpenedDisk { index: u8, backing: u32 },
+    24 => PrivOpenedTap { index: u8, name: String },
+    25 => PrivIfConfig {
+        name: String,
+        switch: Option<SwitchParams>,
+        group: Option<String>,
+        up: bool,
+        host_addr: Option<(Ipv4Addr, u8)>,
+    },
+    26 => PrivIfDone { name: String },
+    27 => PrivCleanup {},
     40 => VmmStart(params: VmmParams),
     41 => VmmRunning {},
     42 => VmmTerminate {},
@@ -227,6 +273,7 @@ impl Msg {
         match self {
             Msg::Reply(Reply::Console { .. }) => 1,
             Msg::PrivOpened { .. } => 1,
+            Msg::PrivOpenedTap { .. } => 1,
             Msg::ControlSocket => 1,
             Msg::PrivOpenedDisk { backing, .. } => 1 + *backing as usize,
             Msg::VmmStart(p) => p.fd_count(),

@@ -14,9 +14,10 @@ use crate::frame::{
     decode, encode, DecodeError, EncodeError, Header, HEADER_LEN, MAX_FDS, MAX_PAYLOAD,
 };
 use crate::image::Format;
-use crate::msg::{Creds, Msg, Reply, Request, ResetWhat};
+use crate::msg::{Creds, Msg, Reply, Request, ResetWhat, SwitchParams};
 use crate::vm::{
-    DiskParams, DiskSpec, ExitReason, OpenKind, StartRequest, VmInfo, VmState, VmmParams,
+    DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, OpenKind, StartRequest, VmInfo,
+    VmState, VmmParams,
 };
 
 // ---- helpers ----
@@ -66,6 +67,7 @@ fn vmm_params(has_initrd: bool) -> VmmParams {
         gid: 1000,
         verbose: true,
         disks: Vec::new(),
+        nics: Vec::new(),
     }
 }
 
@@ -450,15 +452,62 @@ fn type_codes_are_unique_and_covered() {
             index: 1,
             backing: 2,
         },
+        Msg::PrivOpenedTap {
+            index: 0,
+            name: "tap0".into(),
+        },
+        Msg::PrivIfConfig {
+            name: "tap0".into(),
+            switch: Some(SwitchParams {
+                bridge: "br0".into(),
+                group: Some("uplink".into()),
+                up: true,
+            }),
+            group: Some("vms".into()),
+            up: true,
+            host_addr: Some(("100.64.0.8".parse().unwrap(), 31)),
+        },
+        Msg::PrivIfDone {
+            name: "tap0".into(),
+        },
+        Msg::PrivCleanup,
     ];
     let mut seen: Vec<u16> = samples.iter().map(Msg::type_code).collect();
     seen.sort_unstable();
     assert_eq!(seen, codes);
+    assert_eq!(samples[samples.len() - 4].fd_count(), 1, "PrivOpenedTap");
     for m in &samples {
         let bytes = encode(m, 0, 0, m.fd_count()).unwrap();
         let f = decode(&bytes, dev_null_fds(m.fd_count())).unwrap();
         assert_eq!(&f.msg, m);
     }
+}
+
+#[test]
+fn vmm_params_fd_count_counts_one_tap_per_nic() {
+    let mut p = vmm_params(true);
+    p.disks.push(DiskParams {
+        format: None,
+        read_only: false,
+        backing: 2,
+    });
+    assert_eq!(p.fd_count(), 4 + 3);
+    let nic = NicParams {
+        mac: crate::net::generated_mac("vm1", 0),
+        locked: true,
+        dhcp: Some(DhcpLease {
+            guest: "100.64.0.9".parse().unwrap(),
+            host: "100.64.0.8".parse().unwrap(),
+            prefix_len: 31,
+            dns: None,
+            boot_file: None,
+        }),
+    };
+    p.nics = vec![nic.clone(), nic];
+    assert_eq!(p.fd_count(), 4 + 3 + 2);
+    let msg = Msg::VmmStart(p);
+    let bytes = encode(&msg, 0, 0, 9).unwrap();
+    assert_eq!(decode(&bytes, dev_null_fds(9)).unwrap().msg, msg);
 }
 
 // ---- channels ----
@@ -660,7 +709,37 @@ fn arb_kind() -> impl Strategy<Value = OpenKind> {
                 format,
             }
         }),
+        any::<u8>().prop_map(|index| OpenKind::Tap { index }),
+        Just(OpenKind::Interface),
     ]
+}
+
+fn arb_ipv4() -> impl Strategy<Value = std::net::Ipv4Addr> {
+    any::<u32>().prop_map(std::net::Ipv4Addr::from)
+}
+
+fn arb_nic() -> impl Strategy<Value = NicParams> {
+    let lease = (
+        arb_ipv4(),
+        arb_ipv4(),
+        any::<u8>(),
+        proptest::option::of(arb_ipv4()),
+        proptest::option::of(text()),
+    )
+        .prop_map(|(guest, host, prefix_len, dns, boot_file)| DhcpLease {
+            guest,
+            host,
+            prefix_len,
+            dns,
+            boot_file,
+        });
+    (any::<[u8; 6]>(), any::<bool>(), proptest::option::of(lease))
+        .prop_map(|(mac, locked, dhcp)| NicParams { mac, locked, dhcp })
+}
+
+fn arb_switch() -> impl Strategy<Value = SwitchParams> {
+    (text(), proptest::option::of(text()), any::<bool>())
+        .prop_map(|(bridge, group, up)| SwitchParams { bridge, group, up })
 }
 
 fn arb_format() -> impl Strategy<Value = Option<Format>> {
@@ -768,9 +847,10 @@ fn arb_params() -> impl Strategy<Value = VmmParams> {
         (any::<u32>(), text(), any::<u64>(), any::<u32>(), text()),
         (any::<bool>(), any::<u32>(), any::<u32>(), any::<bool>()),
         proptest::collection::vec(disk, 0..2),
+        proptest::collection::vec(arb_nic(), 0..3),
     )
         .prop_map(
-            |((id, name, memory, vcpus, cmdline), (has_initrd, uid, gid, verbose), disks)| {
+            |((id, name, memory, vcpus, cmdline), (has_initrd, uid, gid, verbose), disks, nics)| {
                 VmmParams {
                     id,
                     name,
@@ -782,6 +862,7 @@ fn arb_params() -> impl Strategy<Value = VmmParams> {
                     gid,
                     verbose,
                     disks,
+                    nics,
                 }
             },
         )
@@ -844,6 +925,23 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         any::<u8>().prop_map(|level| Msg::SetVerbose { level }),
         Just(Msg::ControlSocket),
         (any::<u8>(), 0u32..4).prop_map(|(index, backing)| Msg::PrivOpenedDisk { index, backing }),
+        (any::<u8>(), text()).prop_map(|(index, name)| Msg::PrivOpenedTap { index, name }),
+        (
+            text(),
+            proptest::option::of(arb_switch()),
+            proptest::option::of(text()),
+            any::<bool>(),
+            proptest::option::of((arb_ipv4(), any::<u8>())),
+        )
+            .prop_map(|(name, switch, group, up, host_addr)| Msg::PrivIfConfig {
+                name,
+                switch,
+                group,
+                up,
+                host_addr
+            }),
+        text().prop_map(|name| Msg::PrivIfDone { name }),
+        Just(Msg::PrivCleanup),
     ]
 }
 

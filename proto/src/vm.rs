@@ -1,6 +1,8 @@
 //! VM descriptions shared by every role: what a client asks for, what the
 //! parent tells a VM process, and what status reports.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 /// Longest VM name accepted (OpenBSD's limit).
@@ -135,6 +137,12 @@ pub enum OpenKind {
         read_only: bool,
         format: Option<crate::image::Format>,
     },
+    /// Network interface number `index` of the VM: a TAP device, created
+    /// with the name in `path`, or the first free `tapN` when it is empty.
+    Tap { index: u8 },
+    /// A host interface being configured or cleaned up (`PrivIfConfig`,
+    /// `PrivCleanup`); in `PrivFailed` the path is the interface's name.
+    Interface,
 }
 
 /// A disk as a client or vm.conf names it.
@@ -166,6 +174,8 @@ pub struct VmmParams {
     pub verbose: bool,
     /// The VM's disks, in guest order.
     pub disks: Vec<DiskParams>,
+    /// The VM's network interfaces (virtio-net), in guest order.
+    pub nics: Vec<NicParams>,
 }
 
 /// One disk of a VM as the VM process receives it: the top image's fd,
@@ -178,13 +188,45 @@ pub struct DiskParams {
     pub backing: u32,
 }
 
+/// Most network interfaces a VM may have (OpenBSD's limit).
+pub const MAX_NICS: usize = 4;
+
+/// One network interface of a VM as the VM process receives it; its TAP
+/// fd travels with [`VmmParams`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicParams {
+    /// The guest's MAC address (`lladdr`, or [`crate::net::generated_mac`]).
+    pub mac: [u8; 6],
+    /// Drop every frame the guest sends with another source MAC (`locked
+    /// lladdr` on the interface or on its switch).
+    pub locked: bool,
+    /// For a `local interface`: the address the VM process's own DHCP
+    /// server hands the guest.
+    pub dhcp: Option<DhcpLease>,
+}
+
+/// What the built-in DHCP server of a local interface hands out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhcpLease {
+    /// The guest's address.
+    pub guest: Ipv4Addr,
+    /// The host side (the TAP's address): server id and router.
+    pub host: Ipv4Addr,
+    /// Prefix length of the link (31 for local interfaces).
+    pub prefix_len: u8,
+    /// A name server to offer, if any.
+    pub dns: Option<Ipv4Addr>,
+    /// A boot file to offer (PXE), with the host as next server.
+    pub boot_file: Option<String>,
+}
+
 impl VmmParams {
     /// fds sent with these params, in order: /dev/kvm, console tty,
     /// kernel, the initrd when there is one, then for each disk its top
-    /// image and its backing files.
+    /// image and its backing files, then one TAP device per nic.
     pub fn fd_count(&self) -> usize {
         let disks: usize = self.disks.iter().map(|d| 1 + d.backing as usize).sum();
-        3 + usize::from(self.has_initrd) + disks
+        3 + usize::from(self.has_initrd) + disks + self.nics.len()
     }
 }
 

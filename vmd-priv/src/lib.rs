@@ -1,18 +1,25 @@
 //! The privileged helper: the one process that keeps root's powers.
 //!
 //! It serves the parent only. For each `PrivOpen` it opens one host file a
-//! VM needs and sends the fd back; the VM process never opens a host path.
-//! Disks, TAP devices and bridges join this list in later work.
+//! VM needs (or creates its TAP device) and sends the fd back; the VM
+//! process never opens a host path. It also does the host side of VM
+//! networking (`PrivIfConfig`: bridges, aliases, addresses, up/down) and
+//! deletes the bridges it made at `PrivCleanup` or when the parent goes.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use log::{debug, error, info};
+use log::{debug, error, info, warn};
 use vmd_proto::image::{self, Format, ImageError};
 use vmd_proto::vm::OpenKind;
 use vmd_proto::{Channel, ChannelError, Msg};
+
+pub mod net;
+mod netlink;
+
+use net::NetState;
 
 /// The KVM device every VM process gets an fd for.
 pub const KVM_PATH: &str = "/dev/kvm";
@@ -33,6 +40,8 @@ pub enum OpenError {
     NotCharDevice { path: String },
     #[error("{path}: {reason}")]
     Image { path: String, reason: String },
+    #[error("{path}: not a file (asked to open a network interface as one)")]
+    NotAFile { path: String },
 }
 
 /// Opens what `kind` names. Kernels and initrds are opened read-only and
@@ -59,6 +68,9 @@ pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
             Ok(file)
         }
         OpenKind::Disk { .. } => Err(OpenError::NotRegular { path: path.into() }),
+        OpenKind::Tap { .. } | OpenKind::Interface => {
+            Err(OpenError::NotAFile { path: path.into() })
+        }
         OpenKind::Kernel | OpenKind::Initrd => {
             // O_NONBLOCK so a FIFO planted at the path cannot hang us
             // before the regular-file check.
@@ -132,11 +144,17 @@ pub fn open_disk(
 /// Role entry point: serve the parent until it goes away.
 pub fn run(chan: Channel) -> i32 {
     info!("ready");
+    let mut net = NetState::new();
     loop {
         let frame = match chan.recv() {
             Ok(frame) => frame,
             Err(ChannelError::Closed) => {
                 debug!("parent closed the channel, exiting");
+                // The parent died without PrivCleanup: still leave no
+                // bridge of ours behind.
+                if let Err(e) = net.cleanup() {
+                    warn!("cleanup: {e}");
+                }
                 return 0;
             }
             Err(e) => {
@@ -176,6 +194,65 @@ pub fn run(chan: Channel) -> i32 {
                     &[],
                 ),
             },
+            Msg::PrivOpen {
+                kind: kind @ OpenKind::Tap { index },
+                path,
+            } => match net.open_tap(&path) {
+                Ok((file, name)) => {
+                    debug!("vm {reply_to}: created TAP {name} for interface {index}");
+                    chan.send(
+                        &Msg::PrivOpenedTap { index, name },
+                        reply_to,
+                        &[file.as_fd()],
+                    )
+                }
+                Err(e) => chan.send(
+                    &Msg::PrivFailed {
+                        kind,
+                        path,
+                        reason: e.to_string(),
+                    },
+                    reply_to,
+                    &[],
+                ),
+            },
+            Msg::PrivIfConfig {
+                name,
+                switch,
+                group,
+                up,
+                host_addr,
+            } => {
+                let done = net.configure(&name, switch.as_ref(), group.as_deref(), up, host_addr);
+                match done {
+                    Ok(()) => {
+                        debug!("vm {reply_to}: configured {name}");
+                        chan.send(&Msg::PrivIfDone { name }, reply_to, &[])
+                    }
+                    Err(e) => chan.send(
+                        &Msg::PrivFailed {
+                            kind: OpenKind::Interface,
+                            path: name,
+                            reason: e.to_string(),
+                        },
+                        reply_to,
+                        &[],
+                    ),
+                }
+            }
+            Msg::PrivCleanup => {
+                let reply = match net.cleanup() {
+                    Ok(()) => Msg::PrivIfDone {
+                        name: String::new(),
+                    },
+                    Err(e) => Msg::PrivFailed {
+                        kind: OpenKind::Interface,
+                        path: String::new(),
+                        reason: e.to_string(),
+                    },
+                };
+                chan.send(&reply, reply_to, &[])
+            }
             Msg::PrivOpen { kind, path } => match open_for_vm(kind, &path) {
                 Ok(file) => {
                     debug!("vm {reply_to}: opened {kind:?} {path}");

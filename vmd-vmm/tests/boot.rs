@@ -162,6 +162,7 @@ fn params(vcpus: u32, cmdline: &str) -> VmmParams {
         gid: 0,
         verbose: true,
         disks: Vec::new(),
+        nics: Vec::new(),
     }
 }
 

@@ -201,6 +201,7 @@ fn params(vcpus: u32) -> VmmParams {
         gid: 0,
         verbose: false,
         disks: Vec::new(),
+        nics: Vec::new(),
     }
 }
 

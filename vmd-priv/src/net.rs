@@ -1,0 +1,447 @@
+//! Host network plumbing for VMs: TAP devices, Linux bridges for vm.conf
+//! switches, interface state, aliases and the host side of local
+//! interfaces. Everything acts in priv's network namespace.
+//!
+//! TAPs are created non-persistent: the kernel deletes one when the last fd
+//! on it closes, so a VM's TAP goes away with its VM process, whatever way
+//! that process ends. Bridges outlive their ports, so priv remembers the
+//! ones it created and deletes them at cleanup.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use log::{debug, warn};
+use vmd_proto::msg::SwitchParams;
+use vmd_proto::net::TAP_VNET_HDR_LEN;
+
+use crate::netlink::{self, NlError};
+
+/// The TUN/TAP clone device.
+pub const TUN_PATH: &str = "/dev/net/tun";
+/// Longest interface name (IFNAMSIZ - 1).
+pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+
+// Bridge ioctls, from linux/sockios.h (libc does not carry them).
+const SIOCBRADDBR: libc::c_ulong = 0x89a0;
+const SIOCBRDELBR: libc::c_ulong = 0x89a1;
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(
+        "{name:?}: invalid interface name (1 to {MAX_IFNAME_LEN} letters, digits, '-', '_', '.')"
+    )]
+    BadName { name: String },
+    #[error(
+        "{name}: group {group:?} is longer than {} bytes",
+        netlink::MAX_ALIAS_LEN
+    )]
+    BadGroup { name: String, group: String },
+    #[error("{name}: invalid prefix length /{len}")]
+    BadPrefix { name: String, len: u8 },
+    #[error("{name}: {op}: {source}")]
+    Os {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name}: {op}: {source}")]
+    Netlink {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: NlError,
+    },
+    #[error("{0}")]
+    Several(String),
+}
+
+fn os<'a>(name: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> NetError + 'a {
+    move |source| NetError::Os {
+        name: name.to_string(),
+        op,
+        source,
+    }
+}
+
+fn nl<'a>(name: &'a str, op: &'static str) -> impl FnOnce(NlError) -> NetError + 'a {
+    move |source| NetError::Netlink {
+        name: name.to_string(),
+        op,
+        source,
+    }
+}
+
+/// An interface name we accept: 1..=15 bytes of letters, digits, '-', '_',
+/// '.', and not "." or "..". Narrower than the kernel's rule on purpose:
+/// no '/', ':', '%' or whitespace to trip up sysfs, aliases or templates.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=MAX_IFNAME_LEN).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+fn check_name(name: &str) -> Result<(), NetError> {
+    if valid_ifname(name) {
+        Ok(())
+    } else {
+        Err(NetError::BadName { name: name.into() })
+    }
+}
+
+/// An ifreq carrying `name` (checked by the caller to fit).
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    ifr
+}
+
+fn ifreq_name(ifr: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = ifr
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A socket to issue interface ioctls on; it fixes the network namespace
+/// they act in (the caller's).
+fn ctl_socket(name: &str) -> Result<OwnedFd, NetError> {
+    // SAFETY: plain syscall; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(os(name, "socket")(io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// ioctl `req` with an ifreq on a fresh control socket.
+fn ifreq_ioctl(
+    name: &str,
+    op: &'static str,
+    req: libc::c_ulong,
+    ifr: &mut libc::ifreq,
+) -> Result<(), NetError> {
+    let sock = ctl_socket(name)?;
+    // SAFETY: every request used here reads or writes one struct ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), req as _, ifr as *mut libc::ifreq) } < 0 {
+        return Err(os(name, op)(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The interface's index, or ENODEV. (SIOCGIFINDEX rather than libc's
+/// if_nametoindex, so priv's syscalls stay the ones its filter lists.)
+pub fn ifindex(name: &str) -> Result<u32, NetError> {
+    check_name(name)?;
+    let mut ifr = ifreq(name);
+    ifreq_ioctl(name, "look up", libc::SIOCGIFINDEX, &mut ifr)?;
+    // SAFETY: SIOCGIFINDEX filled the index member of the union.
+    Ok(unsafe { ifr.ifr_ifru.ifru_ifindex } as u32)
+}
+
+/// Whether an interface of that name exists.
+pub fn interface_exists(name: &str) -> bool {
+    ifindex(name).is_ok()
+}
+
+/// Creates a TAP device for a VM: named `name`, or the first free `tapN`
+/// when `None`. Non-persistent (it vanishes with its last fd), no packet
+/// info, with a 12-byte virtio-net header on every frame and no receive
+/// offloads yet: the VM process turns on those its guest negotiates
+/// (`vmd_proto::net::set_tap_offloads`). An existing interface of that
+/// name is never taken over.
+pub fn create_tap(name: Option<&str>) -> Result<(File, String), NetError> {
+    let template = match name {
+        Some(n) => {
+            check_name(n)?;
+            n
+        }
+        None => "tap%d",
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(TUN_PATH)
+        .map_err(os(template, "open /dev/net/tun"))?;
+    let mut ifr = ifreq(template);
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one struct ifreq.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+        return Err(os(template, "create TAP")(io::Error::last_os_error()));
+    }
+    let created = ifreq_name(&ifr);
+    let hdr_len = TAP_VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+        return Err(os(&created, "set virtio-net header size")(
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
+        return Err(os(&created, "clear offloads")(io::Error::last_os_error()));
+    }
+    Ok((file, created))
+}
+
+/// Brings an interface up or down.
+pub fn set_up(name: &str, up: bool) -> Result<(), NetError> {
+    check_name(name)?;
+    let mut ifr = ifreq(name);
+    ifreq_ioctl(name, "get flags", libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    let want = if up {
+        flags | libc::IFF_UP as libc::c_short
+    } else {
+        flags & !(libc::IFF_UP as libc::c_short)
+    };
+    if want == flags {
+        return Ok(());
+    }
+    ifr.ifr_ifru.ifru_flags = want;
+    ifreq_ioctl(
+        name,
+        if up { "bring up" } else { "bring down" },
+        libc::SIOCSIFFLAGS,
+        &mut ifr,
+    )
+}
+
+/// Whether the interface is administratively up.
+pub fn is_up(name: &str) -> Result<bool, NetError> {
+    check_name(name)?;
+    let mut ifr = ifreq(name);
+    ifreq_ioctl(name, "get flags", libc::SIOCGIFFLAGS, &mut ifr)?;
+    // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
+    Ok(unsafe { ifr.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0)
+}
+
+/// Creates bridge `name` unless an interface of that name exists. Returns
+/// whether it was created (so only those get deleted at cleanup).
+pub fn ensure_bridge(name: &str) -> Result<bool, NetError> {
+    check_name(name)?;
+    if interface_exists(name) {
+        return Ok(false);
+    }
+    let c = CString::new(name).map_err(|_| NetError::BadName { name: name.into() })?;
+    let sock = ctl_socket(name)?;
+    // SAFETY: SIOCBRADDBR reads a NUL-terminated name.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRADDBR as _, c.as_ptr()) } < 0 {
+        let e = io::Error::last_os_error();
+        // Made between our check and now: someone else's, leave it be.
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Ok(false);
+        }
+        return Err(os(name, "create bridge")(e));
+    }
+    Ok(true)
+}
+
+/// Deletes bridge `name` (down first: the kernel refuses an up bridge).
+pub fn delete_bridge(name: &str) -> Result<(), NetError> {
+    check_name(name)?;
+    set_up(name, false)?;
+    let c = CString::new(name).map_err(|_| NetError::BadName { name: name.into() })?;
+    let sock = ctl_socket(name)?;
+    // SAFETY: SIOCBRDELBR reads a NUL-terminated name.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCBRDELBR as _, c.as_ptr()) } < 0 {
+        return Err(os(name, "delete bridge")(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Makes interface `port` a port of bridge `bridge`.
+pub fn add_to_bridge(bridge: &str, port: &str) -> Result<(), NetError> {
+    check_name(bridge)?;
+    let index = ifindex(port)?;
+    let mut ifr = ifreq(bridge);
+    ifr.ifr_ifru.ifru_ifindex = index as libc::c_int;
+    ifreq_ioctl(port, "add to bridge", SIOCBRADDIF, &mut ifr).map_err(|e| match e {
+        NetError::Os { source, .. } => NetError::Os {
+            name: port.to_string(),
+            op: "add to bridge",
+            source: io::Error::new(source.kind(), format!("{bridge}: {source}")),
+        },
+        e => e,
+    })
+}
+
+/// Sets the interface's alias (`ip link show` prints it); an empty string
+/// clears it. vm.conf groups land here: Linux has no interface groups by
+/// name.
+pub fn set_alias(name: &str, alias: &str) -> Result<(), NetError> {
+    if alias.len() > netlink::MAX_ALIAS_LEN || alias.contains('\0') {
+        return Err(NetError::BadGroup {
+            name: name.into(),
+            group: alias.into(),
+        });
+    }
+    let index = ifindex(name)?;
+    netlink::set_alias(index, alias).map_err(nl(name, "set alias"))
+}
+
+/// Gives the interface `addr/prefix_len` (the host side of a local
+/// interface: a /31).
+pub fn set_ipv4(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), NetError> {
+    if prefix_len > 32 {
+        return Err(NetError::BadPrefix {
+            name: name.into(),
+            len: prefix_len,
+        });
+    }
+    let index = ifindex(name)?;
+    netlink::add_ipv4(index, addr, prefix_len).map_err(nl(name, "set address"))
+}
+
+/// What priv remembers about the interfaces it made.
+#[derive(Debug, Default)]
+pub struct NetState {
+    /// Bridges priv created (not those it found), deleted at cleanup.
+    bridges: Vec<String>,
+    /// TAPs priv created, to report any still present at cleanup.
+    taps: Vec<String>,
+}
+
+impl NetState {
+    pub fn new() -> NetState {
+        NetState::default()
+    }
+
+    /// The bridges priv created and has not deleted yet.
+    pub fn created_bridges(&self) -> &[String] {
+        &self.bridges
+    }
+
+    /// Creates a TAP: `requested` names it, empty means the next `tapN`.
+    pub fn open_tap(&mut self, requested: &str) -> Result<(File, String), NetError> {
+        let (file, name) = create_tap((!requested.is_empty()).then_some(requested))?;
+        // Forget TAPs that went away with their VM, so the list stays short.
+        self.taps.retain(|t| interface_exists(t));
+        self.taps.push(name.clone());
+        Ok((file, name))
+    }
+
+    /// Configures a VM's TAP `name`: joins `switch` (its bridge created when
+    /// missing, given the switch's group as alias and brought up or down),
+    /// takes `group` as alias, gets `host_addr`, and goes up or down last,
+    /// when everything else is in place.
+    pub fn configure(
+        &mut self,
+        name: &str,
+        switch: Option<&SwitchParams>,
+        group: Option<&str>,
+        up: bool,
+        host_addr: Option<(Ipv4Addr, u8)>,
+    ) -> Result<(), NetError> {
+        check_name(name)?;
+        if let Some(sw) = switch {
+            if ensure_bridge(&sw.bridge)? {
+                debug!("created bridge {}", sw.bridge);
+                self.bridges.push(sw.bridge.clone());
+            }
+            if let Some(g) = &sw.group {
+                set_alias(&sw.bridge, g)?;
+            }
+            set_up(&sw.bridge, sw.up)?;
+            add_to_bridge(&sw.bridge, name)?;
+        }
+        if let Some(g) = group {
+            set_alias(name, g)?;
+        }
+        if let Some((addr, len)) = host_addr {
+            set_ipv4(name, addr, len)?;
+        }
+        set_up(name, up)
+    }
+
+    /// Deletes every bridge priv created; TAPs need nothing (each goes with
+    /// its last fd), but any still present are named in the log. Tries
+    /// every bridge, then reports all failures at once.
+    pub fn cleanup(&mut self) -> Result<(), NetError> {
+        let mut failed = Vec::new();
+        for bridge in std::mem::take(&mut self.bridges) {
+            match delete_bridge(&bridge) {
+                Ok(()) => debug!("deleted bridge {bridge}"),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        for tap in std::mem::take(&mut self.taps) {
+            if interface_exists(&tap) {
+                // Still held open by a process; the kernel deletes it when
+                // that fd closes, and priv cannot delete a non-persistent
+                // TAP in use.
+                warn!("{tap}: still open by a VM process at cleanup");
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::Several(failed.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names() {
+        for ok in ["tap0", "br-vms", "a", "vm_1.x", "abcdefghijklmno"] {
+            assert!(valid_ifname(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "abcdefghijklmnop",
+            "a/b",
+            "a:b",
+            "tap%d",
+            "a b",
+            "é",
+        ] {
+            assert!(!valid_ifname(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bad_names_are_refused_before_any_syscall() {
+        assert!(matches!(
+            create_tap(Some("tap%d")),
+            Err(NetError::BadName { .. })
+        ));
+        let mut st = NetState::new();
+        let e = st.configure("../x", None, None, true, None).unwrap_err();
+        assert!(e.to_string().contains("../x"), "{e}");
+        let sw = SwitchParams {
+            bridge: "x".repeat(16),
+            group: None,
+            up: true,
+        };
+        assert!(matches!(
+            st.configure("tap0", Some(&sw), None, true, None),
+            Err(NetError::BadName { .. })
+        ));
+        assert!(st.created_bridges().is_empty());
+    }
+}

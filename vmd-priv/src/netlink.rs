@@ -1,0 +1,219 @@
+//! Just enough rtnetlink for what ioctls cannot do: an interface alias
+//! (IFLA_IFALIAS) and an IPv4 address with any prefix length. One request,
+//! one acknowledgement; nothing is dumped or parsed beyond the ack.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sys::socket::{
+    self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
+
+// From linux/netlink.h and linux/rtnetlink.h; stable kernel ABI.
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x01;
+const NLM_F_ACK: u16 = 0x04;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const RTM_SETLINK: u16 = 19;
+const RTM_NEWADDR: u16 = 20;
+const IFLA_IFALIAS: u16 = 20;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+/// Longest alias the kernel keeps (IFALIASZ - 1).
+pub const MAX_ALIAS_LEN: usize = 255;
+
+/// Why a netlink request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NlError {
+    /// The kernel refused the request (or the socket failed).
+    #[error("{0}")]
+    Os(#[from] io::Error),
+    /// The kernel's answer made no sense to us.
+    #[error("malformed netlink answer: {0}")]
+    Protocol(&'static str),
+}
+
+/// One request under construction: header, fixed body, attributes.
+struct Request {
+    buf: Vec<u8>,
+    seq: u32,
+}
+
+impl Request {
+    fn new(msg_type: u16, flags: u16) -> Request {
+        static SEQ: AtomicU32 = AtomicU32::new(1);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut buf = Vec::with_capacity(128);
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set in `finish`
+        buf.extend_from_slice(&msg_type.to_ne_bytes());
+        buf.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        buf.extend_from_slice(&seq.to_ne_bytes());
+        buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+        Request { buf, seq }
+    }
+
+    fn body(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+        self.pad();
+    }
+
+    fn attr(&mut self, ty: u16, data: &[u8]) {
+        // rtattr: u16 length (header included, padding not), u16 type.
+        self.buf
+            .extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        self.buf.resize(self.buf.len().next_multiple_of(4), 0);
+    }
+
+    /// Sends the request and waits for the kernel's acknowledgement.
+    fn send(mut self) -> Result<(), NlError> {
+        let len = self.buf.len() as u32;
+        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
+        let sock: OwnedFd = socket::socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .map_err(io::Error::from)?;
+        socket::sendto(
+            sock.as_raw_fd(),
+            &self.buf,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )
+        .map_err(io::Error::from)?;
+        let mut rx = vec![0u8; 8192];
+        loop {
+            // rtnetlink handles a request inside sendto, so its ack is
+            // queued by now: never block (and never hang priv) waiting.
+            let n = match socket::recv(sock.as_raw_fd(), &mut rx, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) => return Err(NlError::Protocol("no answer")),
+                Err(e) => return Err(io::Error::from(e).into()),
+            };
+            if let Some(result) = find_ack(&rx[..n], self.seq)? {
+                return result;
+            }
+        }
+    }
+}
+
+/// Looks through one datagram of netlink messages for the ack of `seq`:
+/// `Some(Ok)` for success, `Some(Err)` for the kernel's error, `None` when
+/// this datagram does not hold it.
+fn find_ack(mut msgs: &[u8], seq: u32) -> Result<Option<Result<(), NlError>>, NlError> {
+    while msgs.len() >= NLMSG_HDRLEN {
+        let field = |off: usize| {
+            u32::from_ne_bytes([msgs[off], msgs[off + 1], msgs[off + 2], msgs[off + 3]])
+        };
+        let len = field(0) as usize;
+        let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
+        if len < NLMSG_HDRLEN || len > msgs.len() {
+            return Err(NlError::Protocol("message length out of bounds"));
+        }
+        if ty == NLMSG_ERROR && field(8) == seq {
+            let code = msgs
+                .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
+                .ok_or(NlError::Protocol("short error message"))?;
+            let code = i32::from_ne_bytes([code[0], code[1], code[2], code[3]]);
+            return Ok(Some(if code == 0 {
+                Ok(())
+            } else {
+                Err(NlError::Os(io::Error::from_raw_os_error(-code)))
+            }));
+        }
+        let next = (len + 3) & !3;
+        msgs = msgs.get(next..).unwrap_or(&[]);
+    }
+    Ok(None)
+}
+
+/// Sets (or, with an empty string, clears) interface `index`'s alias.
+pub fn set_alias(index: u32, alias: &str) -> Result<(), NlError> {
+    let mut req = Request::new(RTM_SETLINK, 0);
+    // struct ifinfomsg: family, pad, type, index, flags, change.
+    let mut ifi = [0u8; 16];
+    ifi[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+    req.body(&ifi);
+    req.attr(IFLA_IFALIAS, alias.as_bytes());
+    req.send()
+}
+
+/// Adds (or replaces) `addr/prefix_len` on interface `index`.
+pub fn add_ipv4(index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<(), NlError> {
+    let mut req = Request::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE);
+    // struct ifaddrmsg: family, prefixlen, flags, scope (universe), index.
+    let mut ifa = [0u8; 8];
+    ifa[0] = libc::AF_INET as u8;
+    ifa[1] = prefix_len;
+    ifa[4..8].copy_from_slice(&index.to_ne_bytes());
+    req.body(&ifa);
+    // IFA_LOCAL is the address itself; IFA_ADDRESS the same on a
+    // broadcast link (it would be the peer on a point-to-point one).
+    req.attr(IFA_LOCAL, &addr.octets());
+    req.attr(IFA_ADDRESS, &addr.octets());
+    req.send()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(ty: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&((NLMSG_HDRLEN + payload.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&seq.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(payload);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    #[test]
+    fn acks_and_errors_are_found_by_sequence() {
+        let ok = msg(NLMSG_ERROR, 7, &0i32.to_ne_bytes());
+        assert!(matches!(find_ack(&ok, 7), Ok(Some(Ok(())))));
+        assert!(matches!(find_ack(&ok, 8), Ok(None)));
+        let mut two = msg(3, 7, &[1, 2, 3]);
+        two.extend(msg(NLMSG_ERROR, 7, &(-libc::ENODEV).to_ne_bytes()));
+        match find_ack(&two, 7) {
+            Ok(Some(Err(NlError::Os(e)))) => assert_eq!(e.raw_os_error(), Some(libc::ENODEV)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_answers_are_errors_not_panics() {
+        let mut bad = msg(NLMSG_ERROR, 7, &0i32.to_ne_bytes());
+        bad[0] = 200;
+        assert!(matches!(find_ack(&bad, 7), Err(NlError::Protocol(_))));
+        bad[0] = 3;
+        assert!(matches!(find_ack(&bad, 7), Err(NlError::Protocol(_))));
+        let short = msg(NLMSG_ERROR, 7, &[]);
+        assert!(matches!(find_ack(&short, 7), Err(NlError::Protocol(_))));
+        assert!(matches!(find_ack(&[1, 2, 3], 7), Ok(None)));
+    }
+
+    #[test]
+    fn attributes_are_padded() {
+        let mut r = Request::new(RTM_SETLINK, 0);
+        r.body(&[0; 16]);
+        r.attr(IFLA_IFALIAS, b"abcde");
+        assert_eq!(r.buf.len(), NLMSG_HDRLEN + 16 + 12);
+        assert_eq!(&r.buf[32..34], &9u16.to_ne_bytes());
+    }
+}
