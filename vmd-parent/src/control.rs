@@ -52,7 +52,7 @@ fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
         .set_nonblocking(true)
         .map_err(|e| format!("control socket: {e}"))?;
     let (uid, gid) = opts.user.ok_or("no --user given")?;
-    vmd_sandbox::drop_privileges(uid, gid).map_err(|e| format!("dropping privileges: {e}"))?;
+    sandbox(uid, gid).map_err(|e| format!("sandbox: {e}"))?;
     info!("serving {}", opts.socket.display());
 
     let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
@@ -99,6 +99,16 @@ fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The socket is in hand: drop to the vmd user, no host paths, only
+/// control's syscalls.
+fn sandbox(uid: u32, gid: u32) -> Result<(), vmd_sandbox::SandboxError> {
+    vmd_sandbox::drop_privileges(uid, gid)?;
+    // MAX_CLIENTS plus the channel, the listener and relayed console fds.
+    vmd_sandbox::limit_resources(2 * MAX_CLIENTS as u64)?;
+    vmd_sandbox::landlock_no_fs()?;
+    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Control)
 }
 
 fn accept_client(listener: &Listener, clients: &mut BTreeMap<u32, Client>, next_id: &mut u32) {

@@ -141,8 +141,23 @@ pub fn open_disk(
     Ok(files)
 }
 
+/// priv stays root to open root-owned files, but keeps only
+/// CAP_DAC_OVERRIDE (open images and kernels whatever their mode) and
+/// CAP_NET_ADMIN (TAP devices and bridges), and only its syscalls.
+fn sandbox() -> Result<(), vmd_sandbox::SandboxError> {
+    use vmd_sandbox::Capability;
+    vmd_sandbox::keep_only_caps(&[Capability::CAP_DAC_OVERRIDE, Capability::CAP_NET_ADMIN])?;
+    // One request at a time: a disk's backing chain at most.
+    vmd_sandbox::limit_resources(256)?;
+    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Priv)
+}
+
 /// Role entry point: serve the parent until it goes away.
 pub fn run(chan: Channel) -> i32 {
+    if let Err(e) = sandbox() {
+        error!("sandbox: {e}");
+        return 1;
+    }
     info!("ready");
     let mut net = NetState::new();
     loop {

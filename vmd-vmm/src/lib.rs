@@ -7,7 +7,8 @@
 //!    raw mode), the kernel image (read-only), when `has_initrd` the
 //!    initrd (read-only), then per disk its top image and its backing
 //!    files (top down);
-//! 2. drop privileges to `params.uid`/`params.gid` (see the `vmd-sandbox` crate);
+//! 2. drop privileges to `params.uid`/`params.gid`, then landlock (no host
+//!    paths) and the vmm's seccomp filter (see the `vmd-sandbox` crate);
 //! 3. build the VM and start its vCPUs, then send `Msg::VmmRunning`;
 //! 4. serve the console and the channel until the guest ends or the
 //!    parent sends `Msg::VmmTerminate`, then send `Msg::VmmExited(why)`.
@@ -63,7 +64,7 @@ pub fn run(chan: Channel) -> i32 {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };
-    if let Err(e) = vmd_sandbox::drop_privileges(params.uid, params.gid) {
+    if let Err(e) = sandbox(params.uid, params.gid) {
         log::error!("vm {}: sandbox: {e}", params.name);
         return report(&chan, id, ExitReason::VmmError(format!("sandbox: {e}")));
     }
@@ -71,6 +72,16 @@ pub fn run(chan: Channel) -> i32 {
         Outcome::Exited(reason) => report(&chan, id, reason),
         Outcome::ParentGone => 1,
     }
+}
+
+/// Every fd is in hand: drop to the vmd user, then no host paths and only
+/// the vmm's syscalls, before any guest-controlled byte is parsed.
+fn sandbox(uid: u32, gid: u32) -> Result<(), vmd_sandbox::SandboxError> {
+    vmd_sandbox::drop_privileges(uid, gid)?;
+    // vCPU fds, disk chains, virtio eventfds: far below this.
+    vmd_sandbox::limit_resources(1024)?;
+    vmd_sandbox::landlock_no_fs()?;
+    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Vmm)
 }
 
 fn report(chan: &Channel, id: u32, reason: ExitReason) -> i32 {
