@@ -404,5 +404,18 @@ pub fn to_start_request(vm: &VmDef) -> vmd_proto::vm::StartRequest {
                 read_only: false,
             })
             .collect(),
+        nics: vm
+            .effective_interfaces()
+            .iter()
+            .map(|i| vmd_proto::vm::NicSpec {
+                tap: i.name.clone(),
+                local: i.local,
+                switch: i.switch.clone(),
+                group: i.group.clone(),
+                lladdr: i.lladdr.map(|m| m.0),
+                locked: i.locked,
+                up: i.up,
+            })
+            .collect(),
     }
 }

@@ -16,8 +16,8 @@ use crate::frame::{
 use crate::image::Format;
 use crate::msg::{Creds, Msg, Reply, Request, ResetWhat, SwitchParams};
 use crate::vm::{
-    DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, OpenKind, StartRequest, VmInfo,
-    VmState, VmmParams,
+    DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, NicSpec, OpenKind, StartRequest,
+    VmInfo, VmState, VmmParams,
 };
 
 // ---- helpers ----
@@ -746,6 +746,27 @@ fn arb_format() -> impl Strategy<Value = Option<Format>> {
     proptest::option::of(prop_oneof![Just(Format::Raw), Just(Format::Qcow2)])
 }
 
+fn arb_nic_spec() -> impl Strategy<Value = NicSpec> {
+    (
+        proptest::option::of(text()),
+        any::<bool>(),
+        proptest::option::of(text()),
+        proptest::option::of(text()),
+        proptest::option::of(any::<[u8; 6]>()),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(tap, local, switch, group, lladdr, locked, up)| NicSpec {
+            tap,
+            local,
+            switch,
+            group,
+            lladdr,
+            locked,
+            up,
+        })
+}
+
 fn arb_disk_spec() -> impl Strategy<Value = DiskSpec> {
     (text(), arb_format(), any::<bool>()).prop_map(|(path, format, read_only)| DiskSpec {
         path,
@@ -773,9 +794,10 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
         any::<Option<u64>>(),
         any::<Option<u32>>(),
         proptest::collection::vec(arb_disk_spec(), 0..3),
+        proptest::collection::vec(arb_nic_spec(), 0..3),
     )
         .prop_map(
-            |(name, kernel, initrd, cmdline, memory, vcpus, disks)| StartRequest {
+            |(name, kernel, initrd, cmdline, memory, vcpus, disks, nics)| StartRequest {
                 name,
                 kernel,
                 initrd,
@@ -783,6 +805,7 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
                 memory,
                 vcpus,
                 disks,
+                nics,
             },
         )
 }

@@ -30,6 +30,26 @@ pub struct StartRequest {
     pub vcpus: Option<u32>,
     /// Disks (`-d`); empty means the VM's defined ones, if any.
     pub disks: Vec<DiskSpec>,
+    /// Network interfaces (`-i`, `-L`, `-n`); empty means the defined ones.
+    pub nics: Vec<NicSpec>,
+}
+
+/// A network interface as a client or vm.conf names it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// The TAP's name; `None` takes the next free `tapN`.
+    pub tap: Option<String>,
+    /// A local interface: a /31 from `local prefix`, the guest side handed
+    /// out by the VM process's DHCP server.
+    pub local: bool,
+    /// The switch (vm.conf `switch` block) the TAP joins.
+    pub switch: Option<String>,
+    pub group: Option<String>,
+    /// The guest's MAC; `None` generates a stable one.
+    pub lladdr: Option<[u8; 6]>,
+    /// Drop guest frames with another source MAC.
+    pub locked: bool,
+    pub up: bool,
 }
 
 /// Why a VM is not running (or why it last stopped).

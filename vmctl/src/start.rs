@@ -6,8 +6,8 @@ use vmd_proto::image::Format;
 use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
 use vmd_proto::vm::{
-    validate_name, DiskSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_VCPUS,
-    MIN_MEMORY,
+    validate_name, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_NICS,
+    MAX_VCPUS, MIN_MEMORY,
 };
 
 use crate::args::{Opt, Spec};
@@ -16,8 +16,8 @@ use crate::console;
 
 const CMD: &str = "start";
 
-/// OpenBSD's flags are all accepted; -B -i -L -n -r -t are refused as
-/// not supported yet.
+/// OpenBSD's flags are all accepted; -B -r -t are refused as not
+/// supported yet.
 pub const SPEC: Spec = Spec {
     short: "B:b:cd:Li:m:n:r:t:",
     long: &["initrd=", "cmdline=", "vcpus="],
@@ -35,10 +35,23 @@ pub struct StartArgs {
 pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
     let parsed = SPEC.parse(args).map_err(|e| Error::args(CMD, e))?;
     let mut out = StartArgs::default();
+    let (mut plain_nics, mut local_nic, mut switches) = (0, false, Vec::new());
     for found in &parsed.opts {
         let arg = found.arg();
         match found.opt {
             Opt::Short('c') => out.console = true,
+            Opt::Short('i') => {
+                let n: usize = arg
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_NICS).contains(n))
+                    .ok_or_else(|| {
+                        Error::usage(CMD, format!("-i {arg:?}: expected 1 to {MAX_NICS}"))
+                    })?;
+                plain_nics = n;
+            }
+            Opt::Short('L') => local_nic = true,
+            Opt::Short('n') => switches.push(arg.to_string()),
             Opt::Short('d') => {
                 if out.req.disks.len() == MAX_DISKS {
                     return Err(Error::usage(
@@ -68,6 +81,29 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
                 })
             }
         }
+    }
+    // OpenBSD's order: the local interface first, then one per -n
+    // switch, then plain ones up to the -i count.
+    let up = |local, switch| NicSpec {
+        local,
+        switch,
+        up: true,
+        ..Default::default()
+    };
+    if local_nic {
+        out.req.nics.push(up(true, None));
+    }
+    out.req
+        .nics
+        .extend(switches.into_iter().map(|s| up(false, Some(s))));
+    while out.req.nics.len() < plain_nics {
+        out.req.nics.push(up(false, None));
+    }
+    if out.req.nics.len() > MAX_NICS {
+        return Err(Error::usage(
+            CMD,
+            format!("more than {MAX_NICS} interfaces"),
+        ));
     }
     out.req.name = match parsed.operands.as_slice() {
         [name] => name.clone(),
@@ -210,7 +246,25 @@ mod tests {
                         read_only: false,
                     },
                 ],
+                nics: Vec::new(),
             }
+        );
+    }
+
+    #[test]
+    fn interfaces_in_openbsd_order() {
+        let a = parse_words(&["-L", "-n", "sw0", "-i", "3", "vm1"]).unwrap();
+        let kinds: Vec<(bool, Option<&str>)> = a
+            .req
+            .nics
+            .iter()
+            .map(|n| (n.local, n.switch.as_deref()))
+            .collect();
+        assert_eq!(kinds, [(true, None), (false, Some("sw0")), (false, None)]);
+        assert!(a.req.nics.iter().all(|n| n.up));
+        assert!(err(&["-i", "9", "vm"]).contains("-i"));
+        assert!(
+            err(&["-L", "-n", "a", "-n", "b", "-n", "c", "-n", "d", "vm"]).contains("more than 4")
         );
     }
 
@@ -238,10 +292,7 @@ mod tests {
     #[test]
     fn not_supported_yet() {
         for (args, flag) in [
-            (&["-L", "vm"][..], "-L"),
             (&["-B", "net", "vm"][..], "-B"),
-            (&["-i1", "vm"][..], "-i"),
-            (&["-n", "sw0", "vm"][..], "-n"),
             (&["-r", "x.iso", "vm"][..], "-r"),
             (&["-t", "tmpl", "vm"][..], "-t"),
         ] {

@@ -22,7 +22,6 @@ pub fn load(path: &Path) -> Result<Config, String> {
 pub fn spec_of(def: &VmDef) -> Result<VmSpec, String> {
     let mut spec = VmSpec::from_request(&vmd_config::to_start_request(def))
         .map_err(|e| format!("{}: {e}", def.defined_at))?;
-    spec.interfaces = u32::try_from(def.effective_interfaces().len()).unwrap_or(u32::MAX);
     spec.cdrom = def.cdrom.as_ref().map(|p| p.display().to_string());
     Ok(spec)
 }

@@ -4,6 +4,7 @@
 //! children by fork + exec is safe.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,7 +18,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use vmd_proto::msg::ResetWhat;
 use vmd_proto::msg::{Creds, Reply, Request};
 use vmd_proto::vm::{
-    validate_name, DiskParams, ExitReason, OpenKind, StartRequest, VmState, VmmParams,
+    validate_name, DhcpLease, DiskParams, ExitReason, NicParams, OpenKind, StartRequest, VmState,
+    VmmParams,
 };
 use vmd_proto::{ChannelError, Msg};
 
@@ -40,6 +42,15 @@ struct PendingStart {
     need_initrd: bool,
     /// Per disk: its top image and backing files, once priv sent them.
     disks: Vec<Option<Vec<OwnedFd>>>,
+    /// Per interface: the TAP priv made, and whether priv has configured
+    /// it (bridge, alias, address, up).
+    taps: Vec<Option<Tap>>,
+}
+
+struct Tap {
+    name: String,
+    fd: OwnedFd,
+    configured: bool,
 }
 
 impl PendingStart {
@@ -48,6 +59,10 @@ impl PendingStart {
             && self.kernel.is_some()
             && (!self.need_initrd || self.initrd.is_some())
             && self.disks.iter().all(Option::is_some)
+            && self
+                .taps
+                .iter()
+                .all(|t| t.as_ref().is_some_and(|t| t.configured))
     }
 }
 
@@ -400,6 +415,7 @@ impl Parent {
 
     /// Stops priv and control and leaves no process behind.
     fn finish(&mut self) -> i32 {
+        self.priv_cleanup();
         for child in [&self.privsep, &self.control] {
             let _ = kill(child.pid, Signal::SIGTERM);
         }
@@ -422,6 +438,32 @@ impl Parent {
         let _ = std::fs::remove_file(&self.opts.socket);
         info!("exiting");
         0
+    }
+
+    /// Asks priv to delete the bridges it created, and waits (briefly) for
+    /// it to finish, so vmd leaves no interface behind.
+    fn priv_cleanup(&mut self) {
+        if let Err(e) = self.privsep.chan.send(&Msg::PrivCleanup, 0, &[]) {
+            warn!("asking priv to clean up: {e}");
+            return;
+        }
+        let deadline = Instant::now() + CHILD_EXIT_GRACE;
+        while Instant::now() < deadline {
+            let mut fds = [PollFd::new(self.privsep.chan.as_fd(), PollFlags::POLLIN)];
+            if !matches!(poll(&mut fds, PollTimeout::from(100u16)), Ok(n) if n > 0) {
+                continue;
+            }
+            match self.privsep.chan.recv() {
+                Ok(frame) => match frame.msg {
+                    Msg::PrivIfDone { name } if name.is_empty() => return,
+                    Msg::PrivFailed { reason, .. } => return warn!("priv cleanup: {reason}"),
+                    _ => {}
+                },
+                Err(e) if e.is_would_block() => {}
+                Err(_) => return,
+            }
+        }
+        warn!("priv did not finish its cleanup in time");
     }
 
     fn reap(&mut self) {
@@ -973,6 +1015,10 @@ impl Parent {
         if let Some(initrd) = &vm.spec.initrd {
             wants.push((OpenKind::Initrd, initrd.clone()));
         }
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            let kind = OpenKind::Tap { index: index as u8 };
+            wants.push((kind, nic.tap.clone().unwrap_or_default()));
+        }
         for (index, disk) in vm.spec.disks.iter().enumerate() {
             let kind = OpenKind::Disk {
                 index: index as u8,
@@ -990,6 +1036,7 @@ impl Parent {
                 initrd: None,
                 need_initrd: vm.spec.initrd.is_some(),
                 disks: vm.spec.disks.iter().map(|_| None).collect(),
+                taps: vm.spec.nics.iter().map(|_| None).collect(),
             },
         );
         for (kind, path) in wants {
@@ -1035,6 +1082,43 @@ impl Parent {
                     }
                 }
             }
+            Msg::PrivOpenedTap { index, name } => {
+                let Some(fd) = frame.fds.into_iter().next() else {
+                    return;
+                };
+                let config = self.tap_config(vm_id, index, &name);
+                let Some(pending) = self.pending.get_mut(&seq) else {
+                    return;
+                };
+                match (pending.taps.get_mut(usize::from(index)), config) {
+                    (Some(slot), Ok(msg)) => {
+                        *slot = Some(Tap {
+                            name,
+                            fd,
+                            configured: false,
+                        });
+                        if let Err(e) = self.privsep.chan.send(&msg, seq, &[]) {
+                            self.pending.remove(&seq);
+                            return self
+                                .start_failed(vm_id, format!("asking priv to configure {e}"));
+                        }
+                    }
+                    (None, _) => {
+                        warn!("priv answered for an interface {index} this VM does not have")
+                    }
+                    (_, Err(e)) => {
+                        self.pending.remove(&seq);
+                        return self.start_failed(vm_id, e);
+                    }
+                }
+                return;
+            }
+            Msg::PrivIfDone { name } => {
+                match pending.taps.iter_mut().flatten().find(|t| t.name == name) {
+                    Some(tap) => tap.configured = true,
+                    None => warn!("priv configured {name}, which this start does not know"),
+                }
+            }
             Msg::PrivOpenedDisk { index, .. } => match pending.disks.get_mut(usize::from(index)) {
                 Some(slot) => *slot = Some(frame.fds),
                 None => warn!("priv answered for a disk {index} this VM does not have"),
@@ -1065,6 +1149,86 @@ impl Parent {
                 self.launch(p);
             }
         }
+    }
+
+    /// How priv should set up interface `index`'s TAP: its switch's bridge,
+    /// group, up/down, and for a local interface the host side of its /31.
+    fn tap_config(&self, vm_id: u32, index: u8, name: &str) -> Result<Msg, String> {
+        let vm = self.vms.vms.get(&vm_id).ok_or("vm vanished")?;
+        let nic = vm
+            .spec
+            .nics
+            .get(usize::from(index))
+            .ok_or_else(|| format!("interface {index} unknown"))?;
+        let switch = match &nic.switch {
+            None => None,
+            Some(sw) => {
+                let def = self
+                    .config
+                    .switch(sw)
+                    .ok_or_else(|| format!("interface {index}: no switch {sw:?} in vm.conf"))?;
+                if !def.enabled {
+                    return Err(format!("interface {index}: switch {sw} is disabled"));
+                }
+                Some(vmd_proto::msg::SwitchParams {
+                    bridge: def.interface.clone(),
+                    group: def.group.clone(),
+                    up: def.up,
+                })
+            }
+        };
+        let host_addr = match nic.local {
+            false => None,
+            true => Some((self.local_pair(vm_id, index)?.0, 31)),
+        };
+        Ok(Msg::PrivIfConfig {
+            name: name.to_string(),
+            switch,
+            group: nic.group.clone(),
+            up: nic.up,
+            host_addr,
+        })
+    }
+
+    /// A local interface's /31: (host, guest).
+    fn local_pair(&self, vm_id: u32, index: u8) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+        let prefix = &self.config.globals.local_prefix;
+        vmd_proto::net::local_pair((prefix.addr, prefix.len), vm_id, index).ok_or_else(|| {
+            format!(
+                "interface {index}: local prefix {}/{} has no /31 left for vm {vm_id}",
+                prefix.addr, prefix.len
+            )
+        })
+    }
+
+    /// What the VM process needs to run interface `index`.
+    fn nic_params(&self, vm: &Vm, index: usize) -> Result<NicParams, String> {
+        let nic = &vm.spec.nics[index];
+        let switch_locked = nic
+            .switch
+            .as_ref()
+            .and_then(|sw| self.config.switch(sw))
+            .is_some_and(|sw| sw.locked_lladdr);
+        let dhcp = match nic.local {
+            false => None,
+            true => {
+                let (host, guest) = self.local_pair(vm.id, index as u8)?;
+                Some(DhcpLease {
+                    guest,
+                    host,
+                    prefix_len: 31,
+                    dns: None,
+                    boot_file: None,
+                })
+            }
+        };
+        Ok(NicParams {
+            mac: nic
+                .lladdr
+                .unwrap_or_else(|| vmd_proto::net::generated_mac(&vm.name, index as u8)),
+            locked: nic.locked || switch_locked,
+            dhcp,
+        })
     }
 
     fn launch(&mut self, p: PendingStart) {
@@ -1100,13 +1264,22 @@ impl Parent {
                     backing: fds.as_ref().map_or(0, |f| f.len().saturating_sub(1)) as u32,
                 })
                 .collect(),
-            nics: Vec::new(),
+            nics: match (0..vm.spec.nics.len())
+                .map(|i| self.nic_params(vm, i))
+                .collect()
+            {
+                Ok(nics) => nics,
+                Err(e) => return self.start_failed(id, e),
+            },
         };
         let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
         if let Some(initrd) = &p.initrd {
             fds.push(initrd.as_fd());
         }
         fds.extend(p.disks.iter().flatten().flatten().map(|f| f.as_fd()));
+        // Ours close when `p` drops, so each TAP lives exactly as long as
+        // the VM process holds it.
+        fds.extend(p.taps.iter().flatten().map(|t| t.fd.as_fd()));
         let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
             Ok(child) => child,
             Err(e) => return self.start_failed(id, format!("starting vm process: {e}")),

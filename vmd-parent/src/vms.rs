@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 use vmd_proto::vm::{
-    DiskSpec, ExitReason, StartRequest, VmInfo, VmState, DEFAULT_MEMORY, MAX_CMDLINE, MAX_DISKS,
-    MAX_MEMORY, MAX_VCPUS, MIN_MEMORY,
+    DiskSpec, ExitReason, NicSpec, StartRequest, VmInfo, VmState, DEFAULT_MEMORY, MAX_CMDLINE,
+    MAX_DISKS, MAX_MEMORY, MAX_NICS, MAX_VCPUS, MIN_MEMORY,
 };
 use vmd_proto::Channel;
 
@@ -27,8 +27,8 @@ pub struct VmSpec {
     pub memory: u64,
     pub vcpus: u32,
     pub disks: Vec<DiskSpec>,
-    /// Devices that parse and show but cannot run yet.
-    pub interfaces: u32,
+    pub nics: Vec<NicSpec>,
+    /// Parses and shows, cannot run yet.
     pub cdrom: Option<String>,
 }
 
@@ -81,6 +81,16 @@ impl VmSpec {
         if disks.len() > MAX_DISKS {
             return Err(format!("vm {name}: more than {MAX_DISKS} disks"));
         }
+        let nics = if req.nics.is_empty() {
+            base.map(|b| b.nics.clone()).unwrap_or_default()
+        } else {
+            req.nics.clone()
+        };
+        if nics.len() > MAX_NICS {
+            return Err(format!(
+                "vm {name}: more than {MAX_NICS} network interfaces"
+            ));
+        }
         let kernel = req.kernel.clone().or(base.and_then(|b| b.kernel.clone()));
         // A new kernel brings its own initrd (or none).
         let initrd = match (&req.kernel, &req.initrd) {
@@ -95,7 +105,7 @@ impl VmSpec {
             memory,
             vcpus,
             disks,
-            interfaces: base.map_or(0, |b| b.interfaces),
+            nics,
             cdrom: base.and_then(|b| b.cdrom.clone()),
         })
     }
@@ -107,9 +117,6 @@ impl VmSpec {
                 "no kernel to boot (-b path, or boot in vm.conf); BIOS boot is not supported yet"
                     .into(),
             );
-        }
-        if self.interfaces > 0 {
-            return Some("network interfaces are not supported yet".into());
         }
         if self.cdrom.is_some() {
             return Some("cdrom is not supported yet".into());
@@ -210,7 +217,7 @@ impl Vm {
             defined: self.defined.is_some(),
             enabled: self.enabled,
             disks: self.spec.disks.iter().map(|d| d.path.clone()).collect(),
-            interfaces: self.spec.interfaces,
+            interfaces: self.spec.nics.len() as u32,
             cdrom: self.spec.cdrom.clone(),
         }
     }

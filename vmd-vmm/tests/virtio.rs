@@ -140,6 +140,7 @@ fn run(disks: &[Disk], cmdline: &str) -> Option<String> {
                 backing: 0,
             })
             .collect(),
+        nics: Vec::new(),
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
