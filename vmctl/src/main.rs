@@ -103,7 +103,7 @@ const COMMANDS: &[Command] = &[
         name: "start",
         run: start::run,
         synopsis:
-            "start [-c] [-b path] [-d disk] [-m size] [--initrd path] [--cmdline string] [--vcpus N] name",
+            "start [-cL] [-b path] [-d disk] [-i count] [-m size] [-n switch] [--initrd path] [--cmdline string] [--vcpus N] name",
         about: "start a VM",
         flags: &[
             ("-c", "attach the console once the VM runs"),
@@ -112,12 +112,15 @@ const COMMANDS: &[Command] = &[
             ("--initrd path", "initial ramdisk to load with the kernel"),
             ("--cmdline string", "kernel command line"),
             ("--vcpus N", "number of virtual CPUs, 1 to 64"),
+            ("-i count", "this many network interfaces (TAPs), 1 to 4"),
+            ("-L", "add a local interface: a /31 and DHCP from vmd"),
+            ("-n switch", "add an interface on this vm.conf switch (repeatable)"),
             (
                 "-d [raw:|qcow2:]path",
                 "a disk image (up to 4; format detected unless named)",
             ),
             (
-                "-B, -i, -L, -n, -r, -t",
+                "-B, -r, -t",
                 "OpenBSD's other start flags: not supported yet",
             ),
         ],
