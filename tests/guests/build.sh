@@ -1,6 +1,6 @@
 #!/bin/sh
 # build.sh OUTDIR - build the freestanding vmd test guests into OUTDIR:
-#   hello.elf reset.elf spin.elf badinsn.elf echo.elf bench_boot.elf bench_exits.elf
+#   hello.elf reset.elf spin.elf badinsn.elf echo.elf bench_boot.elf bench_exits.elf blk.elf net.elf
 # Needs only gcc and binutils (Debian: gcc, binutils; no multilib).
 # Fails if the code contains instructions the nested KVM's emulator cannot
 # run at CPL0 (see README.md); badinsn.elf may contain exactly one xrstor.
@@ -74,7 +74,7 @@ check() {
 	fi
 }
 
-for g in hello reset spin badinsn echo bench_boot bench_exits blk; do
+for g in hello reset spin badinsn echo bench_boot bench_exits blk net; do
 	cc "$SRC/$g.c" "$OBJ/$g.o"
 	extra=
 	[ $g = hello ] && extra=$OBJ/ap.o
@@ -89,4 +89,4 @@ for g in hello reset spin badinsn echo bench_boot bench_exits blk; do
 	readelf -lW "$OUT/$g.elf" | awk '$1 == "LOAD" && $4 != "0x0000000000100000" { bad = 1 } END { exit bad }' || {
 		echo "build.sh: $g.elf: PT_LOAD not at physical 1 MiB" >&2; exit 1; }
 done
-echo "built: $OUT/hello.elf $OUT/reset.elf $OUT/spin.elf $OUT/badinsn.elf $OUT/echo.elf $OUT/bench_boot.elf $OUT/bench_exits.elf $OUT/blk.elf"
+echo "built: $OUT/hello.elf $OUT/reset.elf $OUT/spin.elf $OUT/badinsn.elf $OUT/echo.elf $OUT/bench_boot.elf $OUT/bench_exits.elf $OUT/blk.elf $OUT/net.elf"

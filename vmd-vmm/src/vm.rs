@@ -13,7 +13,9 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vm_memory::GuestMemoryMmap;
+use vmd_proto::dhcp::DhcpServer;
 use vmd_proto::image::open_disk;
+use vmd_proto::net::{format_mac, generated_mac, tap_info};
 use vmd_proto::vm::{DiskParams, ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};
 use vmm_sys_util::eventfd::EventFd;
@@ -27,6 +29,7 @@ use crate::devices::i8042::{ResetControl, I8042};
 use crate::devices::power::{Pm1aControl, Pm1aEvent};
 use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
 use crate::devices::virtio_blk::{self, VirtioBlk};
+use crate::devices::virtio_net::VirtioNet;
 use crate::devices::virtio_rng::VirtioRng;
 use crate::devices::Sink;
 use crate::layout::{
@@ -83,6 +86,10 @@ pub enum VmError {
     },
     #[error("{0} disks, but {1} sets of disk fds")]
     DiskCount(usize, usize),
+    #[error("{0} interfaces, but {1} TAP fds")]
+    NicCount(usize, usize),
+    #[error("interface {index}: {err}")]
+    Nic { index: usize, err: io::Error },
     #[error("PCI: {0}")]
     Pci(#[from] PciError),
     #[error("virtio device {name}: {err}")]
@@ -102,6 +109,30 @@ pub struct VmFiles {
     pub initrd: Option<OwnedFd>,
     /// One entry per `VmmParams::disks`, in guest order.
     pub disks: Vec<DiskFiles>,
+    /// One TAP per `VmmParams::nics`, in guest order.
+    pub taps: Vec<TapFiles>,
+}
+
+/// A NIC's TAP fd, and the MAC of the host side of the TAP (the built-in
+/// DHCP server answers from it). The MAC is read here, before the sandbox
+/// forbids the ioctls that tell it.
+#[derive(Debug)]
+pub struct TapFiles {
+    pub fd: OwnedFd,
+    pub host_mac: Option<[u8; 6]>,
+}
+
+impl TapFiles {
+    pub fn new(fd: OwnedFd) -> TapFiles {
+        let host_mac = match tap_info(fd.as_fd()) {
+            Ok((_, mac)) => Some(mac),
+            Err(e) => {
+                log::warn!("TAP fd: cannot read its interface's MAC: {e}");
+                None
+            }
+        };
+        TapFiles { fd, host_mac }
+    }
 }
 
 /// A disk's fds: the top image, then its backing files top down.
@@ -113,7 +144,8 @@ pub struct DiskFiles {
 
 impl VmFiles {
     /// Splits the fds that came with `VmmStart` (see
-    /// `VmmParams::fd_count` for their order).
+    /// `VmmParams::fd_count` for their order). The fds after the disks'
+    /// are the TAPs; `Vm::new` checks their number against the NICs.
     pub fn from_fds(
         fds: Vec<OwnedFd>,
         has_initrd: bool,
@@ -122,7 +154,7 @@ impl VmFiles {
         let disk_fds: usize = disks.iter().map(|d| 1 + d.backing as usize).sum();
         let expected = 3 + usize::from(has_initrd) + disk_fds;
         let got = fds.len();
-        if got != expected {
+        if got < expected {
             return Err(VmError::FdCount { expected, got });
         }
         let mut it = fds.into_iter();
@@ -137,12 +169,14 @@ impl VmFiles {
             let backing = (0..d.backing).map(|_| next()).collect::<Result<_, _>>()?;
             files.push(DiskFiles { top, backing });
         }
+        let taps = it.map(TapFiles::new).collect();
         Ok(VmFiles {
             kvm,
             tty,
             kernel,
             initrd,
             disks: files,
+            taps,
         })
     }
 }
@@ -276,7 +310,7 @@ impl Vm {
         )?;
         let mmio = Arc::new(Bus::new("MMIO"));
         let mem = Arc::new(mem);
-        let io_workers = add_pci_devices(params, files.disks, &vm, &mem, &pio, &mmio)?;
+        let io_workers = add_pci_devices(params, files.disks, files.taps, &vm, &mem, &pio, &mmio)?;
         let pio = Arc::new(pio);
 
         let base_cpuid = cpuid::supported(&kvm)?;
@@ -344,11 +378,13 @@ fn shared<D: crate::bus::BusDevice + 'static>(d: D) -> SharedDevice {
     Arc::new(Mutex::new(d))
 }
 
-/// PCI bus 0 on the port bus, one virtio-blk function per disk and a
-/// virtio-rng, each with its I/O thread.
+/// PCI bus 0 on the port bus, one virtio-blk function per disk, one
+/// virtio-net per interface and a virtio-rng, each with its I/O thread.
+#[allow(clippy::too_many_arguments)]
 fn add_pci_devices(
     params: &VmmParams,
     disks: Vec<DiskFiles>,
+    taps: Vec<TapFiles>,
     vm: &Arc<VmFd>,
     mem: &Arc<GuestMemoryMmap>,
     pio: &Bus,
@@ -356,6 +392,9 @@ fn add_pci_devices(
 ) -> Result<Vec<Worker>, VmError> {
     if disks.len() != params.disks.len() {
         return Err(VmError::DiskCount(params.disks.len(), disks.len()));
+    }
+    if taps.len() != params.nics.len() {
+        return Err(VmError::NicCount(params.nics.len(), taps.len()));
     }
     let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
     pio.insert(
@@ -384,6 +423,28 @@ fn add_pci_devices(
             format!("blk{index}"),
             Box::new(VirtioBlk::new(disk, id, p.read_only)),
         ));
+    }
+    for (index, (p, tap)) in params.nics.iter().zip(taps).enumerate() {
+        let dhcp = p.dhcp.clone().map(|lease| {
+            // Without the TAP's MAC, answer from a stable local one.
+            let server_mac = tap
+                .host_mac
+                .unwrap_or_else(|| generated_mac(&params.name, 0x80 | index as u8));
+            DhcpServer::new(p.mac, server_mac, lease, Some(params.name.clone()))
+        });
+        let net = VirtioNet::new(File::from(tap.fd), p.mac, p.locked, dhcp)
+            .map_err(|err| VmError::Nic { index, err })?;
+        log::info!(
+            "interface {index}: {}{}{}",
+            format_mac(&p.mac),
+            if p.locked { ", locked" } else { "" },
+            if p.dhcp.is_some() {
+                ", local (dhcp)"
+            } else {
+                ""
+            }
+        );
+        models.push((format!("net{index}"), Box::new(net)));
     }
     models.push(("rng".into(), Box::new(VirtioRng::new())));
     let mut workers = Vec::new();

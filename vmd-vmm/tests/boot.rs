@@ -219,6 +219,7 @@ fn boot_with(
         kernel: File::open(kernel).unwrap().into(),
         initrd: initrd.map(|i| File::open(i).unwrap().into()),
         disks: Vec::new(),
+        taps: Vec::new(),
     };
     let mut p = params(vcpus, cmdline);
     p.has_initrd = initrd.is_some();
@@ -628,6 +629,7 @@ _start:
         kernel: File::open(&elf).unwrap().into(),
         initrd: None,
         disks: Vec::new(),
+        taps: Vec::new(),
     };
     let p = params(2, "");
     let t =
@@ -670,6 +672,7 @@ fn linux_prints_its_version() {
             kernel: File::open(kernel).unwrap().into(),
             initrd: None,
             disks: Vec::new(),
+            taps: Vec::new(),
         };
         let p = VmmParams {
             memory: 512 << 20,
@@ -801,6 +804,7 @@ _start:
         kernel: File::open(&elf).unwrap().into(),
         initrd: None,
         disks: Vec::new(),
+        taps: Vec::new(),
     };
     let p = params(1, "");
     let t = std::thread::spawn(move || build_and_run(&p, files, None, &DevOptions::default()));

@@ -296,6 +296,7 @@ fn start(kvm: OwnedFd, elf: &Path, vcpus: u32) -> Vm {
         kernel: File::open(elf).unwrap().into(),
         initrd: None,
         disks: Vec::new(),
+        taps: Vec::new(),
     };
     let p = params(vcpus);
     let thread =

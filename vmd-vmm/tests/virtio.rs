@@ -121,6 +121,7 @@ fn run(disks: &[Disk], cmdline: &str) -> Option<String> {
                 backing: Vec::new(),
             })
             .collect(),
+        taps: Vec::new(),
     };
     let params = VmmParams {
         id: 3,

@@ -6,6 +6,7 @@ pub mod i8042;
 pub mod power;
 pub mod serial;
 pub mod virtio_blk;
+pub mod virtio_net;
 pub mod virtio_rng;
 
 use crate::bus::BusDevice;

@@ -4,6 +4,8 @@
 
 pub mod pci;
 
+use std::os::fd::RawFd;
+
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -21,6 +23,7 @@ pub const STATUS_NEEDS_RESET: u8 = 0x40;
 pub const STATUS_FAILED: u8 = 0x80;
 
 /// Device types (5).
+pub const TYPE_NET: u16 = 1;
 pub const TYPE_BLOCK: u16 = 2;
 pub const TYPE_RNG: u16 = 4;
 
@@ -64,6 +67,25 @@ pub trait VirtioDevice: Send {
     ) -> Result<usize, VirtioError>;
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The driver set FEATURES_OK having accepted `features`.
+    fn features_ok(&mut self, _features: u64) {}
+    /// An fd the I/O thread polls for input besides the notifications (a
+    /// TAP), and the queue to serve when it is readable.
+    fn input_fd(&self) -> Option<(RawFd, usize)> {
+        None
+    }
+    /// Whether to poll `input_fd` now: false while the device has nowhere
+    /// to put what it would read.
+    fn input_wanted(&self) -> bool {
+        false
+    }
+    /// poll(2) found `input_fd` readable.
+    fn input_ready(&mut self) {}
+    /// A queue with work the device made for itself (a frame to inject):
+    /// the transport serves it right after the current one.
+    fn take_pending(&mut self) -> Option<usize> {
+        None
+    }
 }
 
 /// The next chain the driver made available, if any.
@@ -116,6 +138,16 @@ impl ChainBuffers {
             Some(d) if !d.has_next() => Ok(()),
             _ => Err(VirtioError::BadChain(head)),
         }
+    }
+
+    /// The device-readable buffers: (guest address, length).
+    pub fn readable(&self) -> &[(u64, u32)] {
+        &self.readable
+    }
+
+    /// The device-writable buffers: (guest address, length).
+    pub fn writable(&self) -> &[(u64, u32)] {
+        &self.writable
     }
 
     /// Copies readable bytes from `skip` on into `buf`; fails when the

@@ -24,7 +24,7 @@
 //! until it is reset; register writes that make no sense are ignored.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -367,6 +367,9 @@ impl VirtioPci {
         }
         // NEEDS_RESET is the device's to set; only a reset clears it.
         self.status = (v & !STATUS_NEEDS_RESET) | (old & STATUS_NEEDS_RESET);
+        if v & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
+            self.dev.features_ok(self.driver_features);
+        }
         if v & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
             log::debug!(
                 "{}: driver ok, features {:#x}",
@@ -428,8 +431,28 @@ impl VirtioPci {
         }
     }
 
-    /// Serves queue `index` (I/O thread).
+    /// Serves queue `index` (I/O thread), then any queue the device
+    /// made work for (a reply to inject), a bounded number of times.
     fn process(&mut self, index: usize) {
+        let mut next = Some(index);
+        for _ in 0..=self.queues.len() {
+            let Some(i) = next else { break };
+            self.process_one(i);
+            next = self.dev.take_pending();
+        }
+    }
+
+    /// The device's input fd and its queue, when it should be polled now.
+    fn input_armed(&self) -> Option<usize> {
+        let (_, q) = self.dev.input_fd()?;
+        let ok = self.status & STATUS_DRIVER_OK != 0
+            && self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
+            && self.queues.get(q).is_some_and(|q| q.ready())
+            && self.dev.input_wanted();
+        ok.then_some(q)
+    }
+
+    fn process_one(&mut self, index: usize) {
         if self.status & STATUS_DRIVER_OK == 0
             || self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0
         {
@@ -483,6 +506,7 @@ impl VirtioPci {
 fn class_of(ty: u16) -> (u8, u8, u8) {
     match ty {
         super::TYPE_BLOCK => (0x01, 0x00, 0x00),
+        super::TYPE_NET => (0x02, 0x00, 0x00),
         _ => (0xff, 0x00, 0x00),
     }
 }
@@ -580,26 +604,33 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// notification eventfds and the INTx resample eventfd.
 pub fn spawn_worker(dev: Arc<Mutex<VirtioPci>>) -> io::Result<Worker> {
     let stop = EventFd::new(EFD_NONBLOCK)?;
-    let (name, notify, resample) = {
+    let (name, notify, resample, input) = {
         let d = lock(&dev);
         let notify = d
             .notify
             .iter()
             .map(EventFd::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
-        (d.name.clone(), notify, d.intx.resample.try_clone()?)
+        let input = d.dev.input_fd().map(|(fd, _)| fd);
+        (d.name.clone(), notify, d.intx.resample.try_clone()?, input)
     };
     let stop2 = stop.try_clone()?;
     let thread = std::thread::Builder::new()
         .name(format!("io-{name}"))
-        .spawn(move || worker_loop(&dev, &stop2, &resample, &notify))?;
+        .spawn(move || worker_loop(&dev, &stop2, &resample, &notify, input))?;
     Ok(Worker {
         stop,
         thread: Some(thread),
     })
 }
 
-fn worker_loop(dev: &Mutex<VirtioPci>, stop: &EventFd, resample: &EventFd, notify: &[EventFd]) {
+fn worker_loop(
+    dev: &Mutex<VirtioPci>,
+    stop: &EventFd,
+    resample: &EventFd,
+    notify: &[EventFd],
+    input: Option<RawFd>,
+) {
     let borrow = |fd: &EventFd| {
         // SAFETY: the eventfds outlive this function's polls.
         unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
@@ -614,8 +645,28 @@ fn worker_loop(dev: &Mutex<VirtioPci>, stop: &EventFd, resample: &EventFd, notif
             .iter()
             .map(|n| PollFd::new(borrow(n), PollFlags::POLLIN)),
     );
+    let first_input = fds.len();
+    if let Some(fd) = input {
+        // SAFETY: the device owns this fd and outlives the thread (`dev`).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        fds.push(PollFd::new(fd, PollFlags::empty()));
+    }
     let ready = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
     loop {
+        // Poll the input only while the device can take what it reads:
+        // a guest without receive buffers leaves frames queued in the TAP.
+        let armed = if input.is_some() {
+            lock(dev).input_armed()
+        } else {
+            None
+        };
+        if let Some(f) = fds.get_mut(first_input) {
+            f.set_events(if armed.is_some() {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::empty()
+            });
+        }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
@@ -635,6 +686,15 @@ fn worker_loop(dev: &Mutex<VirtioPci>, stop: &EventFd, resample: &EventFd, notif
             if ready(&fds[2 + q]) {
                 let _ = n.read();
                 lock(dev).process(q);
+            }
+        }
+        if let (Some(q), Some(f)) = (armed, fds.get(first_input)) {
+            if f.revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
+            {
+                let mut d = lock(dev);
+                d.dev.input_ready();
+                d.process(q);
             }
         }
     }

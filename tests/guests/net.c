@@ -1,0 +1,893 @@
+/*
+ * net.c - freestanding virtio-net driver for vmd's network tests.
+ *
+ * Finds the first virtio-net function (1af4:1041) on PCI bus 0, drives it
+ * through the modern transport with VERSION_1 and MAC only (no offloads),
+ * a receive and a transmit queue of QS entries, polling the used rings
+ * with interrupts suppressed.  Everything after the ring-3 switch runs at
+ * CPL3 with an I/O bitmap allowing every port: the nested KVM here
+ * emulates CPL0 code at ~1M instructions/s but runs CPL3 natively.
+ *
+ * Command line (tokens we do not know are ignored):
+ *   net.ip=A.B.C.D/NN   static address
+ *   net.dhcp=1          DISCOVER, OFFER, REQUEST, ACK; prints
+ *                       "VMD-TEST net lease A.B.C.D/NN router R"
+ *   net.forge=1         send every frame from a forged source MAC
+ *   net.ping=A.B.C.D    ARP for it, then net.count=N (default 3) echo
+ *                       requests; "VMD-TEST net ping A.B.C.D ok R/N" (R > 0)
+ *                       or "... fail 0/N"
+ *   net.exit=N          power off once N echo requests were answered
+ *                       (and our own ping, if any, is done)
+ *   net.timeout=S       power off after S seconds whatever (default 60)
+ *   net.bench=tx:N      send N 1514-byte UDP frames to net.peer=A.B.C.D
+ *                       port net.port=P (default 9) as fast as possible:
+ *                       "VMD-TEST net bench tx frames N bytes B cycles C tsc_khz K"
+ *   net.bench=rx        count what arrives; every second
+ *                       "VMD-TEST net bench rx frames F bytes B cycles C tsc_khz K"
+ *                       (C: TSC since the first frame)
+ * Once addressed: "VMD-TEST net ready <ip> <mac>", then it answers ARP
+ * requests for its address and ICMP echo requests.  Last line:
+ * "VMD-TEST net done answered=N".  Errors: "VMD-TEST error: <what>".
+ * Time comes from the CMOS RTC's seconds register.
+ */
+#include "lib.h"
+
+struct hvm_start_info {
+	u32 magic;
+	u32 version;
+	u32 flags;
+	u32 nr_modules;
+	u64 modlist_paddr;
+	u64 cmdline_paddr;
+};
+
+static inline void outl(u16 port, u32 v)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+#define barrier() __asm__ volatile("" ::: "memory")
+
+static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
+static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
+static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+#define rd32 mmio_read32
+#define wr32 mmio_write32
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+/* ---- ring 3 (as bench_exits.c) ---- */
+
+static u64 gdt[7] __attribute__((aligned(16))) = {
+	0,
+	0x00af9b000000ffffULL,	/* 0x08: kernel code (as start.S) */
+	0x00cf93000000ffffULL,	/* 0x10: kernel data */
+	0x00affb000000ffffULL,	/* 0x18: user code, DPL 3 */
+	0x00cff3000000ffffULL,	/* 0x20: user data, DPL 3 */
+	0, 0,			/* 0x28: TSS */
+};
+
+static struct {
+	u8 tss[104];
+	u8 iomap[8192 + 1];
+} __attribute__((packed, aligned(16))) tss;
+
+static struct {
+	u16 limit;
+	u64 base;
+} __attribute__((packed)) gdt_desc = { sizeof(gdt) - 1, (u64)gdt };
+
+static u8 user_stack[16384] __attribute__((aligned(16)));
+
+/* ---- time: RTC seconds ---- */
+
+static u8 rtc_sec(void)
+{
+	outb(0x70, 0);
+	return inb(0x71);
+}
+
+static u8 last_sec;
+static u32 elapsed;		/* seconds since start */
+
+/* Cheap enough to call often: reads the RTC every 16384th call. */
+static int tick(void)
+{
+	static u32 n;
+	if (++n & 0x3fff)
+		return 0;
+	u8 s = rtc_sec();
+	if (s != last_sec) {
+		last_sec = s;
+		elapsed++;
+		return 1;
+	}
+	return 0;
+}
+
+/* ---- PCI / virtio ---- */
+
+static u32 pci_rd(int slot, int reg)
+{
+	outl(0xCF8, 0x80000000u | ((u32)slot << 11) | (u32)(reg & 0xfc));
+	return inl(0xCFC);
+}
+
+static void pci_wr(int slot, int reg, u32 v)
+{
+	outl(0xCF8, 0x80000000u | ((u32)slot << 11) | (u32)(reg & 0xfc));
+	outl(0xCFC, v);
+}
+
+static u8 pci_rd8(int slot, int reg)
+{
+	return (u8)(pci_rd(slot, reg) >> ((reg & 3) * 8));
+}
+
+#define QS		64
+#define BUFSZ		2048
+#define VHDR		12
+#define F_MAC		(1ULL << 5)
+#define F_VERSION_1	(1ULL << 32)
+#define DESC_WRITE	2
+#define RX_RING		0x300000UL
+#define TX_RING		0x310000UL
+#define RX_BUF		0x400000UL
+#define TX_BUF		0x440000UL
+
+struct desc { u64 addr; u32 len; u16 flags; u16 next; };
+struct vq { u64 ring; u16 avail, used_seen; u64 notify; };
+
+static u64 common, notify_base, devcfg;
+static u32 notify_mult;
+static struct vq rxq, txq;
+static u8 mac[6], src_mac[6];
+static int rx_dirty;
+
+static volatile u16 *avail_of(struct vq *q) { return (volatile u16 *)(q->ring + 0x1000); }
+static volatile u16 *used_of(struct vq *q) { return (volatile u16 *)(q->ring + 0x2000); }
+static struct desc *desc_of(struct vq *q) { return (struct desc *)q->ring; }
+
+static void setup_queue(struct vq *q, u16 index, u64 ring)
+{
+	u64 c = common;
+	wr16(c + 0x16, index);
+	if (rd16(c + 0x18) < QS)
+		fail("queue too small");
+	wr16(c + 0x18, QS);
+	q->ring = ring;
+	memset((void *)ring, 0, 0x3000);
+	wr32(c + 0x20, (u32)ring);
+	wr32(c + 0x24, 0);
+	wr32(c + 0x28, (u32)(ring + 0x1000));
+	wr32(c + 0x2c, 0);
+	wr32(c + 0x30, (u32)(ring + 0x2000));
+	wr32(c + 0x34, 0);
+	q->notify = notify_base + (u64)rd16(c + 0x1e) * notify_mult;
+	avail_of(q)[0] = 1;	/* VRING_AVAIL_F_NO_INTERRUPT: we poll */
+	wr16(c + 0x1c, 1);
+}
+
+static void net_init(int slot)
+{
+	u32 bar = pci_rd(slot, 0x10) & ~0xfu;
+	if (!bar) {
+		bar = 0xE8000000u + ((u32)slot << 16);
+		pci_wr(slot, 0x10, bar);
+	}
+	pci_wr(slot, 0x04, (pci_rd(slot, 0x04) & 0xffff) | 0x6);
+	for (int p = pci_rd8(slot, 0x34), n = 0; p && n < 32; p = pci_rd8(slot, p + 1), n++) {
+		if (pci_rd8(slot, p) != 0x09)
+			continue;
+		u8 type = pci_rd8(slot, p + 3);
+		u64 a = bar + pci_rd(slot, p + 8);
+		if (type == 1) common = a;
+		if (type == 2) { notify_base = a; notify_mult = pci_rd(slot, p + 16); }
+		if (type == 4) devcfg = a;
+	}
+	if (!common || !notify_base || !devcfg)
+		fail("virtio capabilities missing");
+	u64 c = common;
+	wr8(c + 0x14, 0);
+	wr8(c + 0x14, 1);
+	wr8(c + 0x14, 1 | 2);
+	wr32(c + 0x00, 0);
+	u64 f = rd32(c + 0x04);
+	wr32(c + 0x00, 1);
+	f |= (u64)rd32(c + 0x04) << 32;
+	if (!(f & F_MAC))
+		fail("no VIRTIO_NET_F_MAC");
+	f &= F_MAC | F_VERSION_1;
+	wr32(c + 0x08, 0);
+	wr32(c + 0x0c, (u32)f);
+	wr32(c + 0x08, 1);
+	wr32(c + 0x0c, (u32)(f >> 32));
+	wr8(c + 0x14, 1 | 2 | 8);
+	if (!(rd8(c + 0x14) & 8))
+		fail("FEATURES_OK refused");
+	for (int i = 0; i < 6; i++)
+		mac[i] = rd8(devcfg + (u64)i);
+	setup_queue(&rxq, 0, RX_RING);
+	setup_queue(&txq, 1, TX_RING);
+	struct desc *d = desc_of(&rxq);
+	volatile u16 *av = avail_of(&rxq);
+	for (u16 i = 0; i < QS; i++) {
+		d[i] = (struct desc){ RX_BUF + (u64)i * BUFSZ, BUFSZ, DESC_WRITE, 0 };
+		av[2 + i] = i;
+	}
+	rxq.avail = QS;
+	barrier();
+	av[1] = QS;
+	wr8(c + 0x14, 1 | 2 | 4 | 8);
+	wr16(rxq.notify, 0);
+}
+
+/* Next received frame, or 0. */
+static u8 *rx_next(u32 *len, u16 *id)
+{
+	volatile u16 *u = used_of(&rxq);
+	if (u[1] == rxq.used_seen)
+		return 0;
+	barrier();
+	volatile u32 *e = (volatile u32 *)(rxq.ring + 0x2000 + 4 + 8 * (u64)(rxq.used_seen % QS));
+	u32 i = e[0], l = e[1];
+	rxq.used_seen++;
+	*id = (u16)i;
+	if (i >= QS || l < VHDR + 14) {
+		*len = 0;
+		return 0;
+	}
+	*len = l - VHDR;
+	return (u8 *)(RX_BUF + (u64)i * BUFSZ + VHDR);
+}
+
+static void rx_recycle(u16 id)
+{
+	volatile u16 *av = avail_of(&rxq);
+	av[2 + rxq.avail % QS] = id;
+	barrier();
+	rxq.avail++;
+	av[1] = rxq.avail;
+	rx_dirty = 1;
+}
+
+static void rx_kick(void)
+{
+	if (rx_dirty) {
+		rx_dirty = 0;
+		wr16(rxq.notify, 0);
+	}
+}
+
+static u16 tx_pending;	/* committed but not yet notified */
+
+static void tx_flush(void)
+{
+	if (tx_pending) {
+		tx_pending = 0;
+		wr16(txq.notify, 1);
+	}
+}
+
+/* The frame area of the next free transmit slot (its header zeroed). */
+static u8 *tx_buf(void)
+{
+	volatile u16 *u = used_of(&txq);
+	if ((u16)(txq.avail - u[1]) >= QS) {
+		tx_flush();
+		while ((u16)(txq.avail - u[1]) >= QS)
+			;
+	}
+	u8 *b = (u8 *)(TX_BUF + (u64)(txq.avail % QS) * BUFSZ);
+	memset(b, 0, VHDR);
+	return b + VHDR;
+}
+
+/* Sends the frame in the slot tx_buf returned; notifies every `batch`. */
+static void tx_commit(u32 len, u16 batch)
+{
+	u16 slot = txq.avail % QS;
+	desc_of(&txq)[slot] = (struct desc){ TX_BUF + (u64)slot * BUFSZ, VHDR + len, 0, 0 };
+	volatile u16 *av = avail_of(&txq);
+	av[2 + slot] = slot;
+	barrier();
+	txq.avail++;
+	av[1] = txq.avail;
+	if (++tx_pending >= batch)
+		tx_flush();
+}
+
+/* ---- protocols ---- */
+
+static u32 my_ip, my_mask_len, peer_ip, router;
+static u8 peer_mac[6];
+static int have_ip, have_peer_mac;
+static u64 answered;
+static const u8 bcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+
+static u16 get16(const u8 *p) { return (u16)(p[0] << 8 | p[1]); }
+static u32 get32(const u8 *p) { return (u32)p[0] << 24 | (u32)p[1] << 16 | (u32)p[2] << 8 | p[3]; }
+static void put16(u8 *p, u16 v) { p[0] = (u8)(v >> 8); p[1] = (u8)v; }
+static void put32(u8 *p, u32 v) { p[0] = (u8)(v >> 24); p[1] = (u8)(v >> 16); p[2] = (u8)(v >> 8); p[3] = (u8)v; }
+
+static u16 csum(const u8 *p, u32 n)
+{
+	u32 s = 0;
+	for (; n > 1; n -= 2, p += 2)
+		s += (u32)(p[0] << 8 | p[1]);
+	if (n)
+		s += (u32)p[0] << 8;
+	while (s >> 16)
+		s = (s & 0xffff) + (s >> 16);
+	return (u16)~s;
+}
+
+static void put_ip(u32 a)
+{
+	for (int i = 3; i >= 0; i--) {
+		put_dec((a >> (8 * i)) & 0xff);
+		if (i)
+			putc('.');
+	}
+}
+
+static void put_mac(const u8 *m)
+{
+	const char *x = "0123456789abcdef";
+	for (int i = 0; i < 6; i++) {
+		putc(x[m[i] >> 4]);
+		putc(x[m[i] & 15]);
+		if (i < 5)
+			putc(':');
+	}
+}
+
+static u8 *eth(u8 *f, const u8 *dst, u16 type)
+{
+	memcpy(f, dst, 6);
+	memcpy(f + 6, src_mac, 6);
+	put16(f + 12, type);
+	return f + 14;
+}
+
+static void send_arp(u16 op, const u8 *tha, u32 tpa)
+{
+	u8 *f = tx_buf();
+	u8 *a = eth(f, op == 1 ? bcast : tha, 0x0806);
+	put16(a, 1);
+	put16(a + 2, 0x0800);
+	a[4] = 6;
+	a[5] = 4;
+	put16(a + 6, op);
+	memcpy(a + 8, src_mac, 6);
+	put32(a + 14, my_ip);
+	memcpy(a + 18, op == 1 ? (const u8 *)"\0\0\0\0\0\0" : tha, 6);
+	put32(a + 24, tpa);
+	memset(a + 28, 0, 18);	/* pad to 60 bytes */
+	tx_commit(60, 1);
+}
+
+/* An IPv4 header at `ip` for `payload` bytes; returns the payload. */
+static u8 *ipv4(u8 *ip, u8 proto, u32 src, u32 dst, u32 payload)
+{
+	ip[0] = 0x45;
+	ip[1] = 0;
+	put16(ip + 2, (u16)(20 + payload));
+	put16(ip + 4, 0);
+	put16(ip + 6, 0x4000);
+	ip[8] = 64;
+	ip[9] = proto;
+	put16(ip + 10, 0);
+	put32(ip + 12, src);
+	put32(ip + 16, dst);
+	put16(ip + 10, csum(ip, 20));
+	return ip + 20;
+}
+
+static u16 ping_id = 0x7654, ping_seq;
+static u32 ping_replies;
+
+static void send_echo(u32 dst, const u8 *dmac)
+{
+	u8 *f = tx_buf();
+	u8 *icmp = ipv4(eth(f, dmac, 0x0800), 1, my_ip, dst, 64);
+	icmp[0] = 8;
+	icmp[1] = 0;
+	put16(icmp + 2, 0);
+	put16(icmp + 4, ping_id);
+	put16(icmp + 6, ++ping_seq);
+	for (int i = 8; i < 64; i++)
+		icmp[i] = (u8)i;
+	put16(icmp + 2, csum(icmp, 64));
+	tx_commit(14 + 20 + 64, 1);
+}
+
+/* An echo reply for the request `f` (IP header at f+14). */
+static void answer_echo(const u8 *f, u32 len)
+{
+	const u8 *ip = f + 14;
+	u32 ihl = (ip[0] & 15) * 4u, tot = get16(ip + 2);
+	if (ihl < 20 || tot < ihl + 8 || 14 + tot > len || 14 + tot > BUFSZ - VHDR)
+		return;
+	u8 *r = tx_buf();
+	memcpy(r, f, 14 + tot);
+	eth(r, f + 6, 0x0800);
+	u8 *rip = r + 14;
+	put32(rip + 12, get32(ip + 16));
+	put32(rip + 16, get32(ip + 12));
+	rip[8] = 64;
+	put16(rip + 10, 0);
+	put16(rip + 10, csum(rip, ihl));
+	u8 *icmp = rip + ihl;
+	icmp[0] = 0;
+	put16(icmp + 2, 0);
+	put16(icmp + 2, csum(icmp, tot - ihl));
+	tx_commit(14 + tot, 1);
+	answered++;
+}
+
+/* ---- DHCP client ---- */
+
+#define DHCP_XID 0x564d4421u
+static int dhcp_state;	/* 0 off, 1 discovering, 2 requesting, 3 bound */
+static u32 offer_ip, offer_server;
+
+static void send_dhcp(int type)
+{
+	u8 *f = tx_buf();
+	u8 *ip = eth(f, bcast, 0x0800);
+	u32 blen = 236 + 4 + 3 + 6 + 6 + 4 + 1;
+	u8 *udp = ipv4(ip, 17, 0, 0xffffffffu, 8 + blen);
+	put16(udp, 68);
+	put16(udp + 2, 67);
+	put16(udp + 4, (u16)(8 + blen));
+	put16(udp + 6, 0);
+	u8 *b = udp + 8;
+	memset(b, 0, blen);
+	b[0] = 1;
+	b[1] = 1;
+	b[2] = 6;
+	put32(b + 4, DHCP_XID);
+	put16(b + 10, 0x8000);
+	memcpy(b + 28, mac, 6);
+	u8 *o = b + 236;
+	o[0] = 99; o[1] = 130; o[2] = 83; o[3] = 99;
+	o += 4;
+	*o++ = 53; *o++ = 1; *o++ = (u8)type;
+	if (type == 3) {
+		*o++ = 50; *o++ = 4; put32(o, offer_ip); o += 4;
+		*o++ = 54; *o++ = 4; put32(o, offer_server); o += 4;
+	}
+	*o++ = 55; *o++ = 2; *o++ = 1; *o++ = 3;
+	*o++ = 255;
+	tx_commit(14 + 20 + 8 + blen, 1);
+}
+
+static void dhcp_input(const u8 *udp, u32 ulen)
+{
+	const u8 *b = udp + 8;
+	if (ulen < 8 + 240 || b[0] != 2 || get32(b + 4) != DHCP_XID || memcmp(b + 28, mac, 6))
+		return;
+	if (get32(b + 236) != 0x63825363u)
+		return;
+	int type = 0;
+	u32 mask = 0, rtr = 0, server = 0;
+	for (u32 i = 240; i + 1 < ulen - 8;) {
+		u8 code = b[i];
+		if (code == 0) { i++; continue; }
+		if (code == 255) break;
+		u8 l = b[i + 1];
+		if (i + 2 + l > ulen - 8) break;
+		const u8 *v = b + i + 2;
+		if (code == 53 && l >= 1) type = v[0];
+		if (code == 1 && l >= 4) mask = get32(v);
+		if (code == 3 && l >= 4) rtr = get32(v);
+		if (code == 54 && l >= 4) server = get32(v);
+		i += 2u + l;
+	}
+	if (dhcp_state == 1 && type == 2) {
+		offer_ip = get32(b + 16);
+		offer_server = server;
+		dhcp_state = 2;
+		send_dhcp(3);
+	} else if (dhcp_state == 2 && type == 5) {
+		my_ip = get32(b + 16);
+		my_mask_len = 0;
+		while (my_mask_len < 32 && (mask << my_mask_len) & 0x80000000u)
+			my_mask_len++;
+		router = rtr;
+		dhcp_state = 3;
+		have_ip = 1;
+		puts("VMD-TEST net lease ");
+		put_ip(my_ip);
+		putc('/');
+		put_dec(my_mask_len);
+		puts(" router ");
+		put_ip(router);
+		putc('\n');
+	} else if (dhcp_state == 2 && type == 6) {
+		dhcp_state = 1;
+		send_dhcp(1);
+	}
+}
+
+/* ---- input ---- */
+
+static int bench_rx;
+static u64 rx_frames, rx_bytes, rx_t0;
+
+static void input(const u8 *f, u32 len)
+{
+	if (bench_rx) {
+		if (!rx_frames)
+			rx_t0 = rdtsc();
+		rx_frames++;
+		rx_bytes += len;
+	}
+	if (memcmp(f, mac, 6) && memcmp(f, src_mac, 6) && memcmp(f, bcast, 6))
+		return;
+	u16 type = get16(f + 12);
+	if (type == 0x0806 && len >= 42) {
+		const u8 *a = f + 14;
+		u16 op = get16(a + 6);
+		u32 spa = get32(a + 14), tpa = get32(a + 24);
+		if (peer_ip && spa == peer_ip) {
+			memcpy(peer_mac, a + 8, 6);
+			have_peer_mac = 1;
+		}
+		if (op == 1 && have_ip && tpa == my_ip)
+			send_arp(2, a + 8, spa);
+		return;
+	}
+	if (type != 0x0800 || len < 34)
+		return;
+	const u8 *ip = f + 14;
+	u32 ihl = (ip[0] & 15) * 4u;
+	if ((ip[0] >> 4) != 4 || ihl < 20 || len < 14 + ihl + 8)
+		return;
+	if (ip[9] == 17 && dhcp_state && get16(ip + ihl + 2) == 68) {
+		u32 tot = get16(ip + 2);
+		if (14 + tot <= len && tot > ihl)
+			dhcp_input(ip + ihl, tot - ihl);
+		return;
+	}
+	if (!have_ip || get32(ip + 16) != my_ip || ip[9] != 1)
+		return;
+	const u8 *icmp = ip + ihl;
+	if (icmp[0] == 8)
+		answer_echo(f, len);
+	else if (icmp[0] == 0 && get16(icmp + 4) == ping_id && get16(icmp + 6) == ping_seq)
+		ping_replies++;
+}
+
+/* Serves the receive ring once; returns the frames seen. */
+static u32 poll_rx(void)
+{
+	u32 n = 0, len;
+	for (;;) {
+		volatile u16 *u = used_of(&rxq);
+		if (u[1] == rxq.used_seen)
+			break;
+		u16 id = QS;
+		u8 *f = rx_next(&len, &id);
+		if (f)
+			input(f, len);
+		if (id < QS)
+			rx_recycle(id);
+		n++;
+	}
+	rx_kick();
+	tx_flush();
+	return n;
+}
+
+/* ---- command line ---- */
+
+static const char *arg;
+
+static int starts(const char *s, const char *p)
+{
+	while (*p)
+		if (*s++ != *p++)
+			return 0;
+	return 1;
+}
+
+static u64 num(void)
+{
+	u64 v = 0;
+	while (*arg >= '0' && *arg <= '9')
+		v = v * 10 + (u64)(*arg++ - '0');
+	return v;
+}
+
+static u32 ipaddr(void)
+{
+	u32 a = 0;
+	for (int i = 0; i < 4; i++) {
+		a = a << 8 | (u32)(num() & 0xff);
+		if (*arg == '.')
+			arg++;
+	}
+	return a;
+}
+
+static u32 opt_exit, opt_timeout = 60, opt_count = 3, opt_port = 9, opt_dhcp, opt_forge;
+static u64 bench_tx;
+
+static void parse(const char *cmd)
+{
+	arg = cmd;
+	while (*arg) {
+		while (*arg == ' ')
+			arg++;
+		const char *tok = arg;
+		while (*arg && *arg != ' ')
+			arg++;
+		const char *end = arg;
+#define OPT(o) (starts(tok, o) && (arg = tok + sizeof(o) - 1, 1))
+		if (OPT("net.ip=")) {
+			my_ip = ipaddr();
+			my_mask_len = *arg == '/' ? (arg++, (u32)num()) : 24;
+			have_ip = 1;
+		} else if (OPT("net.dhcp=")) {
+			opt_dhcp = (u32)num();
+		} else if (OPT("net.forge=")) {
+			opt_forge = (u32)num();
+		} else if (OPT("net.ping=") || OPT("net.peer=")) {
+			peer_ip = ipaddr();
+		} else if (OPT("net.count=")) {
+			opt_count = (u32)num();
+		} else if (OPT("net.exit=")) {
+			opt_exit = (u32)num();
+		} else if (OPT("net.timeout=")) {
+			opt_timeout = (u32)num();
+		} else if (OPT("net.port=")) {
+			opt_port = (u32)num();
+		} else if (OPT("net.bench=rx")) {
+			bench_rx = 1;
+		} else if (OPT("net.bench=tx:")) {
+			bench_tx = num();
+		}
+		arg = end;
+	}
+}
+
+/* ---- main ---- */
+
+static void done(void)
+{
+	tx_flush();
+	puts("VMD-TEST net done answered=");
+	put_dec(answered);
+	putc('\n');
+	/* From ring 3 a final hlt would fault: power off and wait. */
+	outw(PM1A_CNT, SLP_S5);
+	for (;;)
+		(void)inb(COM1 + 5);
+}
+
+/* Serves the network until `cond` holds or the timeout passes. */
+#define SERVE_UNTIL(cond) do {						\
+	while (!(cond)) {						\
+		poll_rx();						\
+		if (tick() && elapsed >= opt_timeout)			\
+			done();						\
+	}								\
+} while (0)
+
+/* Waits about a second (one RTC change) while serving. */
+static void serve_second(void)
+{
+	u32 e = elapsed;
+	SERVE_UNTIL(elapsed != e);
+}
+
+static u64 tsc_khz(void)
+{
+	u32 e = elapsed;
+	SERVE_UNTIL(elapsed != e);
+	u64 t0 = rdtsc();
+	e = elapsed;
+	SERVE_UNTIL(elapsed != e);
+	return (rdtsc() - t0) / 1000;
+}
+
+static void resolve_peer(void)
+{
+	while (!have_peer_mac) {
+		send_arp(1, 0, peer_ip);
+		u32 e = elapsed;
+		SERVE_UNTIL(have_peer_mac || elapsed != e);
+	}
+}
+
+static void do_ping(void)
+{
+	resolve_peer();
+	for (u32 i = 0; i < opt_count; i++) {
+		u32 before = ping_replies;
+		send_echo(peer_ip, peer_mac);
+		u32 e = elapsed;
+		SERVE_UNTIL(ping_replies != before || elapsed - e >= 2);
+	}
+	puts("VMD-TEST net ping ");
+	put_ip(peer_ip);
+	puts(ping_replies ? " ok " : " fail ");
+	put_dec(ping_replies);
+	putc('/');
+	put_dec(opt_count);
+	putc('\n');
+}
+
+static void do_bench_tx(void)
+{
+	resolve_peer();
+	u64 khz = tsc_khz();
+	/* Every slot holds the same frame: build them once. */
+	u32 plen = 1500 - 20 - 8;
+	for (u16 s = 0; s < QS; s++) {
+		u8 *f = (u8 *)(TX_BUF + (u64)s * BUFSZ);
+		memset(f, 0, VHDR);
+		u8 *udp = ipv4(eth(f + VHDR, peer_mac, 0x0800), 17, my_ip, peer_ip, 8 + plen);
+		put16(udp, 40000);
+		put16(udp + 2, (u16)opt_port);
+		put16(udp + 4, (u16)(8 + plen));
+		put16(udp + 6, 0);
+		for (u32 i = 0; i < plen; i++)
+			udp[8 + i] = (u8)i;
+	}
+	volatile u16 *u = used_of(&txq);
+	u64 t0 = rdtsc();
+	for (u64 i = 0; i < bench_tx; i++) {
+		if ((u16)(txq.avail - u[1]) >= QS) {
+			tx_flush();
+			while ((u16)(txq.avail - u[1]) >= QS)
+				;
+		}
+		tx_commit(1514, 16);
+	}
+	tx_flush();
+	while (u[1] != txq.avail)
+		;
+	u64 t1 = rdtsc();
+	puts("VMD-TEST net bench tx frames ");
+	put_dec(bench_tx);
+	puts(" bytes ");
+	put_dec(bench_tx * 1514);
+	puts(" cycles ");
+	put_dec(t1 - t0);
+	puts(" tsc_khz ");
+	put_dec(khz);
+	putc('\n');
+}
+
+static void do_bench_rx(void)
+{
+	u64 khz = tsc_khz();
+	for (;;) {
+		serve_second();
+		puts("VMD-TEST net bench rx frames ");
+		put_dec(rx_frames);
+		puts(" bytes ");
+		put_dec(rx_bytes);
+		puts(" cycles ");
+		put_dec(rx_frames ? rdtsc() - rx_t0 : 0);
+		puts(" tsc_khz ");
+		put_dec(khz);
+		putc('\n');
+	}
+}
+
+static const struct hvm_start_info *start;
+
+static void __attribute__((noreturn, used)) user_main(void)
+{
+	int slot = -1;
+	for (int s = 0; s < 32 && slot < 0; s++)
+		if (pci_rd(s, 0) == 0x10411af4u)
+			slot = s;
+	if (slot < 0)
+		fail("no virtio-net device");
+	if (start->magic == 0x336ec578 && start->cmdline_paddr)
+		parse((const char *)(usize)start->cmdline_paddr);
+	net_init(slot);
+	memcpy(src_mac, mac, 6);
+	if (opt_forge) {
+		/* Another locally administered unicast address. */
+		src_mac[0] = 0x02;
+		src_mac[5] ^= 0x5a;
+	}
+	last_sec = rtc_sec();
+	if (opt_dhcp) {
+		have_ip = 0;
+		dhcp_state = 1;
+		while (dhcp_state != 3) {
+			if (dhcp_state == 1)
+				send_dhcp(1);
+			else
+				send_dhcp(3);
+			u32 e = elapsed;
+			SERVE_UNTIL(dhcp_state == 3 || elapsed - e >= 2);
+		}
+	}
+	if (!have_ip)
+		fail("no address: give net.ip= or net.dhcp=1");
+	puts("VMD-TEST net ready ");
+	put_ip(my_ip);
+	putc(' ');
+	put_mac(mac);
+	putc('\n');
+	if (bench_tx)
+		do_bench_tx();
+	if (bench_rx)
+		do_bench_rx();
+	if (peer_ip && !bench_tx)
+		do_ping();
+	if (opt_exit || peer_ip)
+		SERVE_UNTIL(answered >= opt_exit);
+	else
+		SERVE_UNTIL(0);
+	done();
+	for (;;)
+		;
+}
+
+void guest_main(u32 start_info)
+{
+	u64 cr3, *pml4, *pdpt, *pd;
+
+	start = (const struct hvm_start_info *)(usize)start_info;
+	serial_init();
+	puts("VMD-TEST net start\n");
+	/* User access to the identity map: U bit at every level. */
+	__asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
+	pml4 = (u64 *)(cr3 & ~0xfffULL);
+	pml4[0] |= 4;
+	pdpt = (u64 *)(pml4[0] & ~0xfffULL);
+	for (int i = 0; i < 4; i++) {
+		pdpt[i] |= 4;
+		pd = (u64 *)(pdpt[i] & ~0xfffULL);
+		for (int j = 0; j < 512; j++)
+			pd[j] |= 4;
+	}
+	__asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
+	{
+		u64 base = (u64)&tss, limit = sizeof(tss) - 1;
+
+		tss.tss[102] = 104;		/* I/O map base */
+		tss.iomap[8192] = 0xff;		/* terminator */
+		gdt[5] = (limit & 0xffff) | ((base & 0xffffff) << 16) |
+			 (0x89ULL << 40) | (((limit >> 16) & 0xf) << 48) |
+			 (((base >> 24) & 0xff) << 56);
+		gdt[6] = base >> 32;
+	}
+	__asm__ volatile("lgdt %0" : : "m"(gdt_desc));
+	__asm__ volatile("ltr %w0" : : "r"(0x28));
+	__asm__ volatile("pushq $0x3002\n\tpopfq" : : : "memory", "cc");
+	__asm__ volatile(
+		"pushq $0x23\n\t"
+		"pushq %0\n\t"
+		"pushq $0x3002\n\t"
+		"pushq $0x1b\n\t"
+		"pushq %1\n\t"
+		"iretq"
+		:
+		: "r"((u64)(user_stack + sizeof(user_stack) - 8)),
+		  "r"((u64)user_main)
+		: "memory");
+	__builtin_unreachable();
+}
