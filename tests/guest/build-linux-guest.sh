@@ -26,6 +26,7 @@
 #   GUEST-CPUS: <nproc>
 #   GUEST-BLK: <block devices>        GUEST-NET: <net interfaces>
 #   GUEST-DISK: <marker>              (only if /dev/vda mounts as ext4)
+#   GUEST-DISK-WROTE                  (it wrote /from-guest.txt there)
 #   GUEST-READY
 set -euo pipefail
 
@@ -165,8 +166,10 @@ echo "GUEST-CPUS: $(nproc)"
 sleep 0.2   # let virtio probes settle
 echo "GUEST-BLK: $(ls /sys/block | tr '\n' ' ')"
 echo "GUEST-NET: $(ls /sys/class/net | tr '\n' ' ')"
-if [ -b /dev/vda ] && mount -t ext4 -o ro /dev/vda /mnt 2>/dev/null; then
+if [ -b /dev/vda ] && mount -t ext4 /dev/vda /mnt 2>/dev/null; then
   echo "GUEST-DISK: $(cat /mnt/marker.txt)"
+  # Write one back, so a test can read it from the host after the VM.
+  echo GUEST-WROTE > /mnt/from-guest.txt && sync && echo "GUEST-DISK-WROTE"
   umount /mnt
 fi
 echo "GUEST-READY"
