@@ -237,3 +237,34 @@ fn truncated_images_are_errors() {
         exercise(&path, true);
     }
 }
+
+/// A refcount table whose first entry is zero leaves the header cluster
+/// undescribed; allocating then must fail, not overwrite the header and
+/// loop (the qcow2_open fuzzer found that hang).
+#[test]
+fn undescribed_header_cluster_is_an_error_not_a_hang() {
+    let dir = TempDir::new("rc0");
+    let path = dir.path("rc0.qcow2");
+    let mut spec = CreateSpec::new(Format::Qcow2);
+    spec.size = Some(1 << 20);
+    create(&path, spec).unwrap();
+    let mut table = [0u8; 8];
+    File::open(&path)
+        .unwrap()
+        .read_exact_at(&mut table, 48)
+        .unwrap();
+    patch(&path, u64::from_be_bytes(table), &[0u8; 8]);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    match open_disk(file, vec![], false, Some(Format::Qcow2)) {
+        Err(e) => assert!(e.to_string().contains("refcount"), "{e}"),
+        Ok(mut disk) => {
+            let err = disk.write_at(&[1u8; 512], 0).expect_err("write must fail");
+            assert!(matches!(err, ImageError::Corrupt(_)), "{err}");
+            assert!(err.to_string().contains("cluster 0"), "{err}");
+        }
+    }
+}

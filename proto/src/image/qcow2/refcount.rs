@@ -166,6 +166,14 @@ impl Refcounts {
     pub fn alloc(&mut self, file: &File) -> Result<u64, ImageError> {
         loop {
             let c = self.find_free(file, self.cursor)?;
+            // Cluster 0 is the header. It is free only in a refcount table
+            // that fails to describe it; placing a block there would wipe
+            // the header and loop forever (found by the qcow2_open fuzzer).
+            if c == 0 {
+                return Err(corrupt(
+                    "refcount table does not cover the header cluster (cluster 0)".into(),
+                ));
+            }
             self.cursor = c;
             let (ri, _) = self.split(c);
             if self.block_offset(ri)?.is_none() {
