@@ -132,11 +132,25 @@ impl Daemon {
 
     /// Starts vmd with extra arguments (`-f vm.conf`, say).
     pub fn start_with(test: &str, extra: &[&str]) -> Daemon {
+        Self::start_in(test, None, extra)
+    }
+
+    /// Starts vmd inside network namespace `netns` (when given), so every
+    /// TAP and bridge it makes lives there and nowhere else.
+    pub fn start_in(test: &str, netns: Option<&NetNs>, extra: &[&str]) -> Daemon {
         require_kvm();
         let dir = Self::dir_for(test);
         std::fs::create_dir_all(&dir).expect("test dir");
         let socket = dir.join("vmd.sock");
-        let mut child = Command::new(bin("vmd"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(bin("vmd"));
+                c
+            }
+            None => Command::new(bin("vmd")),
+        };
+        let mut child = cmd
             .args(["-d", "-v", "-s"])
             .arg(&socket)
             .arg("--state-dir")
@@ -470,4 +484,71 @@ pub fn process_alive(pid: u32) -> bool {
 pub fn proc_status(pid: u32, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     line_after(&text, &format!("{key}:")).map(|v| v.trim().to_string())
+}
+
+/// A network namespace the test owns; deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("vmdt-{}-{tag}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip netns add {name} failed (iproute2 needed)");
+        let ns = NetNs { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs a command inside the namespace; returns its output.
+    pub fn exec(&self, argv: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Runs a command inside the namespace and insists it succeeds.
+    pub fn run(&self, argv: &[&str]) -> String {
+        let out = self.exec(argv);
+        assert!(
+            out.status.success(),
+            "{argv:?} in {}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Interface names in the namespace.
+    pub fn links(&self) -> Vec<String> {
+        self.run(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// True when `count` pings of `addr` from the namespace get replies.
+    pub fn ping(&self, addr: &str, count: u32) -> bool {
+        let count = count.to_string();
+        self.exec(&["ping", "-c", &count, "-W", "2", "-i", "0.3", addr])
+            .status
+            .success()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
 }

@@ -47,29 +47,67 @@ fn bcd(v: i32) -> u8 {
     ((v / 10) << 4) | (v % 10)
 }
 
-/// The host's UTC time as the RTC registers hold it.
-fn now() -> Option<libc::tm> {
-    // SAFETY: time(NULL) only returns a value.
-    let t = unsafe { libc::time(std::ptr::null_mut()) };
-    // SAFETY: tm is plain data; gmtime_r fills it and we check the result.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers are valid for the call.
-    let ok = unsafe { !libc::gmtime_r(&t, &mut tm).is_null() };
-    ok.then_some(tm)
+/// A UTC date and time, as the RTC registers hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UtcTime {
+    year: i32,
+    month: i32,
+    day: i32,
+    weekday: i32,
+    hour: i32,
+    minute: i32,
+    second: i32,
+}
+
+/// Splits seconds since the epoch into a UTC date, by arithmetic alone:
+/// libc's gmtime_r would load the time zone database on first use, and
+/// the sandboxed VM process may open no files.
+fn utc(secs: i64) -> UtcTime {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01, counting in 400-year eras
+    // that start on March 1st so leap days fall at the end of a year.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    UtcTime {
+        year: year as i32,
+        month: month as i32,
+        day: day as i32,
+        // 1970-01-01 was a Thursday (day 4, Sunday = 0).
+        weekday: (days + 4).rem_euclid(7) as i32,
+        hour: (rem / 3600) as i32,
+        minute: (rem % 3600 / 60) as i32,
+        second: (rem % 60) as i32,
+    }
+}
+
+/// The host's UTC time now.
+fn now() -> UtcTime {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    utc(secs)
 }
 
 impl Cmos {
     fn register(&self, index: u8) -> u8 {
-        let time = |f: fn(&libc::tm) -> i32| now().map_or(0, |tm| bcd(f(&tm)));
+        let time = |f: fn(&UtcTime) -> i32| bcd(f(&now()));
         match index {
-            SECONDS => time(|t| t.tm_sec),
-            MINUTES => time(|t| t.tm_min),
-            HOURS => time(|t| t.tm_hour),
-            WEEKDAY => time(|t| t.tm_wday + 1),
-            DAY => time(|t| t.tm_mday),
-            MONTH => time(|t| t.tm_mon + 1),
-            YEAR => time(|t| t.tm_year),
-            CENTURY => time(|t| (t.tm_year + 1900) / 100),
+            SECONDS => time(|t| t.second),
+            MINUTES => time(|t| t.minute),
+            HOURS => time(|t| t.hour),
+            WEEKDAY => time(|t| t.weekday + 1),
+            DAY => time(|t| t.day),
+            MONTH => time(|t| t.month),
+            YEAR => time(|t| t.year % 100),
+            CENTURY => time(|t| t.year / 100),
             STATUS_A => STATUS_A_VALUE,
             STATUS_B => STATUS_B_VALUE,
             STATUS_C => 0,
@@ -107,6 +145,25 @@ impl BusDevice for Cmos {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn utc_dates_by_arithmetic() {
+        let t = utc(0);
+        assert_eq!(
+            (t.year, t.month, t.day, t.weekday, t.hour),
+            (1970, 1, 1, 4, 0)
+        );
+        // 2000-02-29 12:34:56 UTC, a Tuesday.
+        let t = utc(951_827_696);
+        assert_eq!(
+            (t.year, t.month, t.day, t.weekday, t.hour, t.minute, t.second),
+            (2000, 2, 29, 2, 12, 34, 56)
+        );
+        // 2026-11-26 was a Thursday.
+        let t = utc(1_795_651_200);
+        assert_eq!((t.year, t.month, t.day, t.weekday), (2026, 11, 26, 4));
+    }
+
     use super::*;
 
     fn read(c: &mut Cmos, index: u8) -> u8 {

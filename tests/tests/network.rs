@@ -1,0 +1,166 @@
+//! Networking end to end, all inside a network namespace the test makes
+//! (vmd runs in it, so its TAPs and bridges do too): two VMs on a switch,
+//! a local interface leased by the built-in DHCP server, a forging guest
+//! on a locked interface, and start/stop cycles that leave nothing behind.
+//! The guests are tests/guests/net.elf, which carries its own virtio-net
+//! driver and answers ARP and ping.
+
+use std::time::Duration;
+
+use vmd_e2e::{guest, line_after, Daemon, NetNs};
+
+const T: Duration = Duration::from_secs(90);
+
+/// A VM running net.elf; it stays up (answering up to 100 pings) for at
+/// most 5 minutes.
+fn net_vm(name: &str, cmdline: &str, iface: &str, enable: bool) -> String {
+    let kernel = guest("net.elf");
+    let enable = if enable { "enable" } else { "disable" };
+    format!(
+        "vm {name} {{\n    boot \"{}\"\n    memory 32M\n    cmdline \"{cmdline} net.exit=100 net.timeout=300\"\n    {iface}\n    {enable}\n}}\n",
+        kernel.display()
+    )
+}
+
+#[test]
+fn switch_dhcp_and_locked_lladdr() {
+    let ns = NetNs::new("net");
+    let dir = Daemon::dir_for("network");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("vm.conf");
+    let sw = "interface { switch \"sw\" }";
+    std::fs::write(
+        &conf,
+        format!(
+            "staggered start parallel 4 delay 1\nswitch \"sw\" {{\n    interface vmdbr0\n}}\n{}{}{}{}",
+            // a starts once b answers, then pings b across the switch.
+            net_vm("a", "net.ip=10.77.0.2/24 net.ping=10.77.0.3 net.count=3", sw, false),
+            net_vm("b", "net.ip=10.77.0.3/24", sw, true),
+            net_vm(
+                "forger",
+                "net.ip=10.77.0.4/24 net.forge=1",
+                "interface { switch \"sw\"; locked lladdr }",
+                true,
+            ),
+            net_vm("l", "net.dhcp=1", "local interface", true),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_in("network", Some(&ns), &["-f", conf.to_str().unwrap()]);
+    for name in ["b", "forger", "l"] {
+        d.wait_state(name, "running", T);
+    }
+    let b = d.console("b");
+    b.wait_for("VMD-TEST net ready", T);
+    d.ok(&["start", "a"]);
+    d.wait_state("a", "running", T);
+    let consoles: Vec<_> = ["a", "b", "forger", "l"]
+        .iter()
+        .map(|n| d.console(n))
+        .collect();
+    for c in &consoles[..3] {
+        c.wait_for("VMD-TEST net ready", T);
+    }
+    // The switch is a bridge with each VM's TAP in it; the host joins it.
+    let links = ns.links();
+    assert!(links.iter().any(|l| l == "vmdbr0"), "no bridge: {links:?}");
+    assert_eq!(
+        links.iter().filter(|l| l.starts_with("tap")).count(),
+        4,
+        "{links:?}"
+    );
+    ns.run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "vmdbr0"]);
+    ns.run(&["ip", "link", "set", "vmdbr0", "up"]);
+    // VM to VM across the switch, and the host to each VM.
+    consoles[0].wait_for("VMD-TEST net ping 10.77.0.3 ok", T);
+    assert!(ns.ping("10.77.0.2", 3), "host cannot ping VM a");
+    assert!(ns.ping("10.77.0.3", 3), "host cannot ping VM b");
+    // The forger answers, but from a MAC that is not its own: dropped.
+    assert!(
+        !ns.ping("10.77.0.4", 3),
+        "a forging guest on a locked interface was reached"
+    );
+
+    // The local interface: a /31 from 100.64.0.0/10, leased by the VM
+    // process's own DHCP server, and reachable from the host side.
+    consoles[3].wait_for("VMD-TEST net lease ", T);
+    let text = consoles[3].text();
+    let lease = line_after(&text, "VMD-TEST net lease ").expect("lease line");
+    let (addr, router) = lease.split_once(" router ").expect("router in lease");
+    assert!(addr.starts_with("100.") && addr.ends_with("/31"), "{lease}");
+    let guest_ip = addr.trim_end_matches("/31");
+    consoles[3].wait_for("VMD-TEST net ready", T);
+    assert!(
+        ns.ping(guest_ip, 3),
+        "host cannot ping the leased address {guest_ip} (router {router})"
+    );
+
+    d.ok(&["stop", "-a", "-f", "-w"]);
+    let links = ns.links();
+    assert!(
+        !links.iter().any(|l| l.starts_with("tap")),
+        "TAPs left after stop: {links:?}"
+    );
+}
+
+#[test]
+fn start_stop_cycles_leave_no_tap_bridge_or_fd() {
+    let ns = NetNs::new("cycle");
+    let dir = Daemon::dir_for("cycles");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("vm.conf");
+    std::fs::write(&conf, "switch \"sw\" {\n    interface vmdcyc0\n}\n").unwrap();
+    let mut d = Daemon::start_in("cycles", Some(&ns), &["-f", conf.to_str().unwrap()]);
+    let idle = guest("idle.elf");
+    let fds = |pid: u32| std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let vmd_pid = d.pid();
+    let mut baseline = None;
+    for round in 0..20 {
+        d.ok(&[
+            "start",
+            "-b",
+            idle.to_str().unwrap(),
+            "-m",
+            "16M",
+            "-n",
+            "sw",
+            "-L",
+            "cyc",
+        ]);
+        d.wait_state("cyc", "running", T);
+        assert_eq!(
+            ns.links().iter().filter(|l| l.starts_with("tap")).count(),
+            2
+        );
+        d.ok(&["stop", "-f", "-w", "cyc"]);
+        // The VM entry (and its console pty) stays after the first round;
+        // from then on nothing may grow once vmd has settled.
+        match baseline {
+            None => baseline = Some(fds(vmd_pid)),
+            Some(b) => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                while fds(vmd_pid) != b && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                assert_eq!(fds(vmd_pid), b, "vmd's fd count moved in round {round}");
+            }
+        }
+        let links = ns.links();
+        assert!(
+            !links.iter().any(|l| l.starts_with("tap")),
+            "round {round}: {links:?}"
+        );
+    }
+    assert_eq!(
+        vmd_e2e::children_of(vmd_pid).len(),
+        2,
+        "only priv and control remain"
+    );
+    assert_eq!(d.terminate(), Some(0));
+    let links = ns.links();
+    assert!(
+        !links.iter().any(|l| l == "vmdcyc0"),
+        "vmd left its bridge: {links:?}"
+    );
+    assert_eq!(links, ["lo"], "{links:?}");
+}
