@@ -92,6 +92,8 @@ struct Parent {
     next_seq: u32,
     stop_waiters: Vec<StopWaiter>,
     shutting_down: bool,
+    /// vmd's exit status once shut down: 1 when a role died under us.
+    exit_code: i32,
     console_dir: PathBuf,
     /// The configuration in force.
     config: vmd_config::Config,
@@ -208,6 +210,7 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         next_seq: 0,
         stop_waiters: Vec::new(),
         shutting_down: false,
+        exit_code: 0,
         console_dir,
         config: vmd_config::Config::default(),
         autostart: VecDeque::new(),
@@ -437,7 +440,7 @@ impl Parent {
         }
         let _ = std::fs::remove_file(&self.opts.socket);
         info!("exiting");
-        0
+        self.exit_code
     }
 
     /// Asks priv to delete the bridges it created, and waits (briefly) for
@@ -484,7 +487,10 @@ impl Parent {
                     } else {
                         "control"
                     };
-                    error!("{role} process died ({status:?}); stopping");
+                    // Without priv no VM can start; without control no one
+                    // can manage them. Stop cleanly rather than limp on.
+                    error!("{role} process died ({status:?}); stopping every VM and exiting");
+                    self.exit_code = 1;
                     self.begin_shutdown(Signal::SIGTERM);
                 }
                 continue;
