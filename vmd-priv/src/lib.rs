@@ -152,6 +152,84 @@ fn sandbox() -> Result<(), vmd_sandbox::SandboxError> {
     vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Priv)
 }
 
+/// One request's answer: the message and the files that travel with it.
+type Answer = (Msg, Vec<File>);
+
+/// Does what one request from the parent asks; every failure becomes a
+/// `PrivFailed` naming what was asked. `None`: nothing to answer.
+fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
+    let (kind, path, done): (OpenKind, String, Result<Answer, String>) = match msg {
+        Msg::PrivOpen {
+            kind:
+                kind @ OpenKind::Disk {
+                    index,
+                    read_only,
+                    format,
+                },
+            path,
+        } => {
+            let done = open_disk(&path, read_only, format).map(|files| {
+                let backing = (files.len() - 1) as u32;
+                debug!("vm {vm}: opened disk {index} {path} (+{backing} backing)");
+                (Msg::PrivOpenedDisk { index, backing }, files)
+            });
+            (kind, path, done.map_err(|e| e.to_string()))
+        }
+        Msg::PrivOpen {
+            kind: kind @ OpenKind::Tap { index },
+            path,
+        } => {
+            let done = net.open_tap(&path).map(|(file, name)| {
+                debug!("vm {vm}: created TAP {name} for interface {index}");
+                (Msg::PrivOpenedTap { index, name }, vec![file])
+            });
+            (kind, path, done.map_err(|e| e.to_string()))
+        }
+        Msg::PrivOpen { kind, path } => {
+            let done = open_for_vm(kind, &path).map(|file| {
+                debug!("vm {vm}: opened {kind:?} {path}");
+                (Msg::PrivOpened { kind }, vec![file])
+            });
+            (kind, path, done.map_err(|e| e.to_string()))
+        }
+        Msg::PrivIfConfig {
+            name,
+            switch,
+            group,
+            up,
+            host_addr,
+        } => {
+            let done = net
+                .configure(&name, switch.as_ref(), group.as_deref(), up, host_addr)
+                .map(|()| {
+                    debug!("vm {vm}: configured {name}");
+                    (Msg::PrivIfDone { name: name.clone() }, Vec::new())
+                });
+            (OpenKind::Interface, name, done.map_err(|e| e.to_string()))
+        }
+        Msg::PrivCleanup => {
+            let done = net.cleanup().map(|()| {
+                let name = String::new();
+                (Msg::PrivIfDone { name }, Vec::new())
+            });
+            (
+                OpenKind::Interface,
+                String::new(),
+                done.map_err(|e| e.to_string()),
+            )
+        }
+        Msg::SetVerbose { level } => {
+            log::set_max_level(vmd_proto::log_filter(level));
+            return None;
+        }
+        other => {
+            error!("unexpected message type {}", other.type_code());
+            return None;
+        }
+    };
+    Some(done.unwrap_or_else(|reason| (Msg::PrivFailed { kind, path, reason }, Vec::new())))
+}
+
 /// Role entry point: serve the parent until it goes away.
 pub fn run(chan: Channel) -> i32 {
     if let Err(e) = sandbox() {
@@ -180,118 +258,11 @@ pub fn run(chan: Channel) -> i32 {
             }
         };
         let reply_to = frame.peer_id;
-        let sent = match frame.msg {
-            Msg::PrivOpen {
-                kind:
-                    kind @ OpenKind::Disk {
-                        index,
-                        read_only,
-                        format,
-                    },
-                path,
-            } => match open_disk(&path, read_only, format) {
-                Ok(files) => {
-                    debug!(
-                        "vm {reply_to}: opened disk {index} {path} (+{} backing)",
-                        files.len() - 1
-                    );
-                    let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
-                    let backing = (files.len() - 1) as u32;
-                    chan.send(&Msg::PrivOpenedDisk { index, backing }, reply_to, &fds)
-                }
-                Err(e) => chan.send(
-                    &Msg::PrivFailed {
-                        kind,
-                        path,
-                        reason: e.to_string(),
-                    },
-                    reply_to,
-                    &[],
-                ),
-            },
-            Msg::PrivOpen {
-                kind: kind @ OpenKind::Tap { index },
-                path,
-            } => match net.open_tap(&path) {
-                Ok((file, name)) => {
-                    debug!("vm {reply_to}: created TAP {name} for interface {index}");
-                    chan.send(
-                        &Msg::PrivOpenedTap { index, name },
-                        reply_to,
-                        &[file.as_fd()],
-                    )
-                }
-                Err(e) => chan.send(
-                    &Msg::PrivFailed {
-                        kind,
-                        path,
-                        reason: e.to_string(),
-                    },
-                    reply_to,
-                    &[],
-                ),
-            },
-            Msg::PrivIfConfig {
-                name,
-                switch,
-                group,
-                up,
-                host_addr,
-            } => {
-                let done = net.configure(&name, switch.as_ref(), group.as_deref(), up, host_addr);
-                match done {
-                    Ok(()) => {
-                        debug!("vm {reply_to}: configured {name}");
-                        chan.send(&Msg::PrivIfDone { name }, reply_to, &[])
-                    }
-                    Err(e) => chan.send(
-                        &Msg::PrivFailed {
-                            kind: OpenKind::Interface,
-                            path: name,
-                            reason: e.to_string(),
-                        },
-                        reply_to,
-                        &[],
-                    ),
-                }
-            }
-            Msg::PrivCleanup => {
-                let reply = match net.cleanup() {
-                    Ok(()) => Msg::PrivIfDone {
-                        name: String::new(),
-                    },
-                    Err(e) => Msg::PrivFailed {
-                        kind: OpenKind::Interface,
-                        path: String::new(),
-                        reason: e.to_string(),
-                    },
-                };
-                chan.send(&reply, reply_to, &[])
-            }
-            Msg::PrivOpen { kind, path } => match open_for_vm(kind, &path) {
-                Ok(file) => {
-                    debug!("vm {reply_to}: opened {kind:?} {path}");
-                    chan.send(&Msg::PrivOpened { kind }, reply_to, &[file.as_fd()])
-                }
-                Err(e) => chan.send(
-                    &Msg::PrivFailed {
-                        kind,
-                        path,
-                        reason: e.to_string(),
-                    },
-                    reply_to,
-                    &[],
-                ),
-            },
-            Msg::SetVerbose { level } => {
-                log::set_max_level(vmd_proto::log_filter(level));
-                Ok(())
-            }
-            other => {
-                error!("unexpected message type {}", other.type_code());
-                Ok(())
-            }
+        let Some((reply, files)) = answer(&mut net, frame.msg, reply_to) else {
+            continue;
         };
+        let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        let sent = chan.send(&reply, reply_to, &fds);
         if let Err(e) = sent {
             error!("reply to parent failed: {e}");
             return 1;

@@ -253,14 +253,8 @@ impl VirtioDevice for VirtioBlk {
         &[QUEUE_SIZE]
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+    fn config(&self) -> &[u8] {
+        &self.config
     }
 
     fn process_queue(

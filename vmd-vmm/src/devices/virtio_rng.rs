@@ -61,9 +61,6 @@ impl VirtioDevice for VirtioRng {
     fn queue_max_sizes(&self) -> &[u16] {
         &[QUEUE_SIZE]
     }
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
 
     fn process_queue(
         &mut self,

@@ -54,8 +54,21 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Largest size of each queue (powers of two).
     fn queue_max_sizes(&self) -> &[u16];
-    /// Reads the device-specific configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The device-specific configuration space, as bytes.
+    fn config(&self) -> &[u8] {
+        &[]
+    }
+    /// Reads the configuration space; what lies past its end reads as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o.checked_add(i)?))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Serves what the driver made available on queue `index`; returns
     /// how many chains it put in the used ring.
