@@ -144,7 +144,7 @@ const COMMANDS: &[Command] = &[
             ("-a", "stop every VM"),
             (
                 "-f",
-                "stop at once instead of asking the guest to shut down",
+                "kill the VM process at once (without it, vmd stops the VM and kills it after 10 s)",
             ),
             ("-w", "wait until the VM has stopped"),
         ],

@@ -932,6 +932,15 @@ impl Parent {
         }
         if replace {
             self.config = config;
+        } else {
+            // A loaded file adds its switches too; ones already defined
+            // keep their definition.
+            for sw in config.switches {
+                if self.config.switch(&sw.name).is_none() {
+                    info!("switch {}: defined", sw.name);
+                    self.config.switches.push(sw);
+                }
+            }
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //!    fds, in order: /dev/kvm (read-write), the console tty (a pty slave in
 //!    raw mode), the kernel image (read-only), when `has_initrd` the
 //!    initrd (read-only), then per disk its top image and its backing
-//!    files (top down);
+//!    files (top down), then one TAP per network interface;
 //! 2. drop privileges to `params.uid`/`params.gid`, then landlock (no host
 //!    paths) and the vmm's seccomp filter (see the `vmd-sandbox` crate);
 //! 3. build the VM and start its vCPUs, then send `Msg::VmmRunning`;
