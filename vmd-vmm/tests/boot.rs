@@ -5,188 +5,37 @@
 //! Extra, manual: `VMD_TEST_KERNEL=/path/vmlinux[,/path/bzImage]` with
 //! `--ignored` boots a real Linux kernel until it prints `Linux version`.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::pty::openpty;
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use common::{
+    console, files, fork_vmm, guest, launch, launch_controlled, print_esi, print_str, wait_for_end,
+    POWEROFF, PVH_NOTE,
+};
 use vmd_proto::vm::{ExitReason, VmmParams};
-use vmd_proto::{Channel, Msg};
-use vmd_vmm::{build_and_run, DevOptions, Outcome, VmFiles};
+use vmd_proto::Msg;
+use vmd_vmm::{DevOptions, Outcome, VmFiles};
 
-struct StderrLog;
-impl log::Log for StderrLog {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record) {
-        eprintln!("[{}] {}", r.level(), r.args());
-    }
-    fn flush(&self) {}
+/// [`common::kvm`], logging at debug level.
+fn kvm() -> Option<std::os::fd::OwnedFd> {
+    common::init_log(log::LevelFilter::Debug);
+    common::kvm()
 }
 
-fn init_log() {
-    if log::set_logger(&StderrLog).is_ok() {
-        log::set_max_level(log::LevelFilter::Debug);
+/// Verbose, named `test`.
+fn params(vcpus: u32, cmdline: &str) -> VmmParams {
+    VmmParams {
+        verbose: true,
+        ..common::params("test", vcpus, cmdline)
     }
-}
-
-/// /dev/kvm opened read-write, or None (and a loud note) if unusable.
-fn kvm() -> Option<OwnedFd> {
-    init_log();
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: not root");
-        return None;
-    }
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(f) => Some(f.into()),
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm: {e}");
-            None
-        }
-    }
-}
-
-const LINKER_SCRIPT: &str = "
-ENTRY(_start)
-SECTIONS {
-  . = 0x10000;
-  .tramp : { *(.tramp) }
-  . = 0x100000;
-  .text : { *(.text) }
-  .note.Xen : { *(.note.Xen) }
-  /DISCARD/ : { *(.note.gnu.property) }
-}
-";
-
-/// The PVH note: 32-bit entry at `_start`.
-const PVH_NOTE: &str = r#"
-.section .note.Xen, "a", @note
-.p2align 2
-.long 4, 4, 18
-.asciz "Xen"
-.p2align 2
-.long _start
-"#;
-
-/// Power off through PM1a (SLP_TYP 5 | SLP_EN) then halt.
-const POWEROFF: &str = "
-  mov $0x604, %dx
-  mov $0x3400, %ax
-  out %ax, %dx
-9: hlt
-  jmp 9b
-";
-
-/// Assembles and links `src` into an ELF; returns its path.
-fn guest(name: &str, src: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmm-guests");
-    fs::create_dir_all(&dir).unwrap();
-    let s = dir.join(format!("{name}.S"));
-    let o = dir.join(format!("{name}.o"));
-    let ld = dir.join("link.ld");
-    let elf = dir.join(format!("{name}.elf"));
-    fs::write(&s, src).unwrap();
-    fs::write(&ld, LINKER_SCRIPT).unwrap();
-    let st = Command::new("as")
-        .args(["--64", "-o"])
-        .arg(&o)
-        .arg(&s)
-        .status()
-        .unwrap();
-    assert!(st.success(), "as failed for {name}");
-    let st = Command::new("ld")
-        .args([
-            "-m",
-            "elf_x86_64",
-            "-nostdlib",
-            "--build-id=none",
-            "-z",
-            "max-page-size=0x1000",
-            "-T",
-        ])
-        .arg(&ld)
-        .arg("-o")
-        .arg(&elf)
-        .arg(&o)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ld failed for {name}");
-    elf
-}
-
-/// Emits code printing the NUL-terminated string at (%esi) / (%rsi).
-fn print_esi(reg: &str) -> String {
-    format!(
-        "
-  mov $0x3f8, %dx
-1: movb ({reg}), %al
-  test %al, %al
-  jz 2f
-  out %al, %dx
-  inc {reg}
-  jmp 1b
-2:
-"
-    )
-}
-
-fn print_str(s: &str) -> String {
-    let mut out = String::from("  mov $0x3f8, %dx\n");
-    for b in s.bytes() {
-        out += &format!("  mov ${b}, %al\n  out %al, %dx\n");
-    }
-    out
 }
 
 struct Run {
     outcome: Outcome,
     output: String,
-}
-
-fn params(vcpus: u32, cmdline: &str) -> VmmParams {
-    VmmParams {
-        id: 7,
-        name: "test".into(),
-        memory: 64 << 20,
-        vcpus,
-        cmdline: cmdline.into(),
-        has_initrd: false,
-        uid: 0,
-        gid: 0,
-        verbose: true,
-        disks: Vec::new(),
-        nics: Vec::new(),
-    }
-}
-
-/// A console pty: (master, slave in raw mode).
-fn pty() -> (File, OwnedFd) {
-    let p = openpty(None, None).unwrap();
-    let mut t = tcgetattr(p.slave.as_fd()).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(p.slave.as_fd(), SetArg::TCSANOW, &t).unwrap();
-    (File::from(p.master), p.slave)
-}
-
-/// Collects what the guest writes to the console until `until` shows up
-/// or the master sees EOF.
-fn drain(mut master: File, out: Arc<Mutex<Vec<u8>>>) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
 }
 
 /// Boots `kernel` with `vcpus` and `cmdline`; fails the test after `limit`.
@@ -210,33 +59,16 @@ fn boot_with(
     limit: Duration,
 ) -> Option<Run> {
     let kvm = kvm()?;
-    let (master, slave) = pty();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    drain(master, out.clone());
+    let con = console();
     let files = VmFiles {
-        kvm,
-        tty: slave,
-        kernel: File::open(kernel).unwrap().into(),
-        initrd: initrd.map(|i| File::open(i).unwrap().into()),
-        disks: Vec::new(),
-        taps: Vec::new(),
+        initrd: initrd.map(|i| fs::File::open(i).unwrap().into()),
+        ..files(kvm, con.tty, kernel)
     };
-    let mut p = params(vcpus, cmdline);
-    p.has_initrd = initrd.is_some();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(build_and_run(&p, files, None, &opts));
-    });
-    let outcome = rx.recv_timeout(limit).unwrap_or_else(|_| {
-        panic!(
-            "guest did not finish in {limit:?}; output: {:?}",
-            String::from_utf8_lossy(&out.lock().unwrap())
-        )
-    });
-    // Let the drain thread pick up the last bytes.
-    std::thread::sleep(Duration::from_millis(100));
-    let output = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    eprintln!("guest output: {output:?}\noutcome: {outcome:?}");
+    let p = VmmParams {
+        has_initrd: initrd.is_some(),
+        ..params(vcpus, cmdline)
+    };
+    let (outcome, output) = launch(p, files, con.out, opts).finish(limit);
     Some(Run { outcome, output })
 }
 
@@ -566,41 +398,16 @@ _start:
         hi = print_str("proto\n")
     );
     let elf = guest("proto", &src);
-    let (master, slave) = pty();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    drain(master, out.clone());
-    let (parent, child) = Channel::pair().unwrap();
-    // SAFETY: the child only runs vmd_vmm::run and exits.
-    match unsafe { nix::unistd::fork() }.unwrap() {
-        nix::unistd::ForkResult::Child => {
-            drop(parent);
-            let code = vmd_vmm::run(child);
-            // SAFETY: leave without running the test harness's atexit code.
-            unsafe { libc::_exit(code) };
-        }
-        nix::unistd::ForkResult::Parent { child: pid } => {
-            drop(child);
-            let mut p = params(1, "");
-            p.uid = 65534;
-            p.gid = 65534;
-            let kernel: OwnedFd = File::open(&elf).unwrap().into();
-            parent
-                .send(
-                    &Msg::VmmStart(p),
-                    7,
-                    &[kvm.as_fd(), slave.as_fd(), kernel.as_fd()],
-                )
-                .unwrap();
-            let f = parent.recv().unwrap();
-            assert_eq!(f.msg, Msg::VmmRunning);
-            let f = parent.recv().unwrap();
-            assert_eq!(f.msg, Msg::VmmExited(ExitReason::PowerOff));
-            let status = nix::sys::wait::waitpid(pid, None).unwrap();
-            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
-            std::thread::sleep(Duration::from_millis(100));
-            assert_eq!(&*out.lock().unwrap(), b"proto\n");
-        }
-    }
+    let con = console();
+    let (parent, pid) = fork_vmm(&kvm, &con.tty, &elf, params(1, ""));
+    let f = parent.recv().unwrap();
+    assert_eq!(f.msg, Msg::VmmRunning);
+    let f = parent.recv().unwrap();
+    assert_eq!(f.msg, Msg::VmmExited(ExitReason::PowerOff));
+    let status = nix::sys::wait::waitpid(pid, None).unwrap();
+    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(&*con.out.lock().unwrap(), b"proto\n");
 }
 
 /// VmmTerminate stops a guest that would spin forever.
@@ -619,27 +426,15 @@ _start:
         hi = print_str("spin\n")
     );
     let elf = guest("spin", &src);
-    let (master, slave) = pty();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    drain(master, out.clone());
-    let (parent, child) = Channel::pair().unwrap();
-    let files = VmFiles {
-        kvm,
-        tty: slave,
-        kernel: File::open(&elf).unwrap().into(),
-        initrd: None,
-        disks: Vec::new(),
-        taps: Vec::new(),
-    };
-    let p = params(2, "");
-    let t =
-        std::thread::spawn(move || build_and_run(&p, files, Some(&child), &DevOptions::default()));
+    let con = console();
+    let (parent, t) = launch_controlled(
+        params(2, ""),
+        files(kvm, con.tty, &elf),
+        DevOptions::default(),
+    );
     assert_eq!(parent.recv().unwrap().msg, Msg::VmmRunning);
     let start = Instant::now();
-    while !out.lock().unwrap().ends_with(b"spin\n") {
-        assert!(start.elapsed() < SECS_10, "guest never printed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_end(&con.out, "spin\n", SECS_10);
     parent.send(&Msg::VmmTerminate, 7, &[]).unwrap();
     let outcome = t.join().unwrap();
     assert_eq!(outcome, Outcome::Exited(ExitReason::Stopped));
@@ -662,28 +457,17 @@ fn linux_prints_its_version() {
     let vcpus = std::env::var("VMD_TEST_VCPUS").map_or(1, |v| v.parse().unwrap());
     for kernel in list.split(',') {
         let Some(kvm) = kvm() else { return };
-        let (master, slave) = pty();
-        let out = Arc::new(Mutex::new(Vec::new()));
-        drain(master, out.clone());
-        let (parent, child) = Channel::pair().unwrap();
-        let files = VmFiles {
-            kvm,
-            tty: slave,
-            kernel: File::open(kernel).unwrap().into(),
-            initrd: None,
-            disks: Vec::new(),
-            taps: Vec::new(),
-        };
+        let con = console();
         let p = VmmParams {
             memory: 512 << 20,
             ..params(vcpus, "console=ttyS0 earlyprintk=ttyS0 noxsave nosmap")
         };
         let opts = DevOptions { ignore_pvh };
-        let t = std::thread::spawn(move || build_and_run(&p, files, Some(&child), &opts));
+        let (parent, t) = launch_controlled(p, files(kvm, con.tty, Path::new(kernel)), opts);
         assert_eq!(parent.recv().unwrap().msg, Msg::VmmRunning);
         let start = Instant::now();
         loop {
-            let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+            let text = common::text(&con.out);
             if text.contains(&want) {
                 eprintln!("{kernel}: {want:?} after {:?}", start.elapsed());
                 break;
@@ -695,10 +479,7 @@ fn linux_prints_its_version() {
         }
         parent.send(&Msg::VmmTerminate, 7, &[]).unwrap();
         let outcome = t.join().unwrap();
-        eprintln!(
-            "{kernel}: {outcome:?}\n{}",
-            String::from_utf8_lossy(&out.lock().unwrap())
-        );
+        eprintln!("{kernel}: {outcome:?}\n{}", common::text(&con.out));
     }
 }
 
@@ -709,14 +490,12 @@ fn project_test_guests() {
     if kvm().is_none() {
         return;
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/build.sh");
+    let script = common::project_guests_script();
     if !script.exists() {
         eprintln!("SKIPPED: {} not found", script.display());
         return;
     }
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("project-guests");
-    let st = Command::new("sh").arg(&script).arg(&out).status().unwrap();
-    assert!(st.success(), "tests/guests/build.sh failed");
+    let out = common::project_guests();
 
     let r = boot(
         &out.join("hello.elf"),
@@ -794,34 +573,23 @@ _start:
         ready = print_str("ready\n")
     );
     let elf = guest("echo", &src);
-    let (master, slave) = pty();
-    let mut input = master.try_clone().unwrap();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    drain(master, out.clone());
-    let files = VmFiles {
-        kvm,
-        tty: slave,
-        kernel: File::open(&elf).unwrap().into(),
-        initrd: None,
-        disks: Vec::new(),
-        taps: Vec::new(),
-    };
-    let p = params(1, "");
-    let t = std::thread::spawn(move || build_and_run(&p, files, None, &DevOptions::default()));
-    let start = Instant::now();
-    while !out.lock().unwrap().ends_with(b"ready\n") {
-        assert!(start.elapsed() < SECS_10, "guest never got ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut con = console();
+    let run = launch(
+        params(1, ""),
+        files(kvm, con.tty, &elf),
+        con.out.clone(),
+        DevOptions::default(),
+    );
+    wait_for_end(&con.out, "ready\n", SECS_10);
     let text: Vec<u8> = (0..300u32)
         .map(|i| b'A' + (i % 26) as u8)
         .chain(*b"q")
         .collect();
-    std::io::Write::write_all(&mut input, &text).unwrap();
-    let outcome = t.join().unwrap();
+    std::io::Write::write_all(&mut con.input, &text).unwrap();
+    let outcome = run.done.recv().unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(outcome, Outcome::Exited(ExitReason::PowerOff));
-    let got = out.lock().unwrap().clone();
+    let got = con.out.lock().unwrap().clone();
     assert_eq!(&got[b"ready\n".len()..], &text[..], "echo differs");
 }
 

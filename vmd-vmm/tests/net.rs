@@ -10,66 +10,19 @@
 //! touches the host's interfaces. Needs root and /dev/kvm; says so loudly
 //! and passes when either is missing.
 
-use std::fs::{File, OpenOptions};
-use std::io::Read;
+mod common;
+
+use std::fs::OpenOptions;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use nix::pty::openpty;
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use common::{console, files, kvm, launch, Running};
 use vmd_proto::net::TAP_VNET_HDR_LEN;
 use vmd_proto::vm::{DhcpLease, ExitReason, NicParams, VmmParams};
 use vmd_vmm::vm::TapFiles;
-use vmd_vmm::{build_and_run, DevOptions, Outcome, VmFiles};
-
-struct StderrLog;
-impl log::Log for StderrLog {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("[{}] {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn kvm() -> Option<OwnedFd> {
-    if log::set_logger(&StderrLog).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: not root");
-        return None;
-    }
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(f) => Some(f.into()),
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm: {e}");
-            None
-        }
-    }
-}
-
-/// tests/guests/net.elf, built once per test binary.
-fn net_guest() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/build.sh");
-            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("net-guests");
-            let st = Command::new("sh").arg(&script).arg(&out).status().unwrap();
-            assert!(st.success(), "tests/guests/build.sh failed");
-            out.join("net.elf")
-        })
-        .clone()
-}
+use vmd_vmm::{DevOptions, Outcome, VmFiles};
 
 /// Moves this thread into a new network namespace with `lo` up.
 fn netns() {
@@ -113,22 +66,15 @@ fn tap(name: &str) -> OwnedFd {
     f.into()
 }
 
-struct Guest {
-    out: Arc<Mutex<Vec<u8>>>,
-    done: mpsc::Receiver<Outcome>,
-    _thread: JoinHandle<()>,
-}
+/// net.elf running.
+struct Guest(Running);
 
 impl Guest {
-    fn output(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-
     /// Waits for a console line starting with `prefix`; returns it.
     fn wait_line(&self, prefix: &str, limit: Duration) -> String {
         let t = Instant::now();
         loop {
-            let out = self.output();
+            let out = self.0.output();
             // Whole lines only: the rest may still be arriving.
             let whole = &out[..out.rfind('\n').map_or(0, |i| i + 1)];
             if let Some(l) = whole.lines().find(|l| l.starts_with(prefix)) {
@@ -145,15 +91,7 @@ impl Guest {
 
     /// Waits for the guest to power off; returns its console output.
     fn finish(self, limit: Duration) -> String {
-        let outcome = self.done.recv_timeout(limit).unwrap_or_else(|_| {
-            panic!(
-                "guest did not finish in {limit:?}; output:\n{}",
-                self.output()
-            )
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        let out = self.output();
-        eprintln!("guest output:\n{out}outcome: {outcome:?}");
+        let (outcome, out) = self.0.finish(limit);
         assert_eq!(outcome, Outcome::Exited(ExitReason::PowerOff), "{out}");
         out
     }
@@ -161,52 +99,18 @@ impl Guest {
 
 /// Boots net.elf with one NIC on `tap`.
 fn boot(kvm: OwnedFd, name: &str, tap: OwnedFd, nic: NicParams, cmdline: &str) -> Guest {
-    let p = openpty(None, None).unwrap();
-    let mut t = tcgetattr(p.slave.as_fd()).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(p.slave.as_fd(), SetArg::TCSANOW, &t).unwrap();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let mut master = File::from(p.master);
-    let o = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
+    let con = console();
+    let kernel = common::project_guests().join("net.elf");
     let files = VmFiles {
-        kvm,
-        tty: p.slave,
-        kernel: File::open(net_guest()).unwrap().into(),
-        initrd: None,
-        disks: Vec::new(),
         taps: vec![TapFiles::new(tap)],
+        ..files(kvm, con.tty, &kernel)
     };
     let params = VmmParams {
         id: 5,
-        name: name.into(),
-        memory: 64 << 20,
-        vcpus: 1,
-        cmdline: cmdline.into(),
-        has_initrd: false,
-        uid: 0,
-        gid: 0,
-        verbose: false,
-        disks: Vec::new(),
         nics: vec![nic],
+        ..common::params(name, 1, cmdline)
     };
-    let (tx, rx) = mpsc::channel();
-    let thread = std::thread::spawn(move || {
-        let _ = tx.send(build_and_run(&params, files, None, &DevOptions::default()));
-    });
-    Guest {
-        out,
-        done: rx,
-        _thread: thread,
-    }
+    Guest(launch(params, files, con.out, DevOptions::default()))
 }
 
 fn nic(mac: [u8; 6]) -> NicParams {
@@ -399,12 +303,7 @@ fn locked_interface_drops_forged_source_macs() {
 #[test]
 fn two_guests_on_a_bridge() {
     let Some(kvm) = kvm() else { return };
-    let kvm2: OwnedFd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap()
-        .into();
+    let kvm2 = common::kvm().unwrap();
     netns();
     ip("link add br0 type bridge");
     ip("addr add 10.9.3.1/24 dev br0");
@@ -450,12 +349,7 @@ fn two_guests_on_a_bridge() {
 #[ignore]
 fn bench_throughput() {
     let Some(kvm) = kvm() else { return };
-    let kvm2: OwnedFd = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap()
-        .into();
+    let kvm2 = common::kvm().unwrap();
     netns();
     let t = tap("vtx");
     ip("addr add 10.9.4.1/24 dev vtx");

@@ -3,107 +3,23 @@
 //! an AP still waiting for its SIPI; terminate works while paused. Needs
 //! root and /dev/kvm; says so loudly and passes when either is missing.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+mod common;
+
+use std::fs::{self, File};
+use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{
+    console, files, fork_vmm, guest, kvm, launch_controlled, len, print_str, text, wait_for,
+    Output, PVH_NOTE,
+};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::pty::openpty;
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use vmd_proto::vm::{ExitReason, VmmParams};
 use vmd_proto::{Channel, Msg};
-use vmd_vmm::{build_and_run, DevOptions, Outcome, VmFiles};
-
-struct StderrLog;
-impl log::Log for StderrLog {
-    fn enabled(&self, _: &log::Metadata) -> bool {
-        true
-    }
-    fn log(&self, r: &log::Record) {
-        eprintln!("[{}] {}", r.level(), r.args());
-    }
-    fn flush(&self) {}
-}
-
-fn kvm() -> Option<OwnedFd> {
-    if log::set_logger(&StderrLog).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: not root");
-        return None;
-    }
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(f) => Some(f.into()),
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm: {e}");
-            None
-        }
-    }
-}
-
-const LINKER_SCRIPT: &str = "
-ENTRY(_start)
-SECTIONS {
-  . = 0x10000;
-  .tramp : { *(.tramp) }
-  . = 0x100000;
-  .text : { *(.text) }
-  .note.Xen : { *(.note.Xen) }
-  /DISCARD/ : { *(.note.gnu.property) }
-}
-";
-
-const PVH_NOTE: &str = r#"
-.section .note.Xen, "a", @note
-.p2align 2
-.long 4, 4, 18
-.asciz "Xen"
-.p2align 2
-.long _start
-"#;
-
-fn guest(name: &str, src: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("pause-guests");
-    fs::create_dir_all(&dir).unwrap();
-    let s = dir.join(format!("{name}.S"));
-    let o = dir.join(format!("{name}.o"));
-    let ld = dir.join("link.ld");
-    let elf = dir.join(format!("{name}.elf"));
-    fs::write(&s, src).unwrap();
-    fs::write(&ld, LINKER_SCRIPT).unwrap();
-    let st = Command::new("as")
-        .args(["--64", "-o"])
-        .arg(&o)
-        .arg(&s)
-        .status()
-        .unwrap();
-    assert!(st.success(), "as failed for {name}");
-    let st = Command::new("ld")
-        .args(["-m", "elf_x86_64", "-nostdlib", "--build-id=none"])
-        .args(["-z", "max-page-size=0x1000", "-T"])
-        .arg(&ld)
-        .arg("-o")
-        .arg(&elf)
-        .arg(&o)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ld failed for {name}");
-    elf
-}
-
-fn print_str(s: &str) -> String {
-    let mut out = String::from("  mov $0x3f8, %dx\n");
-    for b in s.bytes() {
-        out += &format!("  mov ${b}, %al\n  out %al, %dx\n");
-    }
-    out
-}
+use vmd_vmm::{DevOptions, Outcome};
 
 /// Echoes every byte received on COM1.
 fn echo_guest() -> PathBuf {
@@ -190,62 +106,7 @@ _start:
 }
 
 fn params(vcpus: u32) -> VmmParams {
-    VmmParams {
-        id: 7,
-        name: "pause".into(),
-        memory: 64 << 20,
-        vcpus,
-        cmdline: String::new(),
-        has_initrd: false,
-        uid: 0,
-        gid: 0,
-        verbose: false,
-        disks: Vec::new(),
-        nics: Vec::new(),
-    }
-}
-
-/// A console pty: (master, slave in raw mode).
-fn pty() -> (File, OwnedFd) {
-    let p = openpty(None, None).unwrap();
-    let mut t = tcgetattr(p.slave.as_fd()).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(p.slave.as_fd(), SetArg::TCSANOW, &t).unwrap();
-    (File::from(p.master), p.slave)
-}
-
-type Output = Arc<Mutex<Vec<u8>>>;
-
-fn drain(mut master: File, out: Output) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            out.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
-}
-
-fn len(out: &Output) -> usize {
-    out.lock().unwrap().len()
-}
-
-fn text(out: &Output) -> String {
-    String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
-}
-
-fn wait_for(out: &Output, what: &str, limit: Duration) {
-    let start = Instant::now();
-    while !text(out).contains(what) {
-        assert!(
-            start.elapsed() < limit,
-            "no {what:?} after {limit:?}: {:?}",
-            text(out)
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::params("pause", vcpus, "")
 }
 
 /// The next message from the VM, failing the test after `limit`.
@@ -285,27 +146,17 @@ struct Vm {
 }
 
 fn start(kvm: OwnedFd, elf: &Path, vcpus: u32) -> Vm {
-    let (master, slave) = pty();
-    let input = master.try_clone().unwrap();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    drain(master, out.clone());
-    let (chan, child) = Channel::pair().unwrap();
-    let files = VmFiles {
-        kvm,
-        tty: slave,
-        kernel: File::open(elf).unwrap().into(),
-        initrd: None,
-        disks: Vec::new(),
-        taps: Vec::new(),
-    };
-    let p = params(vcpus);
-    let thread =
-        std::thread::spawn(move || build_and_run(&p, files, Some(&child), &DevOptions::default()));
+    let con = console();
+    let (chan, thread) = launch_controlled(
+        params(vcpus),
+        files(kvm, con.tty, elf),
+        DevOptions::default(),
+    );
     assert_eq!(recv(&chan, Duration::from_secs(10)), Msg::VmmRunning);
     Vm {
         chan,
-        out,
-        input,
+        out: con.out,
+        input: con.input,
         thread,
     }
 }
@@ -426,64 +277,39 @@ fn ticks_over(pid: nix::unistd::Pid, d: Duration) -> u64 {
 fn paused_vm_process_burns_no_cpu() {
     let Some(kvm) = kvm() else { return };
     let elf = spin_guest();
-    let (master, slave) = pty();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    drain(master, out.clone());
-    let (parent, child) = Channel::pair().unwrap();
-    // SAFETY: the child only runs vmd_vmm::run and exits.
-    match unsafe { nix::unistd::fork() }.unwrap() {
-        nix::unistd::ForkResult::Child => {
-            drop(parent);
-            let code = vmd_vmm::run(child);
-            // SAFETY: leave without running the test harness's atexit code.
-            unsafe { libc::_exit(code) };
-        }
-        nix::unistd::ForkResult::Parent { child: pid } => {
-            drop(child);
-            let mut p = params(1);
-            p.uid = 65534;
-            p.gid = 65534;
-            let kernel: OwnedFd = File::open(&elf).unwrap().into();
-            parent
-                .send(
-                    &Msg::VmmStart(p),
-                    7,
-                    &[kvm.as_fd(), slave.as_fd(), kernel.as_fd()],
-                )
-                .unwrap();
-            assert_eq!(recv(&parent, Duration::from_secs(10)), Msg::VmmRunning);
-            wait_for(&out, "spin\n", Duration::from_secs(10));
+    let con = console();
+    let (parent, pid) = fork_vmm(&kvm, &con.tty, &elf, params(1));
+    assert_eq!(recv(&parent, Duration::from_secs(10)), Msg::VmmRunning);
+    wait_for(&con.out, "spin\n", Duration::from_secs(10));
 
-            let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-                .ok()
-                .flatten()
-                .unwrap_or(100) as u64;
-            let window = Duration::from_secs(1);
-            let running = ticks_over(pid, window);
-            ask(&parent, Msg::VmmPause, true);
-            let paused = ticks_over(pid, window);
-            ask(&parent, Msg::VmmUnpause, false);
-            let resumed = ticks_over(pid, window);
-            eprintln!(
-                "CPU ticks per {window:?} (HZ {hz}): running {running}, paused {paused}, resumed {resumed}"
-            );
-            // Spinning is about one CPU (at least a fifth of one on a
-            // busy host); paused is nothing (0 measured; 2% allowed).
-            assert!(
-                running >= hz / 5,
-                "spinning guest used only {running} ticks"
-            );
-            assert!(resumed >= hz / 5, "resumed guest used only {resumed} ticks");
-            assert!(paused <= hz / 50, "paused VM still used {paused} ticks");
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let window = Duration::from_secs(1);
+    let running = ticks_over(pid, window);
+    ask(&parent, Msg::VmmPause, true);
+    let paused = ticks_over(pid, window);
+    ask(&parent, Msg::VmmUnpause, false);
+    let resumed = ticks_over(pid, window);
+    eprintln!(
+        "CPU ticks per {window:?} (HZ {hz}): running {running}, paused {paused}, resumed {resumed}"
+    );
+    // Spinning is about one CPU (at least a fifth of one on a
+    // busy host); paused is nothing (0 measured; 2% allowed).
+    assert!(
+        running >= hz / 5,
+        "spinning guest used only {running} ticks"
+    );
+    assert!(resumed >= hz / 5, "resumed guest used only {resumed} ticks");
+    assert!(paused <= hz / 50, "paused VM still used {paused} ticks");
 
-            ask(&parent, Msg::VmmPause, true);
-            parent.send(&Msg::VmmTerminate, 7, &[]).unwrap();
-            assert_eq!(
-                recv(&parent, Duration::from_secs(2)),
-                Msg::VmmExited(ExitReason::Stopped)
-            );
-            let status = nix::sys::wait::waitpid(pid, None).unwrap();
-            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
-        }
-    }
+    ask(&parent, Msg::VmmPause, true);
+    parent.send(&Msg::VmmTerminate, 7, &[]).unwrap();
+    assert_eq!(
+        recv(&parent, Duration::from_secs(2)),
+        Msg::VmmExited(ExitReason::Stopped)
+    );
+    let status = nix::sys::wait::waitpid(pid, None).unwrap();
+    assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
 }

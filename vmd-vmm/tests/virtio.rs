@@ -4,69 +4,21 @@
 //! qcow2, MSI-X and INTx delivery, and hostile drivers. Needs root and
 //! /dev/kvm; says so loudly and passes when either is missing.
 
+mod common;
+
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use nix::pty::openpty;
-use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use common::{console, files, kvm, launch};
 use vmd_proto::image::Format;
 use vmd_proto::vm::{DiskParams, ExitReason, VmmParams};
-use vmd_vmm::{build_and_run, DevOptions, DiskFiles, Outcome, VmFiles};
-
-struct StderrLog;
-impl log::Log for StderrLog {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("[{}] {}", r.level(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn kvm() -> Option<OwnedFd> {
-    if log::set_logger(&StderrLog).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: not root");
-        return None;
-    }
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(f) => Some(f.into()),
-        Err(e) => {
-            eprintln!("SKIPPED: /dev/kvm: {e}");
-            None
-        }
-    }
-}
-
-/// tests/guests/blk.elf, built once per test binary.
-fn blk_guest() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guests/build.sh");
-            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("virtio-guests");
-            let st = Command::new("sh").arg(&script).arg(&out).status().unwrap();
-            assert!(st.success(), "tests/guests/build.sh failed");
-            out.join("blk.elf")
-        })
-        .clone()
-}
+use vmd_vmm::{DevOptions, DiskFiles, Outcome, VmFiles};
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("virtio-disks");
-    fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::tmp_dir("disks").join(name)
 }
 
 struct Disk {
@@ -88,27 +40,9 @@ fn raw(name: &str, data: &[u8]) -> Disk {
 /// Boots blk.elf with `disks` and `cmdline`; returns the console output.
 fn run(disks: &[Disk], cmdline: &str) -> Option<String> {
     let kvm = kvm()?;
-    let p = openpty(None, None).unwrap();
-    let mut t = tcgetattr(p.slave.as_fd()).unwrap();
-    cfmakeraw(&mut t);
-    tcsetattr(p.slave.as_fd(), SetArg::TCSANOW, &t).unwrap();
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let mut master = File::from(p.master);
-    let o = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = master.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock().unwrap().extend_from_slice(&buf[..n]);
-        }
-    });
+    let con = console();
+    let kernel = common::project_guests().join("blk.elf");
     let files = VmFiles {
-        kvm,
-        tty: p.slave,
-        kernel: File::open(blk_guest()).unwrap().into(),
-        initrd: None,
         disks: disks
             .iter()
             .map(|d| DiskFiles {
@@ -121,18 +55,10 @@ fn run(disks: &[Disk], cmdline: &str) -> Option<String> {
                 backing: Vec::new(),
             })
             .collect(),
-        taps: Vec::new(),
+        ..files(kvm, con.tty, &kernel)
     };
     let params = VmmParams {
         id: 3,
-        name: "t".into(),
-        memory: 64 << 20,
-        vcpus: 1,
-        cmdline: cmdline.into(),
-        has_initrd: false,
-        uid: 0,
-        gid: 0,
-        verbose: false,
         disks: disks
             .iter()
             .map(|d| DiskParams {
@@ -141,22 +67,10 @@ fn run(disks: &[Disk], cmdline: &str) -> Option<String> {
                 backing: 0,
             })
             .collect(),
-        nics: Vec::new(),
+        ..common::params("t", 1, cmdline)
     };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(build_and_run(&params, files, None, &DevOptions::default()));
-    });
-    let limit = Duration::from_secs(60);
-    let outcome = rx.recv_timeout(limit).unwrap_or_else(|_| {
-        panic!(
-            "guest did not finish in {limit:?}; output: {}",
-            String::from_utf8_lossy(&out.lock().unwrap())
-        )
-    });
-    std::thread::sleep(Duration::from_millis(100));
-    let output = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    eprintln!("guest output:\n{output}\noutcome: {outcome:?}");
+    let (outcome, output) =
+        launch(params, files, con.out, DevOptions::default()).finish(Duration::from_secs(60));
     assert_eq!(outcome, Outcome::Exited(ExitReason::PowerOff), "{output}");
     assert!(output.ends_with("VMD-TEST blk done\n"), "{output}");
     Some(output)
