@@ -417,5 +417,6 @@ pub fn to_start_request(vm: &VmDef) -> vmd_proto::vm::StartRequest {
                 up: i.up,
             })
             .collect(),
+        template: None,
     }
 }

@@ -795,9 +795,10 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
         any::<Option<u32>>(),
         proptest::collection::vec(arb_disk_spec(), 0..3),
         proptest::collection::vec(arb_nic_spec(), 0..3),
+        proptest::option::of(text()),
     )
         .prop_map(
-            |(name, kernel, initrd, cmdline, memory, vcpus, disks, nics)| StartRequest {
+            |(name, kernel, initrd, cmdline, memory, vcpus, disks, nics, template)| StartRequest {
                 name,
                 kernel,
                 initrd,
@@ -806,6 +807,7 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
                 vcpus,
                 disks,
                 nics,
+                template,
             },
         )
 }

@@ -32,6 +32,8 @@ pub struct StartRequest {
     pub disks: Vec<DiskSpec>,
     /// Network interfaces (`-i`, `-L`, `-n`); empty means the defined ones.
     pub nics: Vec<NicSpec>,
+    /// `-t`: make `name` a new instance of this defined VM.
+    pub template: Option<String>,
 }
 
 /// A network interface as a client or vm.conf names it.

@@ -237,3 +237,55 @@ fn pause_stops_the_guest_and_unpause_resumes_it() {
     assert_eq!(d.status("p1").map(|s| s.state), Some("stopped".into()));
     assert!(d.log().contains("vm p1: paused"), "{}", d.log());
 }
+
+#[test]
+fn instances_of_a_template_as_allow_instance_says() {
+    ensure_group("vmdtestg");
+    ensure_user("vmdtesto", "vmdtestg");
+    ensure_user("vmdtestx", "vmdtestg");
+    let dir = Daemon::dir_for("instance");
+    std::fs::create_dir_all(&dir).unwrap();
+    let idle = guest("idle.elf");
+    let conf = dir.join("vm.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "socket owner root:vmdtestg\n{}",
+            vm_block(
+                "tpl",
+                idle.to_str().unwrap(),
+                false,
+                "    allow instance { memory, owner vmdtesto }\n"
+            )
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with("instance", &["-f", conf.to_str().unwrap()]);
+    // The allowed user makes an instance, with the memory it may change.
+    let out = d.vmctl_as("vmdtesto", &["start", "-t", "tpl", "-m", "48M", "inst1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let st = d.wait_state("inst1", "running", T);
+    let info = d.ok(&["status", "--json"]);
+    assert!(info.contains("\"max_mem\": 50331648"), "{info}");
+    assert!(info.contains("\"owner\": \"vmdtesto\""), "{info}");
+    assert!(st.pid > 0);
+    // What allow instance leaves out stays the template's.
+    let out = d.vmctl_as("vmdtesto", &["start", "-t", "tpl", "--vcpus", "2", "inst2"]);
+    assert_eq!(
+        stderr(&out).trim(),
+        "vmctl: vm tpl: instances may not change vcpus (allow instance)"
+    );
+    // Someone else may not make instances; nothing is left behind.
+    let out = d.vmctl_as("vmdtestx", &["start", "-t", "tpl", "inst3"]);
+    assert_eq!(stderr(&out).trim(), "vmctl: permission denied");
+    assert!(d.status("inst2").is_none() && d.status("inst3").is_none());
+    // A VM without allow instance is no template.
+    let out = d.vmctl(&["start", "-t", "inst1", "inst4"]);
+    assert_eq!(
+        stderr(&out).trim(),
+        "vmctl: vm inst1 does not allow instances"
+    );
+    // The instance belongs to its maker.
+    let out = d.vmctl_as("vmdtesto", &["stop", "-w", "inst1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -103,7 +103,7 @@ const COMMANDS: &[Command] = &[
         name: "start",
         run: start::run,
         synopsis:
-            "start [-cL] [-b path] [-d disk] [-i count] [-m size] [-n switch] [--initrd path] [--cmdline string] [--vcpus N] name",
+            "start [-cL] [-b path] [-d disk] [-i count] [-m size] [-n switch] [-t template] [--initrd path] [--cmdline string] [--vcpus N] name",
         about: "start a VM",
         flags: &[
             ("-c", "attach the console once the VM runs"),
@@ -113,6 +113,10 @@ const COMMANDS: &[Command] = &[
             ("--cmdline string", "kernel command line"),
             ("--vcpus N", "number of virtual CPUs, 1 to 64"),
             ("-i count", "this many network interfaces (TAPs), 1 to 4"),
+            (
+                "-t template",
+                "start name as a new instance of this vm.conf VM (allow instance)",
+            ),
             ("-L", "add a local interface: a /31 and DHCP from vmd"),
             ("-n switch", "add an interface on this vm.conf switch (repeatable)"),
             (
@@ -120,7 +124,7 @@ const COMMANDS: &[Command] = &[
                 "a disk image (up to 4; format detected unless named)",
             ),
             (
-                "-B, -r, -t",
+                "-B, -r",
                 "OpenBSD's other start flags: not supported yet",
             ),
         ],

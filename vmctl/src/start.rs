@@ -16,8 +16,8 @@ use crate::console;
 
 const CMD: &str = "start";
 
-/// OpenBSD's flags are all accepted; -B -r -t are refused as not
-/// supported yet.
+/// OpenBSD's flags are all accepted; -B and -r (boot device, cdrom) are
+/// refused as not supported yet.
 pub const SPEC: Spec = Spec {
     short: "B:b:cd:Li:m:n:r:t:",
     long: &["initrd=", "cmdline=", "vcpus="],
@@ -51,6 +51,7 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
                 plain_nics = n;
             }
             Opt::Short('L') => local_nic = true,
+            Opt::Short('t') => out.req.template = Some(arg.to_string()),
             Opt::Short('n') => switches.push(arg.to_string()),
             Opt::Short('d') => {
                 if out.req.disks.len() == MAX_DISKS {
@@ -247,6 +248,7 @@ mod tests {
                     },
                 ],
                 nics: Vec::new(),
+                template: None,
             }
         );
     }
@@ -294,7 +296,6 @@ mod tests {
         for (args, flag) in [
             (&["-B", "net", "vm"][..], "-B"),
             (&["-r", "x.iso", "vm"][..], "-r"),
-            (&["-t", "tmpl", "vm"][..], "-t"),
         ] {
             assert_eq!(err(args), format!("start {flag}: not supported yet"));
         }

@@ -596,6 +596,9 @@ impl Parent {
         if let Err(e) = validate_name(&req.name) {
             return self.error(client, e);
         }
+        if let Some(template) = req.template.clone() {
+            return self.start_instance(client, creds, &template, req);
+        }
         let existing = self.vms.by_name(&req.name).map(|vm| vm.id);
         let Some(id) = existing else {
             // Defining VMs is root's; users start the ones they own.
@@ -636,6 +639,69 @@ impl Parent {
         self.begin_start(id, Some(client));
     }
 
+    /// `vmctl start -t TEMPLATE NAME`: a new VM made from a defined one
+    /// that says `allow instance`, changing only what that allows; it
+    /// belongs to whoever made it.
+    fn start_instance(&mut self, client: u32, creds: Creds, template: &str, req: StartRequest) {
+        if self.vms.by_name(&req.name).is_some() {
+            return self.error(client, format!("vm {} already exists", req.name));
+        }
+        let Some(tpl) = self.vms.by_name(template) else {
+            return self.error(client, format!("vm {template} not found"));
+        };
+        let (Some(base), Some((allow, who))) = (&tpl.defined, &tpl.allow_instance) else {
+            return self.error(client, format!("vm {template} does not allow instances"));
+        };
+        let permitted = creds.uid == 0
+            || who.as_ref().is_some_and(|o| {
+                o.uid == Some(creds.uid)
+                    || o.gid
+                        .is_some_and(|g| creds.gid == g || client_groups(creds.pid).contains(&g))
+            });
+        if !permitted {
+            return self.error(client, "permission denied".into());
+        }
+        let changes = [
+            (
+                "boot",
+                req.kernel.is_some() || req.initrd.is_some() || req.cmdline.is_some(),
+                allow.boot,
+            ),
+            ("memory", req.memory.is_some(), allow.memory),
+            ("vcpus", req.vcpus.is_some(), allow.vcpus),
+            ("disk", !req.disks.is_empty(), allow.disk),
+            ("interface", !req.nics.is_empty(), allow.interface),
+        ];
+        if let Some((what, _, _)) = changes
+            .iter()
+            .find(|(_, asked, allowed)| *asked && !allowed)
+        {
+            return self.error(
+                client,
+                format!("vm {template}: instances may not change {what} (allow instance)"),
+            );
+        }
+        let spec = match VmSpec::merged(base, &req) {
+            Ok(spec) => spec,
+            Err(e) => return self.error(client, e),
+        };
+        let owner = VmOwner {
+            uid: Some(creds.uid),
+            gid: None,
+            name: nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(creds.uid))
+                .ok()
+                .flatten()
+                .map_or_else(|| creds.uid.to_string(), |u| u.name),
+        };
+        match self.new_vm(&req.name, spec, None, owner) {
+            Ok(id) => {
+                info!("vm {}: instance of {template}", req.name);
+                self.begin_start(id, Some(client))
+            }
+            Err(e) => self.error(client, e),
+        }
+    }
+
     fn new_vm(
         &mut self,
         name: &str,
@@ -656,6 +722,7 @@ impl Parent {
                 defined,
                 enabled: false,
                 owner,
+                allow_instance: None,
                 state: VmState::Stopped,
                 proc: None,
                 console,
@@ -880,7 +947,17 @@ impl Parent {
                 Some(o) => crate::conf::resolve_owner(o, &def.defined_at)?,
                 None => VmOwner::root(),
             };
-            resolved.push((def, spec, owner));
+            let allow = match &def.allow_instance {
+                Some(a) => {
+                    let who = match &a.owner {
+                        Some(o) => Some(crate::conf::resolve_owner(o, &def.defined_at)?),
+                        None => None,
+                    };
+                    Some((a.clone(), who))
+                }
+                None => None,
+            };
+            resolved.push((def, spec, owner, allow));
         }
         if replace {
             let defined: Vec<&str> = config.vms.iter().map(|d| d.name.as_str()).collect();
@@ -898,7 +975,7 @@ impl Parent {
                 }
             }
         }
-        for (def, spec, owner) in resolved {
+        for (def, spec, owner, allow) in resolved {
             match self.vms.by_name(&def.name).map(|vm| vm.id) {
                 Some(id) => {
                     let Some(vm) = self.vms.vms.get_mut(&id) else {
@@ -906,13 +983,15 @@ impl Parent {
                     };
                     let unchanged = vm.defined.as_ref() == Some(&spec)
                         && vm.enabled == def.enabled
-                        && vm.owner == owner;
+                        && vm.owner == owner
+                        && vm.allow_instance == allow;
                     if unchanged {
                         continue;
                     }
                     vm.defined = Some(spec.clone());
                     vm.enabled = def.enabled;
                     vm.owner = owner;
+                    vm.allow_instance = allow;
                     if !vm.is_active() {
                         vm.spec = spec;
                     }
@@ -922,6 +1001,7 @@ impl Parent {
                     let id = self.new_vm(&def.name, spec.clone(), Some(spec), owner)?;
                     if let Some(vm) = self.vms.vms.get_mut(&id) {
                         vm.enabled = def.enabled;
+                        vm.allow_instance = allow;
                         info!("vm {}: defined", vm.name);
                         if vm.enabled {
                             self.autostart.push_back(id);

@@ -168,6 +168,9 @@ pub struct Vm {
     pub defined: Option<VmSpec>,
     pub enabled: bool,
     pub owner: VmOwner,
+    /// vm.conf `allow instance`: what `vmctl start -t` may change, and
+    /// who besides root may make instances.
+    pub allow_instance: Option<(vmd_config::AllowInstance, Option<VmOwner>)>,
     pub state: VmState,
     pub proc: Option<VmProc>,
     pub console: Console,
