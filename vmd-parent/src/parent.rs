@@ -221,6 +221,14 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
     Ok((parent, signals))
 }
 
+/// Whether `owner` names the client: its user, or a group it is in.
+fn admits(owner: &VmOwner, creds: &Creds) -> bool {
+    owner.uid == Some(creds.uid)
+        || owner
+            .gid
+            .is_some_and(|g| creds.gid == g || client_groups(creds.pid).contains(&g))
+}
+
 /// A client's supplementary groups, read from /proc: SO_PEERCRED carries
 /// only the primary group.
 fn client_groups(pid: i32) -> Vec<u32> {
@@ -534,13 +542,7 @@ impl Parent {
     /// Root may do anything; a VM's owner (user, or a member of its
     /// group) may start, stop, pause, unpause, wait for and console it.
     fn may_manage(creds: &Creds, vm: &Vm) -> bool {
-        if creds.uid == 0 || vm.owner.uid == Some(creds.uid) {
-            return true;
-        }
-        let Some(gid) = vm.owner.gid else {
-            return false;
-        };
-        creds.gid == gid || client_groups(creds.pid).contains(&gid)
+        creds.uid == 0 || admits(&vm.owner, creds)
     }
 
     fn request(&mut self, client: u32, creds: Creds, req: Request) {
@@ -652,12 +654,7 @@ impl Parent {
         let (Some(base), Some((allow, who))) = (&tpl.defined, &tpl.allow_instance) else {
             return self.error(client, format!("vm {template} does not allow instances"));
         };
-        let permitted = creds.uid == 0
-            || who.as_ref().is_some_and(|o| {
-                o.uid == Some(creds.uid)
-                    || o.gid
-                        .is_some_and(|g| creds.gid == g || client_groups(creds.pid).contains(&g))
-            });
+        let permitted = creds.uid == 0 || who.as_ref().is_some_and(|o| admits(o, &creds));
         if !permitted {
             return self.error(client, "permission denied".into());
         }
