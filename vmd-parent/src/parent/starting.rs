@@ -1,0 +1,383 @@
+//! Starting a VM: asking priv for every file and TAP it needs, then
+//! spawning its VM process with all of them; a start that fails leaves
+//! nothing behind.
+
+use super::*;
+
+/// A start in progress: the fds priv has opened for it so far.
+pub(super) struct PendingStart {
+    pub(super) vm_id: u32,
+    pub(super) kvm: Option<OwnedFd>,
+    pub(super) kernel: Option<OwnedFd>,
+    pub(super) initrd: Option<OwnedFd>,
+    pub(super) need_initrd: bool,
+    /// Per disk: its top image and backing files, once priv sent them.
+    pub(super) disks: Vec<Option<Vec<OwnedFd>>>,
+    /// Per interface: the TAP priv made, and whether priv has configured
+    /// it (bridge, alias, address, up).
+    pub(super) taps: Vec<Option<Tap>>,
+}
+
+pub(super) struct Tap {
+    pub(super) name: String,
+    pub(super) fd: OwnedFd,
+    pub(super) configured: bool,
+}
+
+impl PendingStart {
+    pub(super) fn complete(&self) -> bool {
+        self.kvm.is_some()
+            && self.kernel.is_some()
+            && (!self.need_initrd || self.initrd.is_some())
+            && self.disks.iter().all(Option::is_some)
+            && self
+                .taps
+                .iter()
+                .all(|t| t.as_ref().is_some_and(|t| t.configured))
+    }
+}
+
+impl Parent {
+    /// Asks priv for every fd the VM needs; the VM process is spawned when
+    /// the last one arrives.
+    pub(super) fn begin_start(&mut self, id: u32, client: Option<u32>) {
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
+        vm.start_waiter = client;
+        let (kernel, why_not) = match (&vm.spec.kernel, vm.spec.unsupported()) {
+            (Some(k), None) => (k.clone(), None),
+            (_, why) => (String::new(), why),
+        };
+        if let Some(why) = why_not {
+            return self.start_failed(id, why);
+        }
+        vm.state = VmState::Starting;
+        info!("vm {}: starting", vm.name);
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let seq = self.next_seq;
+        let mut wants = vec![
+            (OpenKind::Kvm, vmd_priv::KVM_PATH.to_string()),
+            (OpenKind::Kernel, kernel),
+        ];
+        if let Some(initrd) = &vm.spec.initrd {
+            wants.push((OpenKind::Initrd, initrd.clone()));
+        }
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            let kind = OpenKind::Tap { index: index as u8 };
+            wants.push((kind, nic.tap.clone().unwrap_or_default()));
+        }
+        for (index, disk) in vm.spec.disks.iter().enumerate() {
+            let kind = OpenKind::Disk {
+                index: index as u8,
+                read_only: disk.read_only,
+                format: disk.format,
+            };
+            wants.push((kind, disk.path.clone()));
+        }
+        self.pending.insert(
+            seq,
+            PendingStart {
+                vm_id: id,
+                kvm: None,
+                kernel: None,
+                initrd: None,
+                need_initrd: vm.spec.initrd.is_some(),
+                disks: vm.spec.disks.iter().map(|_| None).collect(),
+                taps: vm.spec.nics.iter().map(|_| None).collect(),
+            },
+        );
+        for (kind, path) in wants {
+            if let Err(e) = self
+                .privsep
+                .chan
+                .send(&Msg::PrivOpen { kind, path }, seq, &[])
+            {
+                self.pending.remove(&seq);
+                self.start_failed(id, format!("asking priv to open files: {e}"));
+                return;
+            }
+        }
+    }
+
+    pub(super) fn priv_readable(&mut self) {
+        let frame = match self.privsep.chan.recv() {
+            Ok(frame) => frame,
+            Err(ChannelError::Closed) => return,
+            Err(e) if e.is_would_block() => return,
+            Err(e) => {
+                warn!("priv: {e}");
+                return;
+            }
+        };
+        let seq = frame.peer_id;
+        // Replies for a start that already failed or was cancelled are
+        // dropped here, closing their fds.
+        let Some(pending) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        let vm_id = pending.vm_id;
+        match frame.msg {
+            Msg::PrivOpened { kind } => {
+                let fd = frame.fds.into_iter().next();
+                match kind {
+                    OpenKind::Kvm => pending.kvm = fd,
+                    OpenKind::Kernel => pending.kernel = fd,
+                    OpenKind::Initrd => pending.initrd = fd,
+                    OpenKind::Disk { .. } | OpenKind::Tap { .. } | OpenKind::Interface => {
+                        warn!("priv answered {kind:?} with PrivOpened");
+                        return;
+                    }
+                }
+            }
+            Msg::PrivOpenedTap { index, name } => {
+                let Some(fd) = frame.fds.into_iter().next() else {
+                    return;
+                };
+                let config = self.tap_config(vm_id, index, &name);
+                let Some(pending) = self.pending.get_mut(&seq) else {
+                    return;
+                };
+                match (pending.taps.get_mut(usize::from(index)), config) {
+                    (Some(slot), Ok(msg)) => {
+                        *slot = Some(Tap {
+                            name,
+                            fd,
+                            configured: false,
+                        });
+                        if let Err(e) = self.privsep.chan.send(&msg, seq, &[]) {
+                            self.pending.remove(&seq);
+                            return self
+                                .start_failed(vm_id, format!("asking priv to configure {e}"));
+                        }
+                    }
+                    (None, _) => {
+                        warn!("priv answered for an interface {index} this VM does not have")
+                    }
+                    (_, Err(e)) => {
+                        self.pending.remove(&seq);
+                        return self.start_failed(vm_id, e);
+                    }
+                }
+                return;
+            }
+            Msg::PrivIfDone { name } => {
+                match pending.taps.iter_mut().flatten().find(|t| t.name == name) {
+                    Some(tap) => tap.configured = true,
+                    None => warn!("priv configured {name}, which this start does not know"),
+                }
+            }
+            Msg::PrivOpenedDisk { index, .. } => match pending.disks.get_mut(usize::from(index)) {
+                Some(slot) => *slot = Some(frame.fds),
+                None => warn!("priv answered for a disk {index} this VM does not have"),
+            },
+            Msg::PrivFailed {
+                kind,
+                path: _,
+                reason,
+            } => {
+                self.pending.remove(&seq);
+                let what = match kind {
+                    OpenKind::Kvm => "kvm device".to_string(),
+                    OpenKind::Kernel => "kernel".to_string(),
+                    OpenKind::Initrd => "initrd".to_string(),
+                    OpenKind::Disk { index, .. } => format!("disk {index}:"),
+                    OpenKind::Tap { index } => format!("interface {index}:"),
+                    OpenKind::Interface => "interface".to_string(),
+                };
+                return self.start_failed(vm_id, format!("{what} {reason}"));
+            }
+            other => {
+                warn!("priv sent unexpected message type {}", other.type_code());
+                return;
+            }
+        }
+        if self.pending.get(&seq).is_some_and(PendingStart::complete) {
+            if let Some(p) = self.pending.remove(&seq) {
+                self.launch(p);
+            }
+        }
+    }
+
+    /// How priv should set up interface `index`'s TAP: its switch's bridge,
+    /// group, up/down, and for a local interface the host side of its /31.
+    pub(super) fn tap_config(&self, vm_id: u32, index: u8, name: &str) -> Result<Msg, String> {
+        let vm = self.vms.vms.get(&vm_id).ok_or("vm vanished")?;
+        let nic = vm
+            .spec
+            .nics
+            .get(usize::from(index))
+            .ok_or_else(|| format!("interface {index} unknown"))?;
+        let switch = match &nic.switch {
+            None => None,
+            Some(sw) => {
+                let def = self
+                    .config
+                    .switch(sw)
+                    .ok_or_else(|| format!("interface {index}: no switch {sw:?} in vm.conf"))?;
+                if !def.enabled {
+                    return Err(format!("interface {index}: switch {sw} is disabled"));
+                }
+                Some(vmd_proto::msg::SwitchParams {
+                    bridge: def.interface.clone(),
+                    group: def.group.clone(),
+                    up: def.up,
+                })
+            }
+        };
+        let host_addr = match nic.local {
+            false => None,
+            true => Some((self.local_pair(vm_id, index)?.0, 31)),
+        };
+        Ok(Msg::PrivIfConfig {
+            name: name.to_string(),
+            switch,
+            group: nic.group.clone(),
+            up: nic.up,
+            host_addr,
+        })
+    }
+
+    /// A local interface's /31: (host, guest).
+    pub(super) fn local_pair(&self, vm_id: u32, index: u8) -> Result<(Ipv4Addr, Ipv4Addr), String> {
+        let prefix = &self.config.globals.local_prefix;
+        vmd_proto::net::local_pair((prefix.addr, prefix.len), vm_id, index).ok_or_else(|| {
+            format!(
+                "interface {index}: local prefix {}/{} has no /31 left for vm {vm_id}",
+                prefix.addr, prefix.len
+            )
+        })
+    }
+
+    /// What the VM process needs to run interface `index`.
+    pub(super) fn nic_params(&self, vm: &Vm, index: usize) -> Result<NicParams, String> {
+        let nic = &vm.spec.nics[index];
+        let switch_locked = nic
+            .switch
+            .as_ref()
+            .and_then(|sw| self.config.switch(sw))
+            .is_some_and(|sw| sw.locked_lladdr);
+        let dhcp = match nic.local {
+            false => None,
+            true => {
+                let (host, guest) = self.local_pair(vm.id, index as u8)?;
+                Some(DhcpLease {
+                    guest,
+                    host,
+                    prefix_len: 31,
+                    dns: None,
+                    boot_file: None,
+                })
+            }
+        };
+        Ok(NicParams {
+            mac: nic
+                .lladdr
+                .unwrap_or_else(|| vmd_proto::net::generated_mac(&vm.name, index as u8)),
+            locked: nic.locked || switch_locked,
+            dhcp,
+        })
+    }
+
+    pub(super) fn launch(&mut self, p: PendingStart) {
+        let id = p.vm_id;
+        let Some(vm) = self.vms.vms.get(&id) else {
+            return;
+        };
+        let (Some(kvm), Some(kernel)) = (p.kvm, p.kernel) else {
+            return;
+        };
+        let tty = match vm.console.slave_for_vm() {
+            Ok(fd) => fd,
+            Err(e) => return self.start_failed(id, format!("console: {e}")),
+        };
+        let params = VmmParams {
+            id,
+            name: vm.name.clone(),
+            memory: vm.spec.memory,
+            vcpus: vm.spec.vcpus,
+            cmdline: vm.spec.cmdline.clone(),
+            has_initrd: p.initrd.is_some(),
+            uid: self.user.0,
+            gid: self.user.1,
+            verbose: self.opts.verbose > 0,
+            disks: vm
+                .spec
+                .disks
+                .iter()
+                .zip(&p.disks)
+                .map(|(spec, fds)| DiskParams {
+                    format: spec.format,
+                    read_only: spec.read_only,
+                    backing: fds.as_ref().map_or(0, |f| f.len().saturating_sub(1)) as u32,
+                })
+                .collect(),
+            nics: match (0..vm.spec.nics.len())
+                .map(|i| self.nic_params(vm, i))
+                .collect()
+            {
+                Ok(nics) => nics,
+                Err(e) => return self.start_failed(id, e),
+            },
+        };
+        let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
+        if let Some(initrd) = &p.initrd {
+            fds.push(initrd.as_fd());
+        }
+        fds.extend(p.disks.iter().flatten().flatten().map(|f| f.as_fd()));
+        // Ours close when `p` drops, so each TAP lives exactly as long as
+        // the VM process holds it.
+        fds.extend(p.taps.iter().flatten().map(|t| t.fd.as_fd()));
+        let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
+            Ok(child) => child,
+            Err(e) => return self.start_failed(id, format!("starting vm process: {e}")),
+        };
+        if let Err(e) = child.chan.send(&Msg::VmmStart(params), id, &fds) {
+            let _ = kill(child.pid, Signal::SIGKILL);
+            // Reaped by the SIGCHLD path as an unknown child.
+            return self.start_failed(id, format!("sending vm parameters: {e}"));
+        }
+        if let Err(e) = child.chan.set_nonblocking(true) {
+            warn!("vm {}: {e}", vm.name);
+        }
+        debug!("vm {}: vm process {} started", vm.name, child.pid);
+        if let Some(vm) = self.vms.vms.get_mut(&id) {
+            vm.proc = Some(VmProc {
+                pid: child.pid,
+                chan: child.chan,
+                running: false,
+                stop_requested: false,
+                exit_msg: None,
+                kill_at: None,
+            });
+        }
+    }
+
+    /// A start failed before the VM ran: tell the client; a VM that never
+    /// ran is forgotten so the failed start leaves nothing behind.
+    pub(super) fn start_failed(&mut self, id: u32, reason: String) {
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
+        let name = vm.name.clone();
+        warn!("vm {name}: start failed: {reason}");
+        if let Some(client) = vm.start_waiter.take() {
+            self.reply(client, Reply::Error(format!("vm {name}: {reason}")), &[]);
+        }
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
+        if vm.ever_ran {
+            vm.state = VmState::Stopped;
+            vm.last_exit = Some(ExitReason::VmmError(reason));
+            vm.console.detach_all();
+        } else {
+            self.vms.vms.remove(&id);
+            let log = self.console_dir.join(format!("{name}.log"));
+            if std::fs::metadata(&log).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+        self.notify_stop_waiters(id);
+    }
+}
