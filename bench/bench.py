@@ -68,14 +68,15 @@ def now():
 # ---------------------------------------------------------------- vmd side
 
 class Vmd:
-    def __init__(self):
-        self.dir = WORK / "vmd"
+    def __init__(self, netns=None, sub="vmd"):
+        self.dir = WORK / sub
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.sock = self.dir / "vmd.sock"
         self.state = self.dir / "state"
         self.errf = open(self.dir / "vmd.log", "wb")
-        self.p = subprocess.Popen([BIN / "vmd", "-d", "-s", self.sock, "--state-dir", self.state],
+        wrap = ["ip", "netns", "exec", netns] if netns else []
+        self.p = subprocess.Popen([*wrap, BIN / "vmd", "-d", "-s", self.sock, "--state-dir", self.state],
                                   stdin=subprocess.DEVNULL, stdout=self.errf, stderr=self.errf)
         t = now()
         while not self.sock.exists():
@@ -97,10 +98,10 @@ class Vmd:
     def log_path(self, name):
         return self.state / "console" / f"{name}.log"
 
-    def start(self, kernel, cmdline="", mem="64M", name=None):
+    def start(self, kernel, cmdline="", mem="64M", name=None, extra=()):
         """Starts a VM; returns (name, t0, Popen of vmctl)."""
         name = name or self.name()
-        args = [BIN / "vmctl", "-s", self.sock, "start", "-b", kernel, "-m", mem, "--vcpus", "1"]
+        args = [BIN / "vmctl", "-s", self.sock, "start", "-b", kernel, "-m", mem, "--vcpus", "1", *extra]
         if cmdline:
             args += ["--cmdline", cmdline]
         t0 = now()
@@ -168,9 +169,10 @@ class Vmd:
 class Qemu:
     """One QEMU process; its serial output (stdout) timestamped as it arrives."""
 
-    def __init__(self, machine, kernel, cmdline="", mem="64M", extra=()):
+    def __init__(self, machine, kernel, cmdline="", mem="64M", extra=(), netns=None):
         self.machine = machine
-        self.argv = [QEMU, "-M", machine, *QEMU_BASE, "-m", mem, "-kernel", str(kernel), *extra]
+        wrap = ["ip", "netns", "exec", netns] if netns else []
+        self.argv = [*wrap, QEMU, "-M", machine, *QEMU_BASE, "-m", mem, "-kernel", str(kernel), *extra]
         if cmdline:
             self.argv += ["-append", cmdline]
         self.buf = b""
@@ -576,6 +578,261 @@ def fig_linux_hw(vmd):
                 fail("linux-full", vmm, e)
 
 
+# ------------------------------------------------- virtio-blk / virtio-net
+
+BLK_SEQ_MIB = int(os.environ.get("BLK_SEQ_MIB", "32"))
+BLK_RAND_N = int(os.environ.get("BLK_RAND_N", "2000"))
+NET_TX_N = int(os.environ.get("NET_TX_N", "100000"))
+NET_RX_S = float(os.environ.get("NET_RX_S", "3.5"))   # seconds the host sends
+NETNS = "vmdbench-net"
+QEMU_TAP = "vbqtap0"
+# Same guest driver under both VMMs: vmd's PCI virtio devices vs QEMU -M pc's
+# virtio-*-pci with disable-legacy=on (modern only, as the guest drives it).
+# microvm has only virtio-mmio, which the PCI drivers cannot use.
+BLK_CACHE = "writeback"     # vmd opens its images buffered (page cache), no O_DIRECT
+
+
+def host_tsc_khz():
+    """TSC rate from /proc/cpuinfo: `cpu MHz` is the TSC's where the flags
+    say tsc_known_freq (the guest reads the same TSC: constant_tsc)."""
+    mhz = next(float(l.split(":")[1]) for l in open("/proc/cpuinfo") if l.startswith("cpu MHz"))
+    return mhz * 1000
+
+
+def wait_text(get, pred, timeout, what):
+    deadline = now() + timeout
+    while now() < deadline:
+        t = get()
+        if pred(t):
+            return t
+        time.sleep(0.01)
+    raise TimeoutError(f"{what}: not seen in {timeout}s; got {get()[-300:]!r}")
+
+
+def vm_text(vmd, name):
+    try:
+        return vmd.log_path(name).read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def q_text(q):
+    with q.cv:
+        return q.buf.decode(errors="replace")
+
+
+def fig_blk(vmd, khz):
+    disk = WORK / "bench-disk.raw"
+    with open(disk, "wb") as f:        # written, not sparse: every block exists
+        chunk = bytes(range(256)) * 4096
+        for _ in range(64 << 20 >> 20):
+            f.write(chunk)
+    cmd = f"bench:seq-read:{BLK_SEQ_MIB} bench:rand-read-4k:{BLK_RAND_N} bench:seq-write:{BLK_SEQ_MIB}"
+    pat = re.compile(r"bench (seq-read|rand-read-4k|seq-write) (\d+) (?:MiB|reqs) status (\d+) cycles (\d+)")
+    for i in range(RUNS):
+        for vmm in ["vmd", "qemu-pc"]:
+            if vmm != "vmd" and not QEMU or ("blk", vmm) in failures:
+                continue
+            log(f"virtio-blk {vmm} run {i + 1}/{RUNS}")
+            done = lambda t: "VMD-TEST blk done" in t or "VMD-TEST error" in t
+            try:
+                if vmm == "vmd":
+                    name, _, p = vmd.start(GUESTS / "blk.elf", cmd, extra=["-d", str(disk)])
+                    p.wait()
+                    text = wait_text(lambda: vm_text(vmd, name), done, 120, "vmd blk")
+                    vmd.stop(name)
+                else:
+                    q = Qemu("pc", GUESTS / "blk.elf", cmd, extra=[
+                        "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+                        "-drive", f"file={disk},format=raw,if=none,id=d0,cache={BLK_CACHE}"])
+                    try:
+                        text = wait_text(lambda: q_text(q), done, 120, "qemu blk")
+                    finally:
+                        q.kill()
+                got = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in pat.finditer(text)}
+                if len(got) != 3 or any(st for _, st, _ in got.values()):
+                    raise RuntimeError(f"blk bench output incomplete or failed: {text[-300:]!r}")
+            except Exception as e:
+                fail("blk", vmm, e)
+                continue
+            for kind, (n, _, cyc) in got.items():
+                s = cyc / (khz * 1e3)
+                if kind == "rand-read-4k":
+                    add("virtio-blk random 4 KiB reads: requests/s", vmm, n / s)
+                    add("virtio-blk random 4 KiB reads: MiB/s", vmm, n * 4096 / s / (1 << 20))
+                else:
+                    label = "sequential 64 KiB reads" if kind == "seq-read" else \
+                        "sequential 64 KiB writes + 1 flush"
+                    add(f"virtio-blk {label}: requests/s", vmm, n * 16 / s)
+                    add(f"virtio-blk {label}: MiB/s", vmm, n / s)
+    notes.append(
+        f"virtio-blk: guest `tests/guests/blk.elf` (its own polled virtio-blk PCI driver, one queue of 16, one "
+        f"request in flight, running at CPL0 - which this nested KVM emulates, so the guest's own per-request "
+        f"work is slow and the same under both VMMs: the figures are lower bounds for both and their ratio is "
+        f"pulled towards 1). Verbs `{cmd}` in one boot; disk: a 64 MiB raw file written in full beforehand "
+        f"(no holes), host page cache warm. vmd: `vmctl start -d disk.raw`; QEMU `-M pc -device "
+        f"virtio-blk-pci,drive=d0,disable-legacy=on -drive file=disk.raw,format=raw,if=none,id=d0,"
+        f"cache={BLK_CACHE}` (writeback = buffered through the host page cache like vmd, which does not use "
+        f"O_DIRECT). QEMU -M microvm has no PCI virtio (virtio-mmio only), which the guest's PCI driver "
+        f"cannot use: its column is empty. Time = the guest's TSC cycles around the loop / {khz / 1e3:.3f} MHz "
+        f"(host /proc/cpuinfo `cpu MHz`, tsc_known_freq).")
+
+
+NET_SINK = r"""
+import socket, signal, sys
+n = b = 0
+def out(*_):
+    print(n, b, flush=True); sys.exit(0)
+signal.signal(signal.SIGTERM, out)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.bind(("0.0.0.0", 9))
+print("ready", flush=True)
+while True:
+    d = s.recv(65536); n += 1; b += len(d)
+"""
+
+NET_SOURCE = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 9))
+buf = bytes(1472); n = err = 0
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    for _ in range(256):
+        try:
+            s.send(buf); n += 1
+        except OSError:
+            err += 1
+print(n, err, flush=True)
+"""
+
+RX_LINE = re.compile(r"VMD-TEST net bench rx frames (\d+) bytes (\d+) cycles (\d+) tsc_khz (\d+)\n")
+TX_LINE = re.compile(r"VMD-TEST net bench tx frames (\d+) bytes (\d+) cycles (\d+) tsc_khz (\d+)\n")
+
+
+def ns(*argv, check=True):
+    return subprocess.run(["ip", "netns", "exec", NETNS, *argv], check=check, capture_output=True, text=True)
+
+
+def rx_rate(text):
+    """Frames/s and bytes/s over the guest's 1-second reports that lie wholly
+    inside the host's sending: reports i..j with the count rising before i
+    and after j.  Rates in guest TSC cycles: (frames, bytes, cycles)."""
+    r = [(int(m[1]), int(m[2]), int(m[3])) for m in RX_LINE.finditer(text)]
+    ok = [k for k in range(1, len(r) - 1) if r[k - 1][0] < r[k][0] < r[k + 1][0]]
+    if len(ok) < 2:
+        raise RuntimeError(f"rx: fewer than 2 steady-state reports: {r}")
+    a, b = r[ok[0]], r[ok[-1]]
+    return b[0] - a[0], b[1] - a[1], b[2] - a[2]
+
+
+guest_khz = []     # the net guest's own RTC-calibrated TSC rates
+
+
+def fig_net(khz):
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    subprocess.run(["ip", "netns", "add", NETNS], check=True)
+    ns("ip", "link", "set", "lo", "up")
+    vmdn = None
+    try:
+        vmdn = Vmd(netns=NETNS, sub="vmd-net")
+        if QEMU:
+            ns("ip", "tuntap", "add", "dev", QEMU_TAP, "mode", "tap")
+            ns("ip", "addr", "add", "10.9.1.1/24", "dev", QEMU_TAP)
+            ns("ip", "link", "set", QEMU_TAP, "up")
+        for i in range(RUNS):
+            for vmm in ["vmd", "qemu-pc"]:
+                for d in ["tx", "rx"]:
+                    if vmm != "vmd" and not QEMU or (f"net-{d}", vmm) in failures:
+                        continue
+                    log(f"virtio-net {d} {vmm} run {i + 1}/{RUNS}")
+                    try:
+                        net_run(vmdn, vmm, d, khz)
+                    except Exception as e:
+                        fail(f"net-{d}", vmm, e)
+    finally:
+        if vmdn:
+            vmdn.close()
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+    notes.append(
+        f"virtio-net: guest `tests/guests/net.elf` (its own virtio-net PCI driver, ring 3, polled, queues of 64, "
+        f"no offloads), everything inside a network namespace the harness makes ({NETNS}; vmd runs in it, QEMU is "
+        f"started in it). vmd: `vmctl start -i 1`, the harness puts 10.9.0.1/24 on vmd's tap0; QEMU: a TAP "
+        f"pre-created in the namespace with 10.9.1.1/24, `-netdev tap,id=n0,ifname={QEMU_TAP},script=no,"
+        f"downscript=no,vhost=off -device virtio-net-pci,netdev=n0,disable-legacy=on` (vhost=off: both VMMs move "
+        f"packets in userspace; /dev/vhost-net does not exist on this machine, so no vhost=on row). "
+        f"Guest->host: `net.bench=tx:{NET_TX_N}` sends 1514-byte UDP frames to a Python UDP sink in the namespace; "
+        f"rate = frames / (guest TSC cycles from the first frame queued until the device has used the last) - "
+        f"what the VMM takes off the ring, the sink's own count is recorded below. Host->guest: a Python sender "
+        f"in the namespace blasts 1472-byte UDP payloads (1514-byte frames) at the guest for {NET_RX_S} s; "
+        f"`net.bench=rx` prints its count and TSC every second; rate = frames between the first and last reports "
+        f"that fall wholly inside the blast / their cycles (what the VMM delivered; the TAP drops the rest). "
+        f"Cycles -> s at {khz / 1e3:.3f} MHz (host /proc/cpuinfo; the guest's own RTC calibration gave "
+        + (f"{min(guest_khz) / 1e3:.1f}-{max(guest_khz) / 1e3:.1f} MHz" if guest_khz else "nothing") +
+        f"). The Python source/sink shares the 2 cores with the VMM.")
+
+
+def net_run(vmdn, vmm, d, khz):
+    sub = "10.9.0" if vmm == "vmd" else "10.9.1"
+    cmd = f"net.ip={sub}.2/24 net.timeout=60 " + \
+        (f"net.peer={sub}.1 net.port=9 net.bench=tx:{NET_TX_N}" if d == "tx" else "net.bench=rx")
+    sink = name = q = None
+    try:
+        if d == "tx":
+            sink = subprocess.Popen(["ip", "netns", "exec", NETNS, "python3", "-c", NET_SINK],
+                                    stdout=subprocess.PIPE, text=True)
+            assert sink.stdout.readline().strip() == "ready"
+        if vmm == "vmd":
+            name, _, p = vmdn.start(GUESTS / "net.elf", cmd, extra=["-i", "1"])
+            p.wait()
+            get = lambda: vm_text(vmdn, name)
+            wait_text(lambda: ns("ip", "-o", "link").stdout, lambda t: " tap0" in t, 30, "vmd tap0")
+            ns("ip", "addr", "add", f"{sub}.1/24", "dev", "tap0")
+            ns("ip", "link", "set", "tap0", "up")
+        else:
+            q = Qemu("pc", GUESTS / "net.elf", cmd, netns=NETNS, extra=[
+                "-netdev", f"tap,id=n0,ifname={QEMU_TAP},script=no,downscript=no,vhost=off",
+                "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"])
+            get = lambda: q_text(q)
+        bad = lambda t: "VMD-TEST error" in t
+        if d == "tx":
+            t = wait_text(get, lambda t: TX_LINE.search(t) or bad(t), 120, f"{vmm} tx")
+            m = TX_LINE.search(t)
+            if not m:
+                raise RuntimeError(t[-300:])
+            time.sleep(0.3)
+            sink.terminate()
+            got = sink.communicate(timeout=10)[0].split()
+            n, cyc = int(m[1]), int(m[3])
+            guest_khz.append(int(m[4]))
+            s = cyc / (khz * 1e3)
+            add("virtio-net guest->host 1514-B frames: frames/s", vmm, n / s)
+            add("virtio-net guest->host 1514-B frames: MiB/s", vmm, n * 1514 / s / (1 << 20))
+            add("virtio-net guest->host: share the host sink received (%)", vmm, 100 * int(got[0]) / n)
+        else:
+            wait_text(get, lambda t: len(RX_LINE.findall(t)) >= 1 or bad(t), 60, f"{vmm} rx ready")
+            src = subprocess.run(["ip", "netns", "exec", NETNS, "python3", "-c", NET_SOURCE, f"{sub}.2",
+                                  str(NET_RX_S)], capture_output=True, text=True, timeout=NET_RX_S + 30)
+            sent = int(src.stdout.split()[0])
+            k = len(RX_LINE.findall(get()))
+            t = wait_text(get, lambda t: len(RX_LINE.findall(t)) >= k + 2, 30, f"{vmm} rx reports")
+            frames, nbytes, cyc = rx_rate(t)
+            s = cyc / (khz * 1e3)
+            total = int(RX_LINE.findall(t)[-1][0])
+            add("virtio-net host->guest 1514-B frames: frames/s", vmm, frames / s)
+            add("virtio-net host->guest 1514-B frames: MiB/s", vmm, nbytes / s / (1 << 20))
+            add("virtio-net host->guest: share of the host's sends the guest got (%)", vmm,
+                100 * min(total, sent) / max(sent, 1))
+    finally:
+        if sink and sink.poll() is None:
+            sink.kill()
+        if name:
+            vmdn.stop(name)
+        if q:
+            q.kill()
+
+
 def placeholders():
     """virtio-blk / virtio-net: measured only once vmd has the devices and a
     test-guest driver exists that both VMMs can run."""
@@ -670,6 +927,68 @@ def write_report(placeholder_rows, elapsed):
     log(f"wrote {OUT_MD}")
 
 
+def result_rows(figs):
+    L = []
+    for fig in figs:
+        per = results[fig]
+        cells, med_ = [], {}
+        for vmm in VMMS:
+            vals = per.get(vmm)
+            key = next((k for k in failures if k[1] == vmm and fig.startswith(k[0].split("-")[0])), None)
+            if vals:
+                med_[vmm] = statistics.median(vals)
+                cells.append(f"{fmt(med_[vmm])} ({fmt(min(vals))}-{fmt(max(vals))}), n={len(vals)}")
+            else:
+                cells.append("failed (see below)" if key else "-")
+        for q in ["qemu-microvm", "qemu-pc"]:
+            cells.append(f"{med_['vmd'] / med_[q]:.3g}" if "vmd" in med_ and q in med_ and med_[q] else "-")
+        L.append(f"| {fig} | " + " | ".join(cells) + " |")
+    return L
+
+
+def merge_report(only, elapsed):
+    """ONLY=blk and/or net: the file keeps every other row as measured
+    before; these rows, the throughput target line, their failures and notes
+    are replaced, and a section says when and where they were measured."""
+    text = OUT_MD.read_text()
+    sects = re.split(r"(?m)^(?=## )", text)
+    head, rest = sects[0], {s.split("\n", 1)[0][3:].strip(): s for s in sects[1:]}
+    mine = lambda line: any(line.startswith(f"| virtio-{k}") for k in
+                            (["blk"] if "blk" in only else []) + (["net"] if "net" in only else []))
+    res = [l for l in rest["Results"].rstrip("\n").split("\n") if not mine(l)]
+    res += result_rows([f for f in results if f.startswith("virtio-")])
+    rest["Results"] = "\n".join(res) + "\n\n"
+    tg = [l for l in rest["Targets"].rstrip("\n").split("\n") if "Block and network throughput" not in l]
+    rest["Targets"] = "\n".join(tg + [io_target()]) + "\n\n"
+    tags = {"blk": "blk", "net": "net-"}
+    if "Failures" in rest:
+        fl = [l for l in rest["Failures"].rstrip("\n").split("\n")
+              if not any(l.startswith(f"| {tags[k]}") for k in only)]
+        rest["Failures"] = "\n".join(fl) + "\n\n"
+    new_f = [f"| {f} | {v} | `{e}` |" for (f, v), e in failures.items()]
+    if new_f:
+        if "Failures" not in rest:
+            rest["Failures"] = "## Failures\n\n| figure | VMM | error |\n|---|---|---|\n"
+        rest["Failures"] = rest["Failures"].rstrip("\n") + "\n" + "\n".join(new_f) + "\n\n"
+    if "Notes" in rest:
+        nl = [l for l in rest["Notes"].rstrip("\n").split("\n")
+              if not any(l.startswith(f"- virtio-{k}:") for k in only)]
+        rest["Notes"] = "\n".join(nl + [f"- {n}" for n in notes if n.startswith("virtio-")]) + "\n\n"
+    info = dict(machine_info())
+    run = (f"## Block and network run\n\nThe virtio-blk and virtio-net rows come from a later run "
+           f"(`ONLY={','.join(sorted(only))} bench/run.sh`, {elapsed / 60:.1f} min) merged into this file; "
+           f"every other row is from the run described under Machine.\n\n| | |\n|---|---|\n"
+           f"| date | {info['date']} |\n| vmd | {info['vmd']} |\n| QEMU | {info['QEMU']} |\n"
+           f"| QEMU flags | `-M pc {' '.join(QEMU_BASE)} -m 64M -kernel GUEST` + the device flags in the notes |\n"
+           f"| runs | {RUNS} per figure |\n\n")
+    rest["Block and network run"] = run
+    order = ["Machine", "Block and network run", "Results", "Targets", "Failures", "Notes", "Methods"]
+    keys = [k for k in order if k in rest] + [k for k in rest if k not in order]
+    OUT_MD.write_text(head + "".join(rest[k] if rest[k].endswith("\n\n") or k == keys[-1]
+                                     else rest[k] + "\n" for k in keys))
+    log(f"merged into {OUT_MD}")
+
+
 def med(fig, vmm):
     v = results.get(fig, {}).get(vmm)
     return statistics.median(v) if v else None
@@ -696,9 +1015,27 @@ def targets():
         out.append(f"- VMM overhead under 5 MiB per idle VM: {o:.2f} MiB for one"
                    + (f", {o10:.2f} MiB each for ten" if o10 is not None else "")
                    + f": **{'met' if o < 5 and (o10 is None or o10 < 5) else 'NOT met'}**.")
-    out.append("- Block and network throughput at least QEMU's: **not yet measurable** (no virtio-blk/net "
-               "in vmd yet; see the placeholder rows).")
+    out.append(io_target())
     return out
+
+
+def io_target():
+    figs = [f for f in results if f.startswith("virtio-") and f.endswith("MiB/s")]
+    if not figs:
+        return ("- Block and network throughput at least QEMU's: **not yet measurable** (no virtio-blk/net "
+                "in vmd yet; see the placeholder rows).")
+    parts, met = [], True
+    for f in figs:
+        a, b = med(f, "vmd"), med(f, "qemu-pc")
+        if a is None or b is None:
+            parts.append(f"{f}: no comparison (a side failed)")
+            met = False
+            continue
+        parts.append(f"{f.replace(': MiB/s', '')} {a / b:.2f}x")
+        met = met and a >= b
+    verdict = "met" if met else "NOT met"
+    return (f"- Block and network throughput at least QEMU's (QEMU -M pc, same guest driver; vmd/QEMU median MiB/s; requests/frames per second give the same ratios): "
+            + "; ".join(parts) + f": **{verdict}**" + ("" if met else " (see the rows below 1.0)") + ".")
 
 
 METHODS = [
@@ -738,7 +1075,8 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     vmd = Vmd()
     tr = Ftrace([os.getpid(), *vmd.daemon_pids()])
-    only = set(os.environ.get("ONLY", "boot,exits,memory,many,linuxhw").split(","))
+    only = set(os.environ.get("ONLY", "boot,exits,memory,many,linuxhw,blk,net").split(","))
+    khz = host_tsc_khz()
     try:
         if "boot" in only:
             fig_boot(vmd, tr)
@@ -750,11 +1088,19 @@ def main():
             fig_many(vmd)
         if "linuxhw" in only:
             fig_linux_hw(vmd)
+        if "blk" in only:
+            fig_blk(vmd, khz)
     finally:
         tr.close()
         vmd.close()
-    rows = placeholders()
-    write_report(rows, now() - t_start)
+    if "net" in only:
+        fig_net(khz)
+    rows = [r for r in placeholders() if not (("blk" in only and "blk" in r[0]) or
+                                              ("net" in only and "net" in r[0]))]
+    if only <= {"blk", "net"} and OUT_MD.exists():
+        merge_report(only, now() - t_start)
+    else:
+        write_report(rows, now() - t_start)
     print(OUT_MD.read_text())
 
 

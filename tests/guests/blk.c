@@ -24,6 +24,8 @@
  *   rng:N             N (<= 32) bytes from virtio-rng: "rng <hex>"
  *   bench:seq-read:MIB        "bench seq-read MIB MiB cycles C" (64 KiB reqs)
  *   bench:rand-read-4k:N      "bench rand-read-4k N reqs cycles C"
+ *   bench:seq-write:MIB       "bench seq-write MIB MiB cycles C" (64 KiB
+ *                     reqs from LBA 0, then one flush, all timed)
  *   evil:loop         a descriptor loop: "evil loop status 0x.. needs-reset=1",
  *                     then reset, re-init and a read: "recovered status 0"
  *   evil:oob          a read into memory beyond RAM: "evil oob status 1"
@@ -131,30 +133,47 @@ static int blk_slots[8], nblk, rng_slot = -1;
 
 static struct desc *descs(struct vdev *d) { return (struct desc *)d->ring; }
 
+/*
+ * Address of memory BAR `idx` (a capability names its BAR: vmd puts
+ * everything in BAR 0, QEMU its modern virtio structures in BAR 4 and the
+ * MSI-X table in BAR 1).  An unassigned BAR, or a 64-bit one above the
+ * 4 GiB identity map, gets a fresh address below 4 GiB here.
+ */
+static u64 bar_addr(int slot, int idx)
+{
+	int reg = 0x10 + 4 * idx;
+	u32 lo = pci_rd(slot, reg);
+	int is64 = (lo & 6) == 4;
+	u32 hi = is64 ? pci_rd(slot, reg + 4) : 0;
+	if ((lo & ~0xfu) && !hi)
+		return lo & ~0xfu;
+	u32 a = 0xE8000000u + ((u32)slot << 16) + ((u32)idx << 12);
+	pci_wr(slot, reg, a);
+	if (is64)
+		pci_wr(slot, reg + 4, 0);
+	return a;
+}
+
 static void vdev_probe(struct vdev *d, int slot)
 {
 	memset(d, 0, sizeof(*d));
 	d->slot = slot;
 	d->msix_cap = -1;
-	u32 bar = pci_rd(slot, 0x10) & ~0xfu;
-	if (!bar) {
-		bar = 0xE8000000u + ((u32)slot << 16);
-		pci_wr(slot, 0x10, bar);
-	}
 	pci_wr(slot, 0x04, (pci_rd(slot, 0x04) & 0xffff) | 0x6);
-	d->bar = bar;
+	d->bar = bar_addr(slot, 0);
 	for (int p = pci_rd8(slot, 0x34), n = 0; p && n < 32; p = pci_rd8(slot, p + 1), n++) {
 		u8 id = pci_rd8(slot, p);
 		if (id == 0x09) {
 			u8 type = pci_rd8(slot, p + 3);
-			u64 a = bar + pci_rd(slot, p + 8);
+			u64 a = bar_addr(slot, pci_rd8(slot, p + 4)) + pci_rd(slot, p + 8);
 			if (type == 1) d->common = a;
 			if (type == 2) { d->notify = a; d->mult = pci_rd(slot, p + 16); }
 			if (type == 3) d->isr = a;
 			if (type == 4) d->device = a;
 		} else if (id == 0x11) {
 			d->msix_cap = p;
-			d->msix_table = bar + (pci_rd(slot, p + 4) & ~7u);
+			u32 t = pci_rd(slot, p + 4);
+			d->msix_table = bar_addr(slot, (int)(t & 7)) + (t & ~7u);
 		}
 	}
 	if (!d->common || !d->notify || !d->isr)
@@ -524,6 +543,24 @@ static void run(const char *cmd)
 				bad |= blk_req(0, i * 128, DATA, 65536, 2);
 			u64 t1 = rdtsc();
 			puts("bench seq-read ");
+			put_dec(mib);
+			puts(" MiB status ");
+			put_dec((u64)bad);
+			puts(" cycles ");
+			put_dec(t1 - t0);
+			putc('\n');
+		} else if (VERB("bench:seq-write:")) {
+			need_blk();
+			u64 mib = num();
+			memset((void *)DATA, 0x5a, 65536);
+			u64 t0 = rdtsc();
+			int bad = 0;
+			for (u64 i = 0; i < mib * 16; i++)
+				bad |= blk_req(1, i * 128, DATA, 65536, 1);
+			if (blk.features & BLK_F_FLUSH)
+				bad |= blk_req(4, 0, 0, 0, 0);
+			u64 t1 = rdtsc();
+			puts("bench seq-write ");
 			put_dec(mib);
 			puts(" MiB status ");
 			put_dec((u64)bad);

@@ -181,19 +181,35 @@ static void setup_queue(struct vq *q, u16 index, u64 ring)
 	wr16(c + 0x1c, 1);
 }
 
+/*
+ * Address of memory BAR `idx` (a capability names its BAR: vmd puts
+ * everything in BAR 0, QEMU its modern virtio structures in BAR 4).  An
+ * unassigned BAR, or a 64-bit one above the 4 GiB identity map, gets a
+ * fresh address below 4 GiB here.
+ */
+static u64 bar_addr(int slot, int idx)
+{
+	int reg = 0x10 + 4 * idx;
+	u32 lo = pci_rd(slot, reg);
+	int is64 = (lo & 6) == 4;
+	u32 hi = is64 ? pci_rd(slot, reg + 4) : 0;
+	if ((lo & ~0xfu) && !hi)
+		return lo & ~0xfu;
+	u32 a = 0xE8000000u + ((u32)slot << 16) + ((u32)idx << 12);
+	pci_wr(slot, reg, a);
+	if (is64)
+		pci_wr(slot, reg + 4, 0);
+	return a;
+}
+
 static void net_init(int slot)
 {
-	u32 bar = pci_rd(slot, 0x10) & ~0xfu;
-	if (!bar) {
-		bar = 0xE8000000u + ((u32)slot << 16);
-		pci_wr(slot, 0x10, bar);
-	}
 	pci_wr(slot, 0x04, (pci_rd(slot, 0x04) & 0xffff) | 0x6);
 	for (int p = pci_rd8(slot, 0x34), n = 0; p && n < 32; p = pci_rd8(slot, p + 1), n++) {
 		if (pci_rd8(slot, p) != 0x09)
 			continue;
 		u8 type = pci_rd8(slot, p + 3);
-		u64 a = bar + pci_rd(slot, p + 8);
+		u64 a = bar_addr(slot, pci_rd8(slot, p + 4)) + pci_rd(slot, p + 8);
 		if (type == 1) common = a;
 		if (type == 2) { notify_base = a; notify_mult = pci_rd(slot, p + 16); }
 		if (type == 4) devcfg = a;
