@@ -21,7 +21,8 @@ fn system_log() -> String {
 fn vmd_logs_vm_state_changes_to_syslog() {
     require_kvm();
     assert!(
-        std::path::Path::new("/dev/log").exists() && LOGS.iter().any(|p| std::path::Path::new(p).exists()),
+        std::path::Path::new("/dev/log").exists()
+            && LOGS.iter().any(|p| std::path::Path::new(p).exists()),
         "SYSLOG REQUIRED: no /dev/log or /var/log/syslog; install and start rsyslog (.ci/run does)"
     );
     let dir = std::env::temp_dir().join(format!("vmd-e2e-{}-syslog", std::process::id()));
@@ -48,7 +49,11 @@ fn vmd_logs_vm_state_changes_to_syslog() {
     };
     let hello = guest("hello.elf");
     let out = vmctl(&["start", "-b", hello.to_str().unwrap(), "-m", "32M", &name]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = format!("parent: vm {name}: stopped: guest powered off");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut log = system_log();
@@ -69,6 +74,8 @@ fn vmd_logs_vm_state_changes_to_syslog() {
         .find(|l| l.contains(&want))
         .unwrap_or_else(|| panic!("no syslog line {want:?} in {LOGS:?}"));
     assert!(line.contains("vmd["), "not tagged vmd[pid]: {line}");
-    assert!(log.lines().any(|l| l.contains(&format!("parent: vm {name}: running"))));
+    assert!(log
+        .lines()
+        .any(|l| l.contains(&format!("parent: vm {name}: running"))));
     let _ = std::fs::remove_dir_all(&dir);
 }
