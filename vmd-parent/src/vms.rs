@@ -12,6 +12,8 @@ use vmd_proto::Channel;
 
 use crate::console::Console;
 
+/// What a VM without a kernel boots: Debian's SeaBIOS.
+pub const FIRMWARE_PATH: &str = "/usr/share/seabios/bios.bin";
 /// OpenBSD's reboot-loop guard: more than this many restarts within
 /// [`REBOOT_WINDOW`] stops the VM instead.
 pub const MAX_REBOOTS: usize = 3;
@@ -110,14 +112,14 @@ impl VmSpec {
         })
     }
 
+    /// What the VM boots: its kernel, or else the BIOS (SeaBIOS), which
+    /// the vmm tells from a kernel by its contents.
+    pub fn boot_image(&self) -> &str {
+        self.kernel.as_deref().unwrap_or(FIRMWARE_PATH)
+    }
+
     /// Why this VM cannot start with what vmd has today, if it cannot.
     pub fn unsupported(&self) -> Option<String> {
-        if self.kernel.is_none() {
-            return Some(
-                "no kernel to boot (-b path, or boot in vm.conf); BIOS boot is not supported yet"
-                    .into(),
-            );
-        }
         if self.cdrom.is_some() {
             return Some("cdrom is not supported yet".into());
         }
@@ -308,13 +310,12 @@ mod tests {
         assert_eq!(spec.memory, DEFAULT_MEMORY);
         assert_eq!(spec.vcpus, 1);
         assert_eq!(spec.unsupported(), None);
+        // Without a kernel the VM boots the firmware.
         let mut r = req("a");
         r.kernel = None;
-        assert!(VmSpec::from_request(&r)
-            .unwrap()
-            .unsupported()
-            .unwrap()
-            .contains("no kernel"));
+        let spec = VmSpec::from_request(&r).unwrap();
+        assert_eq!(spec.unsupported(), None);
+        assert_eq!(spec.boot_image(), FIRMWARE_PATH);
         let mut r = req("a");
         r.vcpus = Some(0);
         assert!(VmSpec::from_request(&r).unwrap_err().contains("vcpus"));

@@ -101,6 +101,10 @@ pub const PM1A_EVT_LEN: u8 = 4;
 /// ACPI PM1a control block (16 bits; SCI_EN/SLP_TYP/SLP_EN).
 pub const PORT_PM1A_CNT: u16 = 0x604;
 pub const PM1A_CNT_LEN: u8 = 2;
+/// fw_cfg (selector, data, DMA address), for firmware boot only.
+pub const PORT_FW_CFG: u16 = 0x510;
+/// Firmware debug output (QEMU's debugcon port), for firmware boot only.
+pub const PORT_DEBUGCON: u16 = 0x402;
 /// PCI reset control register.
 pub const PORT_RESET_CTRL: u16 = 0xcf9;
 

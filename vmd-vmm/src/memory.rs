@@ -2,7 +2,7 @@
 //! memory the guest never touches costs the host nothing. RAM past
 //! [`MMIO_GAP_START`] is moved above 4 GiB to leave room for devices.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -87,6 +87,35 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
         // SAFETY: the region is a live mapping of exactly `memory_size`
         // bytes owned by `mem`, which outlives the VM (both live in `Vm`,
         // and the vCPUs stop before it is dropped).
+        unsafe { vm.set_user_memory_region(desc) }
+            .map_err(|err| MemoryError::Register { slot, err })?;
+    }
+    Ok(())
+}
+
+/// Hands `rom`'s single region to KVM as memory slot `slot`, read-only
+/// where KVM supports it (guest writes then exit as MMIO and vanish).
+pub fn register_rom(
+    vm: &VmFd,
+    rom: &GuestMemoryMmap,
+    slot: u32,
+    read_only: bool,
+) -> Result<(), MemoryError> {
+    for region in rom.iter() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Register {
+                slot,
+                err: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: as in `register`: `rom` lives in `Vm` as long as the VM.
         unsafe { vm.set_user_memory_region(desc) }
             .map_err(|err| MemoryError::Register { slot, err })?;
     }

@@ -156,9 +156,11 @@ pub fn configure(vcpu: &VcpuFd, cpuid: &CpuId, boot: Option<BootEntry>) -> Resul
         vcpu.set_lapic(&lapic).map_err(io("KVM_SET_LAPIC"))?;
 
         let mut sregs = vcpu.get_sregs().map_err(io("KVM_GET_SREGS"))?;
-        let regs = boot_registers(entry, &mut sregs);
-        vcpu.set_sregs(&sregs).map_err(io("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&regs).map_err(io("KVM_SET_REGS"))?;
+        // Firmware starts where a real CPU does: KVM's reset state.
+        if let Some(regs) = boot_registers(entry, &mut sregs) {
+            vcpu.set_sregs(&sregs).map_err(io("KVM_SET_SREGS"))?;
+            vcpu.set_regs(&regs).map_err(io("KVM_SET_REGS"))?;
+        }
     }
     Ok(())
 }
@@ -172,8 +174,12 @@ const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bit 1 is reserved and always set.
 const RFLAGS_RESERVED: u64 = 1 << 1;
 
-/// Fills `sregs` for the boot path and returns the general registers.
-fn boot_registers(entry: BootEntry, sregs: &mut kvm_sregs) -> kvm_regs {
+/// Fills `sregs` for the boot path and returns the general registers;
+/// `None` (and `sregs` untouched) for firmware, which needs none.
+fn boot_registers(entry: BootEntry, sregs: &mut kvm_sregs) -> Option<kvm_regs> {
+    if entry == BootEntry::Firmware {
+        return None;
+    }
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = gdt::gdt_limit();
     // No IDT: any exception before the guest sets one up triple-faults,
@@ -213,8 +219,9 @@ fn boot_registers(entry: BootEntry, sregs: &mut kvm_sregs) -> kvm_regs {
             regs.rsp = BOOT_STACK;
             regs.rbp = BOOT_STACK;
         }
+        BootEntry::Firmware => return None,
     }
-    regs
+    Some(regs)
 }
 
 // ---- Kicking ----
@@ -408,7 +415,7 @@ mod tests {
     #[test]
     fn pvh_registers() {
         let mut s = kvm_sregs::default();
-        let r = boot_registers(BootEntry::Pvh { entry: 0x10_0000 }, &mut s);
+        let r = boot_registers(BootEntry::Pvh { entry: 0x10_0000 }, &mut s).unwrap();
         assert_eq!((r.rip, r.rbx, r.rflags), (0x10_0000, PVH_START_INFO, 2));
         assert_eq!(
             (s.cr0, s.efer, s.cs.selector, s.cs.db),
@@ -419,10 +426,18 @@ mod tests {
     #[test]
     fn linux64_registers() {
         let mut s = kvm_sregs::default();
-        let r = boot_registers(BootEntry::Linux64 { entry: 0x100_0000 }, &mut s);
+        let r = boot_registers(BootEntry::Linux64 { entry: 0x100_0000 }, &mut s).unwrap();
         assert_eq!((r.rip, r.rsi), (0x100_0000, ZERO_PAGE));
         assert_eq!((s.cr3, s.cs.selector, s.cs.l), (PML4_ADDR, CODE64_SEL, 1));
         assert_eq!(s.efer, EFER_LME | EFER_LMA);
         assert_ne!(s.cr0 & CR0_PG, 0);
+    }
+
+    #[test]
+    fn firmware_keeps_the_reset_state() {
+        let mut s = kvm_sregs::default();
+        s.cs.selector = 0xf000;
+        assert!(boot_registers(BootEntry::Firmware, &mut s).is_none());
+        assert_eq!((s.cs.selector, s.gdt.base), (0xf000, 0));
     }
 }

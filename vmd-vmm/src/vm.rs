@@ -21,10 +21,12 @@ use vmd_proto::{Channel, ChannelError, Msg};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
-use crate::boot::{self, BootError};
+use crate::boot::{self, firmware, BootEntry, BootError};
 use crate::bus::{Bus, BusError, SharedDevice};
 use crate::control::ExitSignal;
 use crate::devices::cmos::Cmos;
+use crate::devices::debugcon::DebugCon;
+use crate::devices::fw_cfg::{self, FwCfg, FwCfgError, FwCfgItems, FW_CFG_PORT_LEN};
 use crate::devices::i8042::{ResetControl, I8042};
 use crate::devices::power::{Pm1aControl, Pm1aEvent};
 use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
@@ -34,13 +36,13 @@ use crate::devices::virtio_rng::VirtioRng;
 use crate::devices::Sink;
 use crate::layout::{
     COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PM1A_EVT_LEN, PORT_CMOS, PORT_COM1,
-    PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PCI_CONFIG_DATA, PORT_PM1A_CNT, PORT_PM1A_EVT,
-    PORT_POST, PORT_RESET_CTRL,
+    PORT_DEBUGCON, PORT_FW_CFG, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PCI_CONFIG_DATA,
+    PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_POST, PORT_RESET_CTRL,
 };
 use crate::memory::{self, MemoryError, RamLayout};
 use crate::mptable::{self, MpTableError};
 use crate::pci::irq::GsiRouter;
-use crate::pci::{intx_gsi, ConfigAddress, ConfigData, PciError, PciRoot};
+use crate::pci::{intx_gsi, ConfigAddress, ConfigData, HostBridge, PciError, PciRoot};
 use crate::vcpu::{self, Vcpu, VcpuError};
 use crate::virtio::pci::{spawn_worker, TransportError, VirtioPci, Worker};
 use crate::virtio::VirtioDevice;
@@ -65,6 +67,8 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error("{0}")]
     Boot(#[from] BootError),
+    #[error("{0}")]
+    FwCfg(#[from] FwCfgError),
     #[error("acpi: {0}")]
     Acpi(#[from] AcpiError),
     #[error("mptable: {0}")]
@@ -208,6 +212,8 @@ pub struct Vm {
     _kvm: Kvm,
     _vm: Arc<VmFd>,
     mem: Arc<GuestMemoryMmap>,
+    /// The firmware image below 4 GiB (a KVM slot), when booting one.
+    _rom: Option<GuestMemoryMmap>,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -263,19 +269,39 @@ impl Vm {
 
         let mut kernel = File::from(files.kernel);
         let mut initrd = files.initrd.map(File::from);
-        // Both the ACPI tables (modern guests) and the MP table (kernels
-        // without ACPI, our freestanding test guests) describe the CPUs.
-        let rsdp = acpi::write(&mem, params.vcpus)?;
-        mptable::write(&mem, params.vcpus)?;
-        let entry = boot::load(
-            &mem,
-            ram,
-            &mut kernel,
-            initrd.as_mut(),
-            &params.cmdline,
-            opts.ignore_pvh,
-            Some(rsdp),
-        )?;
+        let mut cmos = Cmos::default();
+        let image = firmware::read_image(&mut kernel)?;
+        let mut rom = None;
+        let entry = if let Some(image) = &image {
+            // The firmware builds its own tables (ACPI, MP, e820) from
+            // fw_cfg and CMOS, and loads the OS itself.
+            if initrd.is_some() || !params.cmdline.is_empty() {
+                log::warn!("booting firmware: the initrd and command line are not used");
+            }
+            firmware::load_low(&mem, image)?;
+            let high = firmware::high_copy(image)?;
+            let slot = vm_memory::GuestMemoryBackend::num_regions(&mem) as u32;
+            memory::register_rom(&vm, &high, slot, kvm.check_extension(Cap::ReadonlyMem))?;
+            rom = Some(high);
+            cmos.set_machine(ram.low_end, ram.high_size, params.vcpus);
+            log::info!("booting firmware ({} KiB)", image.len() >> 10);
+            BootEntry::Firmware
+        } else {
+            // Both the ACPI tables (modern guests) and the MP table
+            // (kernels without ACPI, our freestanding test guests)
+            // describe the CPUs.
+            let rsdp = acpi::write(&mem, params.vcpus)?;
+            mptable::write(&mem, params.vcpus)?;
+            boot::load(
+                &mem,
+                ram,
+                &mut kernel,
+                initrd.as_mut(),
+                &params.cmdline,
+                opts.ignore_pvh,
+                Some(rsdp),
+            )?
+        };
         log::debug!("boot entry {entry:x?}");
 
         let exit = Arc::new(ExitSignal::new().map_err(|e| VmError::Io("exit eventfd", e))?);
@@ -292,7 +318,7 @@ impl Vm {
             5,
             shared(I8042::new(exit.clone())),
         )?;
-        pio.insert(u64::from(PORT_CMOS), 2, shared(Cmos::default()))?;
+        pio.insert(u64::from(PORT_CMOS), 2, shared(cmos))?;
         pio.insert(
             u64::from(PORT_PM1A_EVT),
             u64::from(PM1A_EVT_LEN),
@@ -310,7 +336,30 @@ impl Vm {
         )?;
         let mmio = Arc::new(Bus::new("MMIO"));
         let mem = Arc::new(mem);
-        let io_workers = add_pci_devices(params, files.disks, files.taps, &vm, &mem, &pio, &mmio)?;
+        if image.is_some() {
+            let mut items = FwCfgItems::new(params.vcpus as u16, params.memory);
+            items.add_file("etc/e820", fw_cfg::e820_file(&firmware::e820_map(&ram)))?;
+            pio.insert(
+                u64::from(PORT_FW_CFG),
+                FW_CFG_PORT_LEN,
+                shared(FwCfg::new(items, mem.clone())),
+            )?;
+            pio.insert(u64::from(PORT_DEBUGCON), 1, shared(DebugCon::default()))?;
+        }
+        let bridge = match image {
+            Some(_) => HostBridge::i440fx(),
+            None => HostBridge::new(),
+        };
+        let io_workers = add_pci_devices(
+            params,
+            files.disks,
+            files.taps,
+            bridge,
+            &vm,
+            &mem,
+            &pio,
+            &mmio,
+        )?;
         let pio = Arc::new(pio);
 
         let base_cpuid = cpuid::supported(&kvm)?;
@@ -337,6 +386,7 @@ impl Vm {
             _kvm: kvm,
             _vm: vm,
             mem,
+            _rom: rom,
             vcpus,
             exit,
             serial,
@@ -385,6 +435,7 @@ fn add_pci_devices(
     params: &VmmParams,
     disks: Vec<DiskFiles>,
     taps: Vec<TapFiles>,
+    bridge: HostBridge,
     vm: &Arc<VmFd>,
     mem: &Arc<GuestMemoryMmap>,
     pio: &Bus,
@@ -396,7 +447,7 @@ fn add_pci_devices(
     if taps.len() != params.nics.len() {
         return Err(VmError::NicCount(params.nics.len(), taps.len()));
     }
-    let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
+    let root = Arc::new(Mutex::new(PciRoot::with_bridge(mmio.clone(), bridge)));
     pio.insert(
         u64::from(PORT_PCI_CONFIG_ADDRESS),
         1,

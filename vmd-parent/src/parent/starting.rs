@@ -45,13 +45,10 @@ impl Parent {
             return;
         };
         vm.start_waiter = client;
-        let (kernel, why_not) = match (&vm.spec.kernel, vm.spec.unsupported()) {
-            (Some(k), None) => (k.clone(), None),
-            (_, why) => (String::new(), why),
-        };
-        if let Some(why) = why_not {
+        if let Some(why) = vm.spec.unsupported() {
             return self.start_failed(id, why);
         }
+        let kernel = vm.spec.boot_image().to_string();
         vm.state = VmState::Starting;
         info!("vm {}: starting", vm.name);
         self.next_seq = self.next_seq.wrapping_add(1);

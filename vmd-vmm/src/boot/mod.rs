@@ -6,8 +6,10 @@
 //!   page ([`linux`]);
 //! - a bzImage boots by the Linux boot protocol's 64-bit entry ([`linux`]).
 //!
-//! The command line and the e820 memory map are common to all three.
+//! The command line and the e820 memory map are common to all three. A
+//! BIOS image instead of a kernel boots by [`firmware`].
 
+pub mod firmware;
 pub mod gdt;
 pub mod linux;
 pub mod pvh;
@@ -51,6 +53,8 @@ pub enum BootError {
     },
     #[error("initrd: cannot load it: {0}")]
     InitrdLoad(GuestMemoryError),
+    #[error("firmware: cannot map it below 4 GiB: {0}")]
+    FirmwareMap(String),
     #[error("boot: cannot write the {0} to guest memory: {1}")]
     Write(&'static str, GuestMemoryError),
 }
@@ -62,6 +66,8 @@ pub enum BootEntry {
     Pvh { entry: u64 },
     /// Long mode on the identity map, RSI = zero page.
     Linux64 { entry: u64 },
+    /// Firmware: KVM's reset state, real mode at the reset vector.
+    Firmware,
 }
 
 /// The e820 memory types we use.

@@ -96,7 +96,38 @@ fn now() -> UtcTime {
     utc(secs)
 }
 
+/// Memory size registers, as QEMU's PC sets them for its BIOS.
+const BASE_MEM_KB: u8 = 0x15;
+const EXT_MEM_KB: u8 = 0x17;
+const EXT_MEM_KB2: u8 = 0x30;
+const MEM_ABOVE_16M: u8 = 0x34;
+const MEM_ABOVE_4G: u8 = 0x5b;
+const SMP_COUNT: u8 = 0x5f;
+
 impl Cmos {
+    /// The memory sizes and CPU count firmware reads: KiB below 640 KiB,
+    /// KiB from 1 MiB (at most 0xffff), 64 KiB units from 16 MiB up to
+    /// `low_end`, 64 KiB units above 4 GiB, and vCPUs minus one.
+    pub fn set_machine(&mut self, low_end: u64, high_size: u64, vcpus: u32) {
+        let put16 = |ram: &mut [u8; 128], at: u8, v: u64| {
+            let v = v.min(0xffff) as u16;
+            ram[usize::from(at)..usize::from(at) + 2].copy_from_slice(&v.to_le_bytes());
+        };
+        put16(&mut self.ram, BASE_MEM_KB, 640);
+        let ext_kb = low_end.saturating_sub(1 << 20) >> 10;
+        put16(&mut self.ram, EXT_MEM_KB, ext_kb);
+        put16(&mut self.ram, EXT_MEM_KB2, ext_kb);
+        put16(
+            &mut self.ram,
+            MEM_ABOVE_16M,
+            low_end.saturating_sub(16 << 20) >> 16,
+        );
+        let high = (high_size >> 16).min(0xff_ffff) as u32;
+        let at = usize::from(MEM_ABOVE_4G);
+        self.ram[at..at + 3].copy_from_slice(&high.to_le_bytes()[..3]);
+        self.ram[usize::from(SMP_COUNT)] = vcpus.saturating_sub(1).min(0xff) as u8;
+    }
+
     fn register(&self, index: u8) -> u8 {
         let time = |f: fn(&UtcTime) -> i32| bcd(f(&now()));
         match index {
@@ -192,6 +223,16 @@ mod tests {
         c.write(0, &[STATUS_A]);
         c.write(1, &[0xff]);
         assert_eq!(read(&mut c, STATUS_A), STATUS_A_VALUE);
+    }
+
+    #[test]
+    fn machine_registers() {
+        let mut c = Cmos::default();
+        c.set_machine(64 << 20, 1 << 30, 2);
+        assert_eq!((read(&mut c, 0x34), read(&mut c, 0x35)), (0x00, 0x03));
+        assert_eq!((read(&mut c, 0x30), read(&mut c, 0x31)), (0x00, 0xfc));
+        assert_eq!((read(&mut c, 0x5b), read(&mut c, 0x5c)), (0x00, 0x40));
+        assert_eq!(read(&mut c, 0x5f), 1);
     }
 
     #[test]

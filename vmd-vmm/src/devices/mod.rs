@@ -2,6 +2,8 @@
 //! models (behind the PCI transport in `virtio::pci`).
 
 pub mod cmos;
+pub mod debugcon;
+pub mod fw_cfg;
 pub mod i8042;
 pub mod power;
 pub mod serial;

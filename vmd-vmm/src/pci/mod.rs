@@ -83,9 +83,14 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl PciRoot {
     /// A bus with the host bridge in slot 0.
     pub fn new(mmio: Arc<Bus>) -> PciRoot {
+        Self::with_bridge(mmio, HostBridge::new())
+    }
+
+    /// A bus with `bridge` in slot 0.
+    pub fn with_bridge(mmio: Arc<Bus>, bridge: HostBridge) -> PciRoot {
         let mut slots: Vec<Option<Slot>> = (0..SLOTS).map(|_| None).collect();
         slots[0] = Some(Slot {
-            dev: Arc::new(Mutex::new(HostBridge::new())),
+            dev: Arc::new(Mutex::new(bridge)),
             bars: None,
             mapped: [None; config::BAR_COUNT],
         });
@@ -250,12 +255,26 @@ pub struct HostBridge {
     config: PciConfig,
 }
 
+/// Intel's Q35 MCH and i440FX host bridge device ids.
+const Q35_MCH: u16 = 0x29c0;
+const I440FX: u16 = 0x1237;
+
 impl HostBridge {
     pub fn new() -> HostBridge {
+        Self::with_device(Q35_MCH)
+    }
+
+    /// For SeaBIOS: it would move PCI configuration space to MMCONFIG
+    /// (which we lack) behind a Q35 MCH, but takes an i440FX as is.
+    pub fn i440fx() -> HostBridge {
+        Self::with_device(I440FX)
+    }
+
+    fn with_device(device: u16) -> HostBridge {
         HostBridge {
             config: PciConfig::new(PciIds {
                 vendor: 0x8086,
-                device: 0x29c0,
+                device,
                 revision: 0,
                 class: (0x06, 0x00, 0x00),
                 subsystem_vendor: 0x1af4,
