@@ -119,6 +119,10 @@ pub struct Daemon {
     log: Arc<Mutex<String>>,
 }
 
+/// vmd's `--stop-grace` in the tests (the default, 30 s, would make every
+/// plain `vmctl stop` of a guest without ACPI take that long).
+pub const STOP_GRACE_SECS: &str = "3";
+
 impl Daemon {
     pub fn start(test: &str) -> Daemon {
         Self::start_with(test, &[])
@@ -150,8 +154,10 @@ impl Daemon {
             }
             None => Command::new(bin("vmd")),
         };
+        // A guest that ignores the ACPI power button (most test guests)
+        // keeps `vmctl stop` waiting this long; `extra` may override it.
         let mut child = cmd
-            .args(["-d", "-v", "-s"])
+            .args(["-d", "-v", "--stop-grace", STOP_GRACE_SECS, "-s"])
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
@@ -167,13 +173,26 @@ impl Daemon {
         let tag = test.to_string();
         thread::spawn(move || collect(stderr, sink, Some(tag)));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        // Ready once vmctl gets an answer: the socket file appears at
+        // bind(), a moment before it listens and control serves it.
+        let answers = || {
+            Command::new(bin("vmctl"))
+                .arg("-s")
+                .arg(&socket)
+                .arg("status")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !(socket.exists() && answers()) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("vmd exited at start ({status}): {}", log.lock().unwrap());
             }
             assert!(
                 Instant::now() < deadline,
-                "vmd did not create {}",
+                "vmd did not answer on {}",
                 socket.display()
             );
             thread::sleep(Duration::from_millis(20));
