@@ -119,10 +119,6 @@ pub struct Daemon {
     log: Arc<Mutex<String>>,
 }
 
-/// vmd's `--stop-grace` in the tests (the default, 30 s, would make every
-/// plain `vmctl stop` of a guest without ACPI take that long).
-pub const STOP_GRACE_SECS: &str = "3";
-
 impl Daemon {
     pub fn start(test: &str) -> Daemon {
         Self::start_with(test, &[])
@@ -154,10 +150,8 @@ impl Daemon {
             }
             None => Command::new(bin("vmd")),
         };
-        // A guest that ignores the ACPI power button (most test guests)
-        // keeps `vmctl stop` waiting this long; `extra` may override it.
         let mut child = cmd
-            .args(["-d", "-v", "--stop-grace", STOP_GRACE_SECS, "-s"])
+            .args(["-d", "-v", "-s"])
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))
