@@ -123,6 +123,9 @@ pub enum Msg {
     VmmRunning,
     /// parent -> VM process: stop the VM now.
     VmmTerminate,
+    /// parent -> VM process: press the ACPI power button, asking the guest
+    /// to power off (`vmctl stop` without -f).
+    VmmPowerButton,
     /// VM process -> parent: the VM ended, and why; the process exits next.
     VmmExited(ExitReason),
     /// parent -> VM process: stop the vCPUs (the guest clock stops too).
@@ -263,6 +266,7 @@ wire_table! {
     44 => VmmPause {},
     45 => VmmUnpause {},
     46 => VmmPauseState { paused: bool },
+    47 => VmmPowerButton {},
     60 => SetVerbose { level: u8 },
     61 => ControlSocket {},
 }

@@ -446,6 +446,7 @@ fn type_codes_are_unique_and_covered() {
         Msg::VmmPause,
         Msg::VmmUnpause,
         Msg::VmmPauseState { paused: true },
+        Msg::VmmPowerButton,
         Msg::SetVerbose { level: 2 },
         Msg::ControlSocket,
         Msg::PrivOpenedDisk {
@@ -947,6 +948,7 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         Just(Msg::VmmPause),
         Just(Msg::VmmUnpause),
         any::<bool>().prop_map(|paused| Msg::VmmPauseState { paused }),
+        Just(Msg::VmmPowerButton),
         any::<u8>().prop_map(|level| Msg::SetVerbose { level }),
         Just(Msg::ControlSocket),
         (any::<u8>(), 0u32..4).prop_map(|(index, backing)| Msg::PrivOpenedDisk { index, backing }),

@@ -74,7 +74,7 @@ check() {
 	fi
 }
 
-for g in hello reset spin badinsn echo bench_boot bench_exits blk net idle; do
+for g in hello reset spin badinsn echo bench_boot bench_exits blk net idle acpi; do
 	cc "$SRC/$g.c" "$OBJ/$g.o"
 	extra=
 	[ $g = hello ] && extra=$OBJ/ap.o
@@ -89,4 +89,4 @@ for g in hello reset spin badinsn echo bench_boot bench_exits blk net idle; do
 	readelf -lW "$OUT/$g.elf" | awk '$1 == "LOAD" && $4 != "0x0000000000100000" { bad = 1 } END { exit bad }' || {
 		echo "build.sh: $g.elf: PT_LOAD not at physical 1 MiB" >&2; exit 1; }
 done
-echo "built in $OUT: hello reset spin badinsn echo bench_boot bench_exits blk net idle"
+echo "built in $OUT: hello reset spin badinsn echo bench_boot bench_exits blk net idle acpi"

@@ -119,6 +119,10 @@ pub struct Daemon {
     log: Arc<Mutex<String>>,
 }
 
+/// vmd's `--stop-grace` in the tests (the default, 30 s, would make every
+/// plain `vmctl stop` of a guest without ACPI take that long).
+pub const STOP_GRACE_SECS: &str = "3";
+
 impl Daemon {
     pub fn start(test: &str) -> Daemon {
         Self::start_with(test, &[])
@@ -150,8 +154,10 @@ impl Daemon {
             }
             None => Command::new(bin("vmd")),
         };
+        // A guest that ignores the ACPI power button (most test guests)
+        // keeps `vmctl stop` waiting this long; `extra` may override it.
         let mut child = cmd
-            .args(["-d", "-v", "-s"])
+            .args(["-d", "-v", "--stop-grace", STOP_GRACE_SECS, "-s"])
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.join("state"))

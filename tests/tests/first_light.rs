@@ -163,14 +163,53 @@ fn graceful_stop_waits_for_the_vm_to_end() {
         "spin2",
     ]);
     let pid = d.wait_state("spin2", "running", BOOT).pid as u32;
+    // spin.elf ignores the power button: vmd stops it after the grace.
+    let t0 = Instant::now();
     d.ok(&["stop", "-w", "spin2"]);
+    let took = t0.elapsed();
+    eprintln!("TIME spin: stop -w (no ACPI) took {took:?}");
+    let grace: u64 = vmd_e2e::STOP_GRACE_SECS.parse().unwrap();
+    assert!(took >= Duration::from_secs(grace), "{took:?}");
     let st = d.status("spin2").expect("status");
     assert_eq!(st.state, "stopped");
     assert!(st.last_exit.contains("Stopped"), "{st:?}");
+    assert!(
+        d.log()
+            .contains("vm spin2: guest did not power off, stopping it"),
+        "{}",
+        d.log()
+    );
     assert!(!process_alive(pid));
     let again = d.vmctl(&["stop", "spin2"]);
     assert!(!again.status.success());
     assert_eq!(stderr(&again).trim(), "vmctl: vm spin2 is not running");
+}
+
+#[test]
+fn stop_presses_the_acpi_power_button() {
+    let d = Daemon::start("acpi");
+    let kernel = guest("acpi.elf");
+    d.ok(&[
+        "start",
+        "-b",
+        kernel.to_str().unwrap(),
+        "-m",
+        "32M",
+        "acpi1",
+    ]);
+    let console = d.console("acpi1");
+    console.wait_for("VMD-TEST acpi ready", BOOT);
+    let t0 = Instant::now();
+    d.ok(&["stop", "-w", "acpi1"]);
+    let took = t0.elapsed();
+    eprintln!("TIME acpi: stop -w took {took:?}");
+    console.wait_for("VMD-TEST acpi power button", Duration::from_secs(5));
+    let st = d.status("acpi1").expect("status");
+    assert_eq!(st.state, "stopped");
+    // The guest powered itself off: not the fallback after the grace.
+    assert!(st.last_exit.contains("PowerOff"), "{st:?}");
+    let grace: u64 = vmd_e2e::STOP_GRACE_SECS.parse().unwrap();
+    assert!(took < Duration::from_secs(grace), "{took:?}");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Command-line options of vmd, shared by every role.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmd";
 pub const DEFAULT_CONFIG: &str = "/etc/vm.conf";
@@ -34,9 +35,16 @@ pub struct Options {
     pub config_given: bool,
     /// `-n`: check the configuration and exit.
     pub check_only: bool,
+    /// `--stop-grace`: how long `vmctl stop` waits for the guest to power
+    /// off after the power button before stopping the VM itself.
+    pub stop_grace: Duration,
 }
 
-pub const USAGE: &str = "usage: vmd [-dnv] [-f file] [-s socket] [--state-dir dir]";
+/// OpenBSD's vmd gives a guest 30 s to shut down through vmmci.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);
+
+pub const USAGE: &str =
+    "usage: vmd [-dnv] [-f file] [-s socket] [--state-dir dir] [--stop-grace secs]";
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options, String> {
@@ -50,6 +58,7 @@ impl Options {
             config: PathBuf::from(DEFAULT_CONFIG),
             config_given: false,
             check_only: false,
+            stop_grace: DEFAULT_STOP_GRACE,
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -85,6 +94,13 @@ impl Options {
                     opts.config_given = true;
                 }
                 "--state-dir" => opts.state_dir = PathBuf::from(value("--state-dir")?),
+                "--stop-grace" => {
+                    let v = value("--stop-grace")?;
+                    let secs = v
+                        .parse::<u64>()
+                        .map_err(|_| format!("bad --stop-grace {v:?}: seconds expected"))?;
+                    opts.stop_grace = Duration::from_secs(secs);
+                }
                 flags if flags.starts_with('-') && !flags.starts_with("--") && flags.len() > 1 => {
                     for c in flags[1..].chars() {
                         match c {
@@ -135,6 +151,9 @@ mod tests {
         assert_eq!(o.verbose, 2);
         assert_eq!(o.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(o.role, Role::Parent);
+        assert_eq!(o.stop_grace, DEFAULT_STOP_GRACE);
+        let o = parse(&["--stop-grace", "3"]).unwrap();
+        assert_eq!(o.stop_grace, Duration::from_secs(3));
     }
 
     #[test]
@@ -155,5 +174,8 @@ mod tests {
         assert!(parse(&["-x"]).unwrap_err().contains("-x"));
         assert!(parse(&["-s"]).unwrap_err().contains("-s"));
         assert!(parse(&["--role", "bogus"]).unwrap_err().contains("bogus"));
+        assert!(parse(&["--stop-grace", "soon"])
+            .unwrap_err()
+            .contains("--stop-grace"));
     }
 }

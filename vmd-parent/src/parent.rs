@@ -34,10 +34,34 @@ mod starting;
 
 use starting::PendingStart;
 
-/// How long a graceful stop may take before the VM process is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a VM process may take to stop after `VmmTerminate` before it
+/// is killed.
+const TERMINATE_GRACE: Duration = Duration::from_secs(10);
 /// How long the priv and control processes get to exit at shutdown.
 const CHILD_EXIT_GRACE: Duration = Duration::from_secs(3);
+
+/// How to stop a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopHow {
+    /// `vmctl stop`: ask the guest (ACPI power button), then `Terminate`
+    /// once `--stop-grace` has passed.
+    PowerButton,
+    /// Stop the vCPUs without asking the guest (vmd shutting down).
+    Terminate,
+    /// SIGKILL at once (`vmctl stop -f`, reset).
+    Kill,
+}
+
+/// Sends `VmmTerminate` (SIGKILL if it cannot be sent) and arms the kill.
+fn terminate(name: &str, id: u32, p: &mut VmProc) {
+    p.terminate_at = None;
+    if p.chan.send(&Msg::VmmTerminate, id, &[]).is_err() {
+        warn!("vm {name}: cannot send VmmTerminate, killing it");
+        let _ = kill(p.pid, Signal::SIGKILL);
+    }
+    let kill_at = Instant::now() + TERMINATE_GRACE;
+    p.kill_at = Some(p.kill_at.map_or(kill_at, |t| t.min(kill_at)));
+}
 
 /// A `vmctl stop -w` waiting for these VMs to stop.
 struct StopWaiter {
@@ -345,7 +369,9 @@ impl Parent {
         self.vms
             .vms
             .values()
-            .filter_map(|vm| vm.proc.as_ref().and_then(|p| p.kill_at))
+            .filter_map(|vm| vm.proc.as_ref())
+            .flat_map(|p| [p.terminate_at, p.kill_at])
+            .flatten()
             .chain(autostart)
             .min()
     }
@@ -354,6 +380,10 @@ impl Parent {
         let now = Instant::now();
         for vm in self.vms.vms.values_mut() {
             if let Some(p) = &mut vm.proc {
+                if p.terminate_at.is_some_and(|t| t <= now) {
+                    info!("vm {}: guest did not power off, stopping it", vm.name);
+                    terminate(&vm.name, vm.id, p);
+                }
                 if p.kill_at.is_some_and(|t| t <= now) {
                     warn!("vm {}: did not stop in time, killing it", vm.name);
                     let _ = kill(p.pid, Signal::SIGKILL);
@@ -393,7 +423,7 @@ impl Parent {
         }
         let ids: Vec<u32> = self.vms.vms.keys().copied().collect();
         for id in ids {
-            self.request_stop(id, false);
+            self.request_stop(id, StopHow::Terminate);
         }
     }
 

@@ -137,6 +137,9 @@ pub struct VmProc {
     pub stop_requested: bool,
     /// What the process told us before exiting.
     pub exit_msg: Option<ExitReason>,
+    /// When a guest that was asked to power off (the ACPI power button)
+    /// is stopped without it.
+    pub terminate_at: Option<Instant>,
     /// When a graceful stop turns into SIGKILL.
     pub kill_at: Option<Instant>,
 }

@@ -11,7 +11,8 @@
 //!    paths) and the vmm's seccomp filter (see the `vmd-sandbox` crate);
 //! 3. build the VM and start its vCPUs, then send `Msg::VmmRunning`;
 //! 4. serve the console and the channel until the guest ends or the
-//!    parent sends `Msg::VmmTerminate`, then send `Msg::VmmExited(why)`.
+//!    parent sends `Msg::VmmTerminate`, then send `Msg::VmmExited(why)`;
+//!    `Msg::VmmPowerButton` only asks the guest (ACPI) to power off.
 //!
 //! `run` returns 0 after sending `VmmExited`, 1 if it could not (or the
 //! parent went away first).

@@ -28,7 +28,7 @@ use crate::devices::cmos::Cmos;
 use crate::devices::debugcon::DebugCon;
 use crate::devices::fw_cfg::{self, FwCfg, FwCfgError, FwCfgItems, FW_CFG_PORT_LEN};
 use crate::devices::i8042::{ResetControl, I8042};
-use crate::devices::power::{Pm1aControl, Pm1aEvent};
+use crate::devices::power::{Pm1aControl, Pm1aEvent, PWRBTN_STS};
 use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
 use crate::devices::virtio_blk::{self, VirtioBlk};
 use crate::devices::virtio_net::VirtioNet;
@@ -37,7 +37,7 @@ use crate::devices::Sink;
 use crate::layout::{
     COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PM1A_EVT_LEN, PORT_CMOS, PORT_COM1,
     PORT_DEBUGCON, PORT_FW_CFG, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PCI_CONFIG_DATA,
-    PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_POST, PORT_RESET_CTRL,
+    PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_POST, PORT_RESET_CTRL, SCI_IRQ,
 };
 use crate::memory::{self, MemoryError, RamLayout};
 use crate::mptable::{self, MpTableError};
@@ -216,6 +216,8 @@ pub struct Vm {
     _rom: Option<GuestMemoryMmap>,
     vcpus: Vec<Vcpu>,
     exit: Arc<ExitSignal>,
+    /// The PM1a event block, where `VmmPowerButton` presses the button.
+    pm1a: Arc<Mutex<Pm1aEvent>>,
     serial: Arc<Mutex<SerialDevice>>,
     room: Arc<RoomNotifier>,
     _serial_irq: EventFd,
@@ -319,10 +321,18 @@ impl Vm {
             shared(I8042::new(exit.clone())),
         )?;
         pio.insert(u64::from(PORT_CMOS), 2, shared(cmos))?;
+        // The SCI is level-triggered (MADT override), so KVM_IRQ_LINE
+        // holds it up until the guest clears the status bit.
+        let sci_vm = vm.clone();
+        let pm1a = Arc::new(Mutex::new(Pm1aEvent::with_sci(Box::new(move |level| {
+            if let Err(e) = sci_vm.set_irq_line(u32::from(SCI_IRQ), level) {
+                log::warn!("SCI (GSI {SCI_IRQ}): KVM_IRQ_LINE: {e}");
+            }
+        }))));
         pio.insert(
             u64::from(PORT_PM1A_EVT),
             u64::from(PM1A_EVT_LEN),
-            shared(Pm1aEvent::new()),
+            pm1a.clone(),
         )?;
         pio.insert(
             u64::from(PORT_PM1A_CNT),
@@ -389,6 +399,7 @@ impl Vm {
             _rom: rom,
             vcpus,
             exit,
+            pm1a,
             serial,
             room,
             _serial_irq: serial_irq,
@@ -675,6 +686,16 @@ impl RunningVm {
                     // Also when paused: the request wakes parked vCPUs.
                     log::info!("stopping on request");
                     self.vm.exit.request(ExitReason::Stopped);
+                    None
+                }
+                Msg::VmmPowerButton => {
+                    // A guest without ACPI never looks: the parent stops
+                    // it after its grace period.
+                    if lock(&self.vm.pm1a).raise(PWRBTN_STS) {
+                        log::info!("power button pressed");
+                    } else {
+                        log::info!("power button pressed; the guest has not enabled it (yet)");
+                    }
                     None
                 }
                 Msg::VmmPause => {

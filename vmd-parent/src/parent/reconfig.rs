@@ -138,7 +138,7 @@ impl Parent {
             self.autostart.clear();
             let ids: Vec<u32> = self.vms.vms.keys().copied().collect();
             for id in ids {
-                self.request_stop(id, true);
+                self.request_stop(id, StopHow::Kill);
             }
         }
         self.pending_reset = Some((client, what));

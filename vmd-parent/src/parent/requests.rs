@@ -263,7 +263,12 @@ impl Parent {
             }
         }
         for id in &ids {
-            self.request_stop(*id, force);
+            let how = if force {
+                StopHow::Kill
+            } else {
+                StopHow::PowerButton
+            };
+            self.request_stop(*id, how);
         }
         let what = match &name {
             Some(n) => format!("vm {n}"),
@@ -286,8 +291,8 @@ impl Parent {
         }
     }
 
-    /// Asks VM `id` to stop (or kills it with `force`).
-    pub(super) fn request_stop(&mut self, id: u32, force: bool) {
+    /// Stops VM `id` the way `how` says.
+    pub(super) fn request_stop(&mut self, id: u32, how: StopHow) {
         if let Some(seq) = self
             .pending
             .iter()
@@ -298,21 +303,40 @@ impl Parent {
             self.start_failed(id, "stopped before it started".into());
             return;
         }
+        let grace = self.opts.stop_grace;
         let Some(vm) = self.vms.vms.get_mut(&id) else {
             return;
         };
         let Some(p) = &mut vm.proc else { return };
+        // A paused guest cannot see the button: stop it at once.
+        let how = match how {
+            StopHow::PowerButton if vm.state == VmState::Paused => StopHow::Terminate,
+            how => how,
+        };
         p.stop_requested = true;
         vm.state = VmState::Stopping;
-        if force {
-            info!("vm {}: stopping (forced)", vm.name);
-            let _ = kill(p.pid, Signal::SIGKILL);
-        } else {
-            info!("vm {}: stopping", vm.name);
-            if p.chan.send(&Msg::VmmTerminate, id, &[]).is_err() {
+        match how {
+            StopHow::Kill => {
+                info!("vm {}: stopping (forced)", vm.name);
                 let _ = kill(p.pid, Signal::SIGKILL);
             }
-            p.kill_at = Some(Instant::now() + STOP_GRACE);
+            StopHow::PowerButton => {
+                info!(
+                    "vm {}: stopping: power button pressed, {}s for the guest to power off",
+                    vm.name,
+                    grace.as_secs()
+                );
+                if p.chan.send(&Msg::VmmPowerButton, id, &[]).is_err() {
+                    let _ = kill(p.pid, Signal::SIGKILL);
+                } else if p.terminate_at.is_none() && p.kill_at.is_none() {
+                    // A second press does not push the deadline back.
+                    p.terminate_at = Some(Instant::now() + grace);
+                }
+            }
+            StopHow::Terminate => {
+                info!("vm {}: stopping", vm.name);
+                terminate(&vm.name, id, p);
+            }
         }
     }
 

@@ -345,6 +345,7 @@ impl Parent {
                 running: false,
                 stop_requested: false,
                 exit_msg: None,
+                terminate_at: None,
                 kill_at: None,
             });
         }

@@ -1,7 +1,8 @@
 //! The ACPI PM1a event and control registers. A guest powers off by
 //! writing SLP_TYP 5 (S5, soft-off, as the DSDT's `\_S5` says) with SLP_EN
 //! set. There is no SMI command port, so the machine is always in ACPI
-//! mode: SCI_EN reads as set.
+//! mode: SCI_EN reads as set. The event block's power button status
+//! raises the SCI (`vmctl stop` presses it).
 
 use std::sync::Arc;
 
@@ -94,13 +95,19 @@ pub const WAK_STS: u16 = 1 << 15;
 /// (Same positions as their status bits; bit 14 is PCIEXP_WAKE_DIS.)
 const PM1_EN_MASK: u16 = TMR_STS | GBL_STS | PWRBTN_STS | SLPBTN_STS | RTC_STS | (1 << 14);
 
+/// Drives the SCI line: called with the new level whenever it changes.
+pub type SciLine = Box<dyn FnMut(bool) + Send>;
+
 /// The PM1a event block: a 16-bit status register (write 1 to clear),
-/// then a 16-bit enable register. Nothing raises events yet; `raise` is
-/// there for the power button, which will also have to assert the SCI.
+/// then a 16-bit enable register. The SCI is level-triggered: it stays
+/// asserted while an enabled status bit is set, so a guest that clears the
+/// bit (or disables it) lowers the line.
 #[derive(Default)]
 pub struct Pm1aEvent {
     status: u16,
     enable: u16,
+    sci: Option<SciLine>,
+    sci_level: bool,
 }
 
 impl Pm1aEvent {
@@ -108,10 +115,18 @@ impl Pm1aEvent {
         Pm1aEvent::default()
     }
 
+    pub fn with_sci(sci: SciLine) -> Pm1aEvent {
+        Pm1aEvent {
+            sci: Some(sci),
+            ..Pm1aEvent::default()
+        }
+    }
+
     /// Sets status bits; returns whether any of them is enabled (the SCI
-    /// should then be asserted).
+    /// is then asserted).
     pub fn raise(&mut self, bits: u16) -> bool {
         self.status |= bits;
+        self.update_sci();
         self.status & self.enable != 0
     }
 
@@ -121,6 +136,16 @@ impl Pm1aEvent {
 
     pub fn enable(&self) -> u16 {
         self.enable
+    }
+
+    fn update_sci(&mut self) {
+        let level = self.status & self.enable != 0;
+        if level != self.sci_level {
+            self.sci_level = level;
+            if let Some(sci) = &mut self.sci {
+                sci(level);
+            }
+        }
     }
 }
 
@@ -139,6 +164,7 @@ impl BusDevice for Pm1aEvent {
         write_bytes(&mut regs, offset, data);
         self.status &= !u16::from_le_bytes([regs[0], regs[1]]);
         self.enable = u16::from_le_bytes([regs[2], regs[3]]) & PM1_EN_MASK;
+        self.update_sci();
     }
 }
 
@@ -214,5 +240,29 @@ mod tests {
         );
         assert_eq!((ev.status(), ev.enable()), (0, PWRBTN_STS));
         assert!(ev.raise(PWRBTN_STS));
+    }
+
+    #[test]
+    fn sci_follows_enabled_status() {
+        let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = levels.clone();
+        let mut ev = Pm1aEvent::with_sci(Box::new(move |l| {
+            seen.lock().unwrap().push(l);
+        }));
+        // Not enabled yet: pending, line low.
+        assert!(!ev.raise(PWRBTN_STS));
+        // Enabling a pending event asserts the line.
+        ev.write(2, &PWRBTN_STS.to_le_bytes());
+        // A second press changes nothing; clearing another bit neither.
+        assert!(ev.raise(PWRBTN_STS));
+        ev.write(0, &WAK_STS.to_le_bytes());
+        assert_eq!(*levels.lock().unwrap(), [true]);
+        // Write-1-to-clear lowers it.
+        ev.write(0, &PWRBTN_STS.to_le_bytes());
+        assert_eq!(*levels.lock().unwrap(), [true, false]);
+        // Pressed while enabled: asserted at once; disabling lowers it.
+        assert!(ev.raise(PWRBTN_STS));
+        ev.write(2, &0u16.to_le_bytes());
+        assert_eq!(*levels.lock().unwrap(), [true, false, true, false]);
     }
 }
