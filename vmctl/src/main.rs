@@ -148,7 +148,7 @@ const COMMANDS: &[Command] = &[
             ("-a", "stop every VM"),
             (
                 "-f",
-                "kill the VM process at once (without it, vmd stops the VM and kills it after 10 s)",
+                "kill the VM process at once (without it, vmd presses the guest's ACPI power button and stops the VM itself if the guest has not powered off within vmd's --stop-grace, 30 s)",
             ),
             ("-w", "wait until the VM has stopped"),
         ],
