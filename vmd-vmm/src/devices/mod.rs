@@ -10,6 +10,7 @@ pub mod serial;
 pub mod virtio_blk;
 pub mod virtio_net;
 pub mod virtio_rng;
+pub mod virtio_scsi;
 
 use crate::bus::BusDevice;
 

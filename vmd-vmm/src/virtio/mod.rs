@@ -26,6 +26,7 @@ pub const STATUS_FAILED: u8 = 0x80;
 pub const TYPE_NET: u16 = 1;
 pub const TYPE_BLOCK: u16 = 2;
 pub const TYPE_RNG: u16 = 4;
+pub const TYPE_SCSI: u16 = 8;
 
 /// Guest misbehaviour that the device cannot answer on the request
 /// itself: the transport sets DEVICE_NEEDS_RESET and stops the device.

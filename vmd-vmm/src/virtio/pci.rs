@@ -507,6 +507,7 @@ fn class_of(ty: u16) -> (u8, u8, u8) {
     match ty {
         super::TYPE_BLOCK => (0x01, 0x00, 0x00),
         super::TYPE_NET => (0x02, 0x00, 0x00),
+        super::TYPE_SCSI => (0x01, 0x00, 0x00),
         _ => (0xff, 0x00, 0x00),
     }
 }
