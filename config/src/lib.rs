@@ -201,22 +201,8 @@ impl fmt::Display for Owner {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum BootDevice {
-    Disk,
-    Cdrom,
-    Net,
-}
-
-impl fmt::Display for BootDevice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BootDevice::Disk => "disk",
-            BootDevice::Cdrom => "cdrom",
-            BootDevice::Net => "net",
-        })
-    }
-}
+/// `boot device`: the protocol's type, so it travels unchanged.
+pub use vmd_proto::vm::BootDevice;
 
 /// Disk image formats: the image library's own type, so a format named in
 /// vm.conf travels to the VM process unchanged.
@@ -418,5 +404,7 @@ pub fn to_start_request(vm: &VmDef) -> vmd_proto::vm::StartRequest {
             })
             .collect(),
         template: None,
+        cdrom: vm.cdrom.as_ref().map(|p| p.to_string_lossy().into_owned()),
+        boot_device: vm.boot_device,
     }
 }

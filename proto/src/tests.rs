@@ -16,8 +16,8 @@ use crate::frame::{
 use crate::image::Format;
 use crate::msg::{Creds, Msg, Reply, Request, ResetWhat, SwitchParams};
 use crate::vm::{
-    DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, NicSpec, OpenKind, StartRequest,
-    VmInfo, VmState, VmmParams,
+    BootDevice, DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, NicSpec, OpenKind,
+    StartRequest, VmInfo, VmState, VmmParams,
 };
 
 // ---- helpers ----
@@ -68,6 +68,8 @@ fn vmm_params(has_initrd: bool) -> VmmParams {
         verbose: true,
         disks: Vec::new(),
         nics: Vec::new(),
+        cdrom: false,
+        boot_device: None,
     }
 }
 
@@ -485,6 +487,22 @@ fn type_codes_are_unique_and_covered() {
 }
 
 #[test]
+fn vmm_params_fd_count_counts_the_cdrom() {
+    let mut p = vmm_params(false);
+    p.disks.push(DiskParams {
+        format: None,
+        read_only: false,
+        backing: 1,
+    });
+    p.cdrom = true;
+    p.boot_device = Some(BootDevice::Cdrom);
+    assert_eq!(p.fd_count(), 3 + 2 + 1);
+    let msg = Msg::VmmStart(p);
+    let bytes = encode(&msg, 0, 0, 6).unwrap();
+    assert_eq!(decode(&bytes, dev_null_fds(6)).unwrap().msg, msg);
+}
+
+#[test]
 fn vmm_params_fd_count_counts_one_tap_per_nic() {
     let mut p = vmm_params(true);
     p.disks.push(DiskParams {
@@ -703,6 +721,7 @@ fn arb_kind() -> impl Strategy<Value = OpenKind> {
         Just(OpenKind::Kvm),
         Just(OpenKind::Kernel),
         Just(OpenKind::Initrd),
+        Just(OpenKind::Cdrom),
         (any::<u8>(), any::<bool>(), arb_format()).prop_map(|(index, read_only, format)| {
             OpenKind::Disk {
                 index,
@@ -797,9 +816,13 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
         proptest::collection::vec(arb_disk_spec(), 0..3),
         proptest::collection::vec(arb_nic_spec(), 0..3),
         proptest::option::of(text()),
+        (
+            proptest::option::of(text()),
+            proptest::option::of(arb_boot_device()),
+        ),
     )
         .prop_map(
-            |(name, kernel, initrd, cmdline, memory, vcpus, disks, nics, template)| StartRequest {
+            |(
                 name,
                 kernel,
                 initrd,
@@ -809,8 +832,29 @@ fn arb_start() -> impl Strategy<Value = StartRequest> {
                 disks,
                 nics,
                 template,
+                (cdrom, boot_device),
+            )| StartRequest {
+                name,
+                kernel,
+                initrd,
+                cmdline,
+                memory,
+                vcpus,
+                disks,
+                nics,
+                template,
+                cdrom,
+                boot_device,
             },
         )
+}
+
+fn arb_boot_device() -> impl Strategy<Value = BootDevice> {
+    prop_oneof![
+        Just(BootDevice::Disk),
+        Just(BootDevice::Cdrom),
+        Just(BootDevice::Net),
+    ]
 }
 
 fn arb_info() -> impl Strategy<Value = VmInfo> {
@@ -874,9 +918,16 @@ fn arb_params() -> impl Strategy<Value = VmmParams> {
         (any::<bool>(), any::<u32>(), any::<u32>(), any::<bool>()),
         proptest::collection::vec(disk, 0..2),
         proptest::collection::vec(arb_nic(), 0..3),
+        (any::<bool>(), proptest::option::of(arb_boot_device())),
     )
         .prop_map(
-            |((id, name, memory, vcpus, cmdline), (has_initrd, uid, gid, verbose), disks, nics)| {
+            |(
+                (id, name, memory, vcpus, cmdline),
+                (has_initrd, uid, gid, verbose),
+                disks,
+                nics,
+                (cdrom, boot_device),
+            )| {
                 VmmParams {
                     id,
                     name,
@@ -889,6 +940,8 @@ fn arb_params() -> impl Strategy<Value = VmmParams> {
                     verbose,
                     disks,
                     nics,
+                    cdrom,
+                    boot_device,
                 }
             },
         )

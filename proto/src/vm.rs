@@ -34,6 +34,44 @@ pub struct StartRequest {
     pub nics: Vec<NicSpec>,
     /// `-t`: make `name` a new instance of this defined VM.
     pub template: Option<String>,
+    /// `-r`: an ISO 9660 image attached as a read-only CD-ROM.
+    #[serde(default)]
+    pub cdrom: Option<String>,
+    /// `-B`: what the firmware boots first.
+    #[serde(default)]
+    pub boot_device: Option<BootDevice>,
+}
+
+/// What the firmware boots (vm.conf `boot device`, `vmctl start -B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootDevice {
+    /// The first disk.
+    Disk,
+    /// The CD-ROM.
+    Cdrom,
+    /// The first network interface, through iPXE.
+    Net,
+}
+
+impl BootDevice {
+    pub fn from_name(s: &str) -> Option<BootDevice> {
+        match s {
+            "disk" => Some(BootDevice::Disk),
+            "cdrom" => Some(BootDevice::Cdrom),
+            "net" => Some(BootDevice::Net),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BootDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootDevice::Disk => "disk",
+            BootDevice::Cdrom => "cdrom",
+            BootDevice::Net => "net",
+        })
+    }
 }
 
 /// A network interface as a client or vm.conf names it.
@@ -159,6 +197,8 @@ pub enum OpenKind {
         read_only: bool,
         format: Option<crate::image::Format>,
     },
+    /// The VM's CD-ROM image, read-only.
+    Cdrom,
     /// Network interface number `index` of the VM: a TAP device, created
     /// with the name in `path`, or the first free `tapN` when it is empty.
     Tap { index: u8 },
@@ -198,6 +238,12 @@ pub struct VmmParams {
     pub disks: Vec<DiskParams>,
     /// The VM's network interfaces (virtio-net), in guest order.
     pub nics: Vec<NicParams>,
+    /// A CD-ROM (virtio-scsi): its image's fd follows the disks' fds.
+    #[serde(default)]
+    pub cdrom: bool,
+    /// What the firmware boots first; `None` leaves SeaBIOS's own order.
+    #[serde(default)]
+    pub boot_device: Option<BootDevice>,
 }
 
 /// One disk of a VM as the VM process receives it: the top image's fd,
@@ -247,7 +293,13 @@ impl VmmParams {
     /// kernel, the initrd when there is one, then for each disk its top
     /// image and its backing files, then one TAP device per nic.
     pub fn fd_count(&self) -> usize {
-        let disks: usize = self.disks.iter().map(|d| 1 + d.backing as usize).sum();
+        // The CD-ROM image's fd comes right after the disks' fds.
+        let disks: usize = self
+            .disks
+            .iter()
+            .map(|d| 1 + d.backing as usize)
+            .sum::<usize>()
+            + usize::from(self.cdrom);
         3 + usize::from(self.has_initrd) + disks + self.nics.len()
     }
 }

@@ -103,7 +103,7 @@ const COMMANDS: &[Command] = &[
         name: "start",
         run: start::run,
         synopsis:
-            "start [-cL] [-b path] [-d disk] [-i count] [-m size] [-n switch] [-t template] [--initrd path] [--cmdline string] [--vcpus N] name",
+            "start [-cL] [-B device] [-b path] [-d disk] [-i count] [-m size] [-n switch] [-r path] [-t template] [--initrd path] [--cmdline string] [--vcpus N] name",
         about: "start a VM",
         flags: &[
             ("-c", "attach the console once the VM runs"),
@@ -124,8 +124,12 @@ const COMMANDS: &[Command] = &[
                 "a disk image (up to 4; format detected unless named)",
             ),
             (
-                "-B, -r",
-                "OpenBSD's other start flags: not supported yet",
+                "-r path",
+                "an ISO 9660 image, attached as a read-only CD-ROM (virtio-scsi)",
+            ),
+            (
+                "-B device",
+                "boot disk, cdrom or net first (the firmware's boot order)",
             ),
         ],
     },

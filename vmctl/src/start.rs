@@ -6,8 +6,8 @@ use vmd_proto::image::Format;
 use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
 use vmd_proto::vm::{
-    validate_name, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_NICS,
-    MAX_VCPUS, MIN_MEMORY,
+    validate_name, BootDevice, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY,
+    MAX_NICS, MAX_VCPUS, MIN_MEMORY,
 };
 
 use crate::args::{Opt, Spec};
@@ -16,8 +16,7 @@ use crate::console;
 
 const CMD: &str = "start";
 
-/// OpenBSD's flags are all accepted; -B and -r (boot device, cdrom) are
-/// refused as not supported yet.
+/// OpenBSD's flags, all supported.
 pub const SPEC: Spec = Spec {
     short: "B:b:cd:Li:m:n:r:t:",
     long: &["initrd=", "cmdline=", "vcpus="],
@@ -63,6 +62,12 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
                 out.req.disks.push(disk(arg)?);
             }
             Opt::Short('b') => out.req.kernel = Some(absolute(arg)?),
+            Opt::Short('r') => out.req.cdrom = Some(absolute(arg)?),
+            Opt::Short('B') => {
+                out.req.boot_device = Some(BootDevice::from_name(arg).ok_or_else(|| {
+                    Error::usage(CMD, format!("-B {arg:?}: expected disk, cdrom or net"))
+                })?)
+            }
             Opt::Long("initrd") => out.req.initrd = Some(absolute(arg)?),
             Opt::Short('m') => out.req.memory = Some(memory(arg)?),
             Opt::Long("vcpus") => out.req.vcpus = Some(vcpus(arg)?),
@@ -222,6 +227,10 @@ mod tests {
             "-d",
             "qcow2:/d/a.qcow2",
             "-d/d/b.img",
+            "-r",
+            "/i/x.iso",
+            "-B",
+            "cdrom",
             "vm1",
         ])
         .unwrap();
@@ -249,6 +258,8 @@ mod tests {
                 ],
                 nics: Vec::new(),
                 template: None,
+                cdrom: Some("/i/x.iso".into()),
+                boot_device: Some(BootDevice::Cdrom),
             }
         );
     }
@@ -292,13 +303,17 @@ mod tests {
     }
 
     #[test]
-    fn not_supported_yet() {
-        for (args, flag) in [
-            (&["-B", "net", "vm"][..], "-B"),
-            (&["-r", "x.iso", "vm"][..], "-r"),
-        ] {
-            assert_eq!(err(args), format!("start {flag}: not supported yet"));
+    fn cdrom_and_boot_device() {
+        let a = parse_words(&["-r", "x.iso", "-B", "cdrom", "vm"]).unwrap();
+        let cdrom = a.req.cdrom.unwrap();
+        assert!(Path::new(&cdrom).is_absolute() && cdrom.ends_with("x.iso"));
+        assert_eq!(a.req.boot_device, Some(BootDevice::Cdrom));
+        for (w, d) in [("disk", BootDevice::Disk), ("net", BootDevice::Net)] {
+            let a = parse_words(&["-B", w, "vm"]).unwrap();
+            assert_eq!(a.req.boot_device, Some(d));
         }
+        assert!(err(&["-B", "floppy", "vm"]).contains("expected disk, cdrom or net"));
+        assert!(err(&["-r", "", "vm"]).contains("empty path"));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
 use vmd_proto::vm::{
-    DiskSpec, ExitReason, NicSpec, StartRequest, VmInfo, VmState, DEFAULT_MEMORY, MAX_CMDLINE,
-    MAX_DISKS, MAX_MEMORY, MAX_NICS, MAX_VCPUS, MIN_MEMORY,
+    BootDevice, DiskSpec, ExitReason, NicSpec, StartRequest, VmInfo, VmState, DEFAULT_MEMORY,
+    MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_NICS, MAX_VCPUS, MIN_MEMORY,
 };
 use vmd_proto::Channel;
 
@@ -30,8 +30,10 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub disks: Vec<DiskSpec>,
     pub nics: Vec<NicSpec>,
-    /// Parses and shows, cannot run yet.
+    /// An ISO 9660 image, attached as a read-only virtio-scsi CD-ROM.
     pub cdrom: Option<String>,
+    /// What the firmware boots first (its `bootorder`).
+    pub boot_device: Option<BootDevice>,
 }
 
 impl VmSpec {
@@ -100,6 +102,8 @@ impl VmSpec {
             (Some(_), None) => None,
             (None, None) => base.and_then(|b| b.initrd.clone()),
         };
+        let cdrom = req.cdrom.clone().or(base.and_then(|b| b.cdrom.clone()));
+        let boot_device = req.boot_device.or(base.and_then(|b| b.boot_device));
         Ok(VmSpec {
             kernel,
             initrd,
@@ -108,7 +112,8 @@ impl VmSpec {
             vcpus,
             disks,
             nics,
-            cdrom: base.and_then(|b| b.cdrom.clone()),
+            cdrom,
+            boot_device,
         })
     }
 
@@ -120,8 +125,15 @@ impl VmSpec {
 
     /// Why this VM cannot start with what vmd has today, if it cannot.
     pub fn unsupported(&self) -> Option<String> {
-        if self.cdrom.is_some() {
-            return Some("cdrom is not supported yet".into());
+        let missing = match self.boot_device {
+            Some(BootDevice::Disk) if self.disks.is_empty() => Some("a disk"),
+            Some(BootDevice::Cdrom) if self.cdrom.is_none() => Some("a cdrom"),
+            Some(BootDevice::Net) if self.nics.is_empty() => Some("a network interface"),
+            _ => None,
+        };
+        if let Some(what) = missing {
+            let dev = self.boot_device.map(|d| d.to_string()).unwrap_or_default();
+            return Some(format!("boot device {dev} needs {what}"));
         }
         None
     }
@@ -330,6 +342,33 @@ mod tests {
         assert!(VmSpec::from_request(&r)
             .unwrap_err()
             .contains("command line"));
+    }
+
+    #[test]
+    fn cdrom_and_boot_device() {
+        let mut r = req("a");
+        r.kernel = None;
+        r.boot_device = Some(BootDevice::Cdrom);
+        let spec = VmSpec::from_request(&r).unwrap();
+        assert_eq!(
+            spec.unsupported().as_deref(),
+            Some("boot device cdrom needs a cdrom")
+        );
+        r.cdrom = Some("/x.iso".into());
+        let spec = VmSpec::from_request(&r).unwrap();
+        assert_eq!(spec.unsupported(), None);
+        r.boot_device = Some(BootDevice::Disk);
+        assert!(VmSpec::from_request(&r)
+            .unwrap()
+            .unsupported()
+            .unwrap()
+            .contains("needs a disk"));
+        // A definition's cdrom and boot device hold unless the request
+        // names its own.
+        let base = VmSpec::from_request(&r).unwrap();
+        let m = VmSpec::merged(&base, &req("a")).unwrap();
+        assert_eq!(m.cdrom.as_deref(), Some("/x.iso"));
+        assert_eq!(m.boot_device, Some(BootDevice::Disk));
     }
 
     #[test]

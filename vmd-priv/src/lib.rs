@@ -68,6 +68,8 @@ pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
             Ok(file)
         }
         OpenKind::Disk { .. } => Err(OpenError::NotRegular { path: path.into() }),
+        // An ISO image: read-only, like a kernel.
+        OpenKind::Cdrom => open_for_vm(OpenKind::Kernel, path),
         OpenKind::Tap { .. } | OpenKind::Interface => {
             Err(OpenError::NotAFile { path: path.into() })
         }

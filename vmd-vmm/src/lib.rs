@@ -61,7 +61,7 @@ pub fn run(chan: Channel) -> i32 {
         log::set_max_level(log::LevelFilter::Debug);
     }
     let id = params.id;
-    let files = match VmFiles::from_fds(frame.fds, params.has_initrd, &params.disks) {
+    let files = match VmFiles::from_fds(frame.fds, params.has_initrd, &params.disks, params.cdrom) {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };

@@ -33,6 +33,7 @@ use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
 use crate::devices::virtio_blk::{self, VirtioBlk};
 use crate::devices::virtio_net::VirtioNet;
 use crate::devices::virtio_rng::VirtioRng;
+use crate::devices::virtio_scsi::VirtioScsi;
 use crate::devices::Sink;
 use crate::layout::{
     COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PM1A_EVT_LEN, PORT_CMOS, PORT_COM1,
@@ -113,6 +114,8 @@ pub struct VmFiles {
     pub initrd: Option<OwnedFd>,
     /// One entry per `VmmParams::disks`, in guest order.
     pub disks: Vec<DiskFiles>,
+    /// The CD-ROM image, read-only, when `VmmParams::cdrom`.
+    pub cdrom: Option<OwnedFd>,
     /// One TAP per `VmmParams::nics`, in guest order.
     pub taps: Vec<TapFiles>,
 }
@@ -154,8 +157,10 @@ impl VmFiles {
         fds: Vec<OwnedFd>,
         has_initrd: bool,
         disks: &[DiskParams],
+        cdrom: bool,
     ) -> Result<VmFiles, VmError> {
-        let disk_fds: usize = disks.iter().map(|d| 1 + d.backing as usize).sum();
+        let disk_fds =
+            disks.iter().map(|d| 1 + d.backing as usize).sum::<usize>() + usize::from(cdrom);
         let expected = 3 + usize::from(has_initrd) + disk_fds;
         let got = fds.len();
         if got < expected {
@@ -173,6 +178,7 @@ impl VmFiles {
             let backing = (0..d.backing).map(|_| next()).collect::<Result<_, _>>()?;
             files.push(DiskFiles { top, backing });
         }
+        let cdrom = if cdrom { Some(next()?) } else { None };
         let taps = it.map(TapFiles::new).collect();
         Ok(VmFiles {
             kvm,
@@ -180,6 +186,7 @@ impl VmFiles {
             kernel,
             initrd,
             disks: files,
+            cdrom,
             taps,
         })
     }
@@ -363,6 +370,7 @@ impl Vm {
         let io_workers = add_pci_devices(
             params,
             files.disks,
+            files.cdrom.map(File::from),
             files.taps,
             bridge,
             &vm,
@@ -439,12 +447,14 @@ fn shared<D: crate::bus::BusDevice + 'static>(d: D) -> SharedDevice {
     Arc::new(Mutex::new(d))
 }
 
-/// PCI bus 0 on the port bus, one virtio-blk function per disk, one
-/// virtio-net per interface and a virtio-rng, each with its I/O thread.
-#[allow(clippy::too_many_arguments)]
+/// PCI bus 0 on the port bus, one virtio-blk function per disk, a
+/// virtio-scsi CD-ROM when there is an image, one virtio-net per interface
+/// and a virtio-rng, each with its I/O thread.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn add_pci_devices(
     params: &VmmParams,
     disks: Vec<DiskFiles>,
+    cdrom: Option<File>,
     taps: Vec<TapFiles>,
     bridge: HostBridge,
     vm: &Arc<VmFd>,
@@ -485,6 +495,14 @@ fn add_pci_devices(
             format!("blk{index}"),
             Box::new(VirtioBlk::new(disk, id, p.read_only)),
         ));
+    }
+    if let Some(image) = cdrom {
+        let size = image
+            .metadata()
+            .map_err(|e| VmError::Io("cdrom image", e))?
+            .len();
+        log::info!("cdrom: {size} bytes, read-only");
+        models.push(("cdrom".into(), Box::new(VirtioScsi::new(image, size))));
     }
     for (index, (p, tap)) in params.nics.iter().zip(taps).enumerate() {
         let dhcp = p.dhcp.clone().map(|lease| {

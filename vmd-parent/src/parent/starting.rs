@@ -11,6 +11,9 @@ pub(super) struct PendingStart {
     pub(super) kernel: Option<OwnedFd>,
     pub(super) initrd: Option<OwnedFd>,
     pub(super) need_initrd: bool,
+    /// The CD-ROM image, when the VM has one.
+    pub(super) cdrom: Option<OwnedFd>,
+    pub(super) need_cdrom: bool,
     /// Per disk: its top image and backing files, once priv sent them.
     pub(super) disks: Vec<Option<Vec<OwnedFd>>>,
     /// Per interface: the TAP priv made, and whether priv has configured
@@ -29,6 +32,7 @@ impl PendingStart {
         self.kvm.is_some()
             && self.kernel.is_some()
             && (!self.need_initrd || self.initrd.is_some())
+            && (!self.need_cdrom || self.cdrom.is_some())
             && self.disks.iter().all(Option::is_some)
             && self
                 .taps
@@ -60,6 +64,9 @@ impl Parent {
         if let Some(initrd) = &vm.spec.initrd {
             wants.push((OpenKind::Initrd, initrd.clone()));
         }
+        if let Some(cdrom) = &vm.spec.cdrom {
+            wants.push((OpenKind::Cdrom, cdrom.clone()));
+        }
         for (index, nic) in vm.spec.nics.iter().enumerate() {
             let kind = OpenKind::Tap { index: index as u8 };
             wants.push((kind, nic.tap.clone().unwrap_or_default()));
@@ -80,6 +87,8 @@ impl Parent {
                 kernel: None,
                 initrd: None,
                 need_initrd: vm.spec.initrd.is_some(),
+                cdrom: None,
+                need_cdrom: vm.spec.cdrom.is_some(),
                 disks: vm.spec.disks.iter().map(|_| None).collect(),
                 taps: vm.spec.nics.iter().map(|_| None).collect(),
             },
@@ -121,6 +130,7 @@ impl Parent {
                     OpenKind::Kvm => pending.kvm = fd,
                     OpenKind::Kernel => pending.kernel = fd,
                     OpenKind::Initrd => pending.initrd = fd,
+                    OpenKind::Cdrom => pending.cdrom = fd,
                     OpenKind::Disk { .. } | OpenKind::Tap { .. } | OpenKind::Interface => {
                         warn!("priv answered {kind:?} with PrivOpened");
                         return;
@@ -178,6 +188,7 @@ impl Parent {
                     OpenKind::Kvm => "kvm device".to_string(),
                     OpenKind::Kernel => "kernel".to_string(),
                     OpenKind::Initrd => "initrd".to_string(),
+                    OpenKind::Cdrom => "cdrom".to_string(),
                     OpenKind::Disk { index, .. } => format!("disk {index}:"),
                     OpenKind::Tap { index } => format!("interface {index}:"),
                     OpenKind::Interface => "interface".to_string(),
@@ -298,6 +309,8 @@ impl Parent {
             uid: self.user.0,
             gid: self.user.1,
             verbose: self.opts.verbose > 0,
+            cdrom: p.cdrom.is_some(),
+            boot_device: vm.spec.boot_device,
             disks: vm
                 .spec
                 .disks
@@ -322,6 +335,8 @@ impl Parent {
             fds.push(initrd.as_fd());
         }
         fds.extend(p.disks.iter().flatten().flatten().map(|f| f.as_fd()));
+        // The CD-ROM's image after the disks' (VmmParams::fd_count).
+        fds.extend(p.cdrom.iter().map(|f| f.as_fd()));
         // Ours close when `p` drops, so each TAP lives exactly as long as
         // the VM process holds it.
         fds.extend(p.taps.iter().flatten().map(|t| t.fd.as_fd()));

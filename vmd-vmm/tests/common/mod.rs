@@ -143,6 +143,8 @@ pub fn params(name: &str, vcpus: u32, cmdline: &str) -> VmmParams {
         verbose: false,
         disks: Vec::new(),
         nics: Vec::new(),
+        cdrom: false,
+        boot_device: None,
     }
 }
 
@@ -154,6 +156,7 @@ pub fn files(kvm: OwnedFd, tty: OwnedFd, kernel: &Path) -> VmFiles {
         kernel: File::open(kernel).unwrap().into(),
         initrd: None,
         disks: Vec::new(),
+        cdrom: None,
         taps: Vec::new(),
     }
 }
