@@ -122,6 +122,9 @@ fn write_vm(f: &mut Formatter<'_>, vm: &VmDef) -> fmt::Result {
     if let Some(d) = vm.boot_device {
         writeln!(f, "\tboot device {d}")?;
     }
+    if let Some(n) = &vm.boot_filename {
+        writeln!(f, "\tboot filename {}", q(n))?;
+    }
     if let Some(c) = &vm.cdrom {
         writeln!(f, "\tcdrom {}", q(c.display()))?;
     }

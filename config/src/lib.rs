@@ -265,7 +265,8 @@ impl Default for InterfaceDef {
 /// What instances of a VM may set (`allow instance { ... }`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct AllowInstance {
-    /// `boot PATH`, `boot device`, and our `initrd` and `cmdline`.
+    /// `boot PATH`, `boot device`, and our `boot filename`, `initrd` and
+    /// `cmdline`.
     pub boot: bool,
     pub memory: bool,
     /// Our extension.
@@ -296,6 +297,9 @@ pub struct VmDef {
     /// Our extension.
     pub cmdline: Option<String>,
     pub boot_device: Option<BootDevice>,
+    /// Our extension (`boot filename "pxe.bin"`): the file the local
+    /// interfaces' DHCP server names for a network boot.
+    pub boot_filename: Option<String>,
     pub cdrom: Option<PathBuf>,
     pub disks: Vec<DiskDef>,
     pub interfaces: Vec<InterfaceDef>,
@@ -320,6 +324,7 @@ impl VmDef {
             initrd: None,
             cmdline: None,
             boot_device: None,
+            boot_filename: None,
             cdrom: None,
             disks: Vec::new(),
             interfaces: Vec::new(),

@@ -66,8 +66,11 @@ const ALLOW_KEYWORDS: &[&str] = &[
 /// not be named after any keyword.
 const OTHER_KEYWORDS: &[&str] = &[
     "prefix", "inet6", "start", "parallel", "delay", "context", "path", "device", "format", "raw",
-    "qcow2", "net", "instance",
+    "qcow2", "net", "instance", "filename",
 ];
+/// `boot filename`: it must fit the DHCP header's 128-byte `file` field,
+/// NUL included.
+const MAX_BOOT_FILENAME: usize = 127;
 /// Unknown-keyword messages list the alternatives up to this many.
 const LIST_LIMIT: usize = 8;
 
@@ -693,6 +696,22 @@ impl FileParser<'_> {
                             ))
                         }
                     });
+                } else if self.peek_word() == Some("filename") {
+                    self.advance();
+                    once("boot filename", &at)?;
+                    let (s, vat) = self.value("boot file name")?;
+                    if s.is_empty()
+                        || s.len() > MAX_BOOT_FILENAME
+                        || !s.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(err(
+                            vat,
+                            format!(
+                                "boot filename must be 1 to {MAX_BOOT_FILENAME} printable characters without spaces"
+                            ),
+                        ));
+                    }
+                    vm.boot_filename = Some(s);
                 } else {
                     once("boot", &at)?;
                     vm.kernel = Some(self.path("boot path")?);

@@ -521,12 +521,25 @@ fn vmm_params_fd_count_counts_one_tap_per_nic() {
             dns: None,
             boot_file: None,
         }),
+        boot_rom: false,
     };
     p.nics = vec![nic.clone(), nic];
     assert_eq!(p.fd_count(), 4 + 3 + 2);
-    let msg = Msg::VmmStart(p);
+    let msg = Msg::VmmStart(p.clone());
     let bytes = encode(&msg, 0, 0, 9).unwrap();
     assert_eq!(decode(&bytes, dev_null_fds(9)).unwrap().msg, msg);
+    // A net-booting VM's option ROM comes last.
+    p.nics[1].boot_rom = true;
+    assert!(p.boot_rom());
+    assert_eq!(p.fd_count(), 4 + 3 + 2 + 1);
+}
+
+#[test]
+fn nic_params_without_boot_rom_still_decode() {
+    // Parents from before `boot_rom` do not send it.
+    let json = r#"{"mac":[254,0,0,0,0,1],"locked":false,"dhcp":null}"#;
+    let nic: NicParams = serde_json::from_str(json).unwrap();
+    assert!(!nic.boot_rom);
 }
 
 // ---- channels ----
@@ -722,6 +735,7 @@ fn arb_kind() -> impl Strategy<Value = OpenKind> {
         Just(OpenKind::Kernel),
         Just(OpenKind::Initrd),
         Just(OpenKind::Cdrom),
+        Just(OpenKind::OptionRom),
         (any::<u8>(), any::<bool>(), arb_format()).prop_map(|(index, read_only, format)| {
             OpenKind::Disk {
                 index,
@@ -753,8 +767,18 @@ fn arb_nic() -> impl Strategy<Value = NicParams> {
             dns,
             boot_file,
         });
-    (any::<[u8; 6]>(), any::<bool>(), proptest::option::of(lease))
-        .prop_map(|(mac, locked, dhcp)| NicParams { mac, locked, dhcp })
+    (
+        any::<[u8; 6]>(),
+        any::<bool>(),
+        proptest::option::of(lease),
+        any::<bool>(),
+    )
+        .prop_map(|(mac, locked, dhcp, boot_rom)| NicParams {
+            mac,
+            locked,
+            dhcp,
+            boot_rom,
+        })
 }
 
 fn arb_switch() -> impl Strategy<Value = SwitchParams> {

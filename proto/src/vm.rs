@@ -205,6 +205,8 @@ pub enum OpenKind {
     /// A host interface being configured or cleaned up (`PrivIfConfig`,
     /// `PrivCleanup`); in `PrivFailed` the path is the interface's name.
     Interface,
+    /// A network boot ROM (iPXE) for the firmware, read-only.
+    OptionRom,
 }
 
 /// A disk as a client or vm.conf names it.
@@ -271,6 +273,10 @@ pub struct NicParams {
     /// For a `local interface`: the address the VM process's own DHCP
     /// server hands the guest.
     pub dhcp: Option<DhcpLease>,
+    /// The VM boots from this interface (`boot device net`): the firmware
+    /// gets iPXE's virtio-net option ROM, whose fd follows the TAPs.
+    #[serde(default)]
+    pub boot_rom: bool,
 }
 
 /// What the built-in DHCP server of a local interface hands out.
@@ -291,7 +297,8 @@ pub struct DhcpLease {
 impl VmmParams {
     /// fds sent with these params, in order: /dev/kvm, console tty,
     /// kernel, the initrd when there is one, then for each disk its top
-    /// image and its backing files, then one TAP device per nic.
+    /// image and its backing files, then one TAP device per nic, then the
+    /// option ROM when a nic has `boot_rom`.
     pub fn fd_count(&self) -> usize {
         // The CD-ROM image's fd comes right after the disks' fds.
         let disks: usize = self
@@ -300,7 +307,12 @@ impl VmmParams {
             .map(|d| 1 + d.backing as usize)
             .sum::<usize>()
             + usize::from(self.cdrom);
-        3 + usize::from(self.has_initrd) + disks + self.nics.len()
+        3 + usize::from(self.has_initrd) + disks + self.nics.len() + usize::from(self.boot_rom())
+    }
+
+    /// Whether an option ROM fd comes last.
+    pub fn boot_rom(&self) -> bool {
+        self.nics.iter().any(|n| n.boot_rom)
     }
 }
 

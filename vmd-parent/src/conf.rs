@@ -23,6 +23,7 @@ pub fn spec_of(def: &VmDef) -> Result<VmSpec, String> {
     let mut spec = VmSpec::from_request(&vmd_config::to_start_request(def))
         .map_err(|e| format!("{}: {e}", def.defined_at))?;
     spec.cdrom = def.cdrom.as_ref().map(|p| p.display().to_string());
+    spec.boot_filename = def.boot_filename.clone();
     Ok(spec)
 }
 

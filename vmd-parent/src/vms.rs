@@ -14,6 +14,10 @@ use crate::console::Console;
 
 /// What a VM without a kernel boots: Debian's SeaBIOS.
 pub const FIRMWARE_PATH: &str = "/usr/share/seabios/bios.bin";
+/// The network boot ROM of `boot device net`: Debian's iPXE (ipxe-qemu)
+/// for virtio-net, legacy BIOS only (the EFI+legacy image does not fit
+/// SeaBIOS's option ROM area when handed over fw_cfg).
+pub const NET_BOOT_ROM_PATH: &str = "/usr/lib/ipxe/qemu/pxe-virtio.rom";
 /// OpenBSD's reboot-loop guard: more than this many restarts within
 /// [`REBOOT_WINDOW`] stops the VM instead.
 pub const MAX_REBOOTS: usize = 3;
@@ -34,6 +38,9 @@ pub struct VmSpec {
     pub cdrom: Option<String>,
     /// What the firmware boots first (its `bootorder`).
     pub boot_device: Option<BootDevice>,
+    /// vm.conf `boot filename` (ours): the PXE boot file that the local
+    /// interfaces' DHCP names when the VM boots from the network.
+    pub boot_filename: Option<String>,
 }
 
 impl VmSpec {
@@ -114,6 +121,7 @@ impl VmSpec {
             nics,
             cdrom,
             boot_device,
+            boot_filename: base.and_then(|b| b.boot_filename.clone()),
         })
     }
 
@@ -121,6 +129,12 @@ impl VmSpec {
     /// the vmm tells from a kernel by its contents.
     pub fn boot_image(&self) -> &str {
         self.kernel.as_deref().unwrap_or(FIRMWARE_PATH)
+    }
+
+    /// `boot device net` (`-B net`): iPXE's option ROM boots the first
+    /// interface.
+    pub fn boot_net(&self) -> bool {
+        self.boot_device == Some(BootDevice::Net)
     }
 
     /// Why this VM cannot start with what vmd has today, if it cannot.

@@ -73,7 +73,7 @@ pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
         OpenKind::Tap { .. } | OpenKind::Interface => {
             Err(OpenError::NotAFile { path: path.into() })
         }
-        OpenKind::Kernel | OpenKind::Initrd => {
+        OpenKind::Kernel | OpenKind::Initrd | OpenKind::OptionRom => {
             // O_NONBLOCK so a FIFO planted at the path cannot hang us
             // before the regular-file check.
             let file = OpenOptions::new()

@@ -61,7 +61,13 @@ pub fn run(chan: Channel) -> i32 {
         log::set_max_level(log::LevelFilter::Debug);
     }
     let id = params.id;
-    let files = match VmFiles::from_fds(frame.fds, params.has_initrd, &params.disks, params.cdrom) {
+    let files = match VmFiles::from_fds(
+        frame.fds,
+        params.has_initrd,
+        &params.disks,
+        params.cdrom,
+        params.boot_rom(),
+    ) {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };

@@ -45,8 +45,10 @@ use crate::mptable::{self, MpTableError};
 use crate::pci::irq::GsiRouter;
 use crate::pci::{intx_gsi, ConfigAddress, ConfigData, HostBridge, PciError, PciRoot};
 use crate::vcpu::{self, Vcpu, VcpuError};
-use crate::virtio::pci::{spawn_worker, TransportError, VirtioPci, Worker};
-use crate::virtio::VirtioDevice;
+use crate::virtio::pci::{
+    spawn_worker, TransportError, VirtioPci, Worker, VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR,
+};
+use crate::virtio::{VirtioDevice, TYPE_NET};
 use crate::{cpuid, cpuid::CpuidError};
 
 /// The KVM API version every kernel since 2.6.22 reports.
@@ -118,6 +120,8 @@ pub struct VmFiles {
     pub cdrom: Option<OwnedFd>,
     /// One TAP per `VmmParams::nics`, in guest order.
     pub taps: Vec<TapFiles>,
+    /// The network boot ROM (iPXE), read-only, when a nic has `boot_rom`.
+    pub option_rom: Option<OwnedFd>,
 }
 
 /// A NIC's TAP fd, and the MAC of the host side of the TAP (the built-in
@@ -152,20 +156,23 @@ pub struct DiskFiles {
 impl VmFiles {
     /// Splits the fds that came with `VmmStart` (see
     /// `VmmParams::fd_count` for their order). The fds after the disks'
-    /// are the TAPs; `Vm::new` checks their number against the NICs.
+    /// are the TAPs (and with `option_rom`, the ROM last); `Vm::new` checks
+    /// their number against the NICs.
     pub fn from_fds(
-        fds: Vec<OwnedFd>,
+        mut fds: Vec<OwnedFd>,
         has_initrd: bool,
         disks: &[DiskParams],
         cdrom: bool,
+        option_rom: bool,
     ) -> Result<VmFiles, VmError> {
         let disk_fds =
             disks.iter().map(|d| 1 + d.backing as usize).sum::<usize>() + usize::from(cdrom);
-        let expected = 3 + usize::from(has_initrd) + disk_fds;
+        let expected = 3 + usize::from(has_initrd) + disk_fds + usize::from(option_rom);
         let got = fds.len();
         if got < expected {
             return Err(VmError::FdCount { expected, got });
         }
+        let option_rom = if option_rom { fds.pop() } else { None };
         let mut it = fds.into_iter();
         let mut next = || it.next().ok_or(VmError::FdCount { expected, got });
         let kvm = next()?;
@@ -188,6 +195,7 @@ impl VmFiles {
             disks: files,
             cdrom,
             taps,
+            option_rom,
         })
     }
 }
@@ -353,21 +361,28 @@ impl Vm {
         )?;
         let mmio = Arc::new(Bus::new("MMIO"));
         let mem = Arc::new(mem);
+        // The firmware's fw_cfg items; the device is plugged in once the
+        // PCI slots (which a boot order names) are known.
+        let mut fw_items = None;
         if image.is_some() {
             let mut items = FwCfgItems::new(params.vcpus as u16, params.memory);
             items.add_file("etc/e820", fw_cfg::e820_file(&firmware::e820_map(&ram)))?;
-            pio.insert(
-                u64::from(PORT_FW_CFG),
-                FW_CFG_PORT_LEN,
-                shared(FwCfg::new(items, mem.clone())),
-            )?;
             pio.insert(u64::from(PORT_DEBUGCON), 1, shared(DebugCon::default()))?;
+            fw_items = Some(items);
         }
+        let option_rom = match (files.option_rom, &fw_items) {
+            (Some(fd), Some(_)) => Some(firmware::read_option_rom(&mut File::from(fd))?),
+            (Some(_), None) => {
+                log::warn!("booting a kernel: the network boot ROM is not used");
+                None
+            }
+            (None, _) => None,
+        };
         let bridge = match image {
             Some(_) => HostBridge::i440fx(),
             None => HostBridge::new(),
         };
-        let io_workers = add_pci_devices(
+        let (io_workers, net_slot, drive_slot) = add_pci_devices(
             params,
             files.disks,
             files.cdrom.map(File::from),
@@ -378,6 +393,27 @@ impl Vm {
             &pio,
             &mmio,
         )?;
+        if let Some(mut items) = fw_items {
+            if let (Some(rom), Some(slot)) = (option_rom, net_slot) {
+                // SeaBIOS runs a ROM named for the device's IDs with that
+                // device's bus/device/function, and boots its entry first.
+                let device = VIRTIO_PCI_DEVICE_BASE + TYPE_NET;
+                let name = firmware::pci_rom_file(VIRTIO_PCI_VENDOR, device);
+                log::info!("network boot: option ROM {name} ({} KiB)", rom.len() >> 10);
+                items.add_file(&name, rom)?;
+                items.add_file("bootorder", firmware::nic_bootorder(slot).into_bytes())?;
+            }
+            if let (Some(dev), Some(slot)) = (params.boot_device, drive_slot) {
+                let order = firmware::drive_bootorder(dev, slot);
+                log::debug!("boot order: {order:?}");
+                items.add_file("bootorder", order.into_bytes())?;
+            }
+            pio.insert(
+                u64::from(PORT_FW_CFG),
+                FW_CFG_PORT_LEN,
+                shared(FwCfg::new(items, mem.clone())),
+            )?;
+        }
         let pio = Arc::new(pio);
 
         let base_cpuid = cpuid::supported(&kvm)?;
@@ -461,7 +497,7 @@ fn add_pci_devices(
     mem: &Arc<GuestMemoryMmap>,
     pio: &Bus,
     mmio: &Arc<Bus>,
-) -> Result<Vec<Worker>, VmError> {
+) -> Result<(Vec<Worker>, Option<usize>, Option<usize>), VmError> {
     if disks.len() != params.disks.len() {
         return Err(VmError::DiskCount(params.disks.len(), disks.len()));
     }
@@ -527,10 +563,30 @@ fn add_pci_devices(
         models.push((format!("net{index}"), Box::new(net)));
     }
     models.push(("rng".into(), Box::new(VirtioRng::new())));
+    // The interface the VM boots from, if any.
+    let boot_nic = params
+        .nics
+        .iter()
+        .position(|n| n.boot_rom)
+        .map(|i| format!("net{i}"));
+    let mut boot_slot = None;
+    // The disk or CD-ROM the firmware boots (`boot device`), if any.
+    let boot_drive = match params.boot_device {
+        Some(vmd_proto::vm::BootDevice::Disk) => Some("blk0"),
+        Some(vmd_proto::vm::BootDevice::Cdrom) => Some("cdrom"),
+        _ => None,
+    };
+    let mut drive_slot = None;
     let mut workers = Vec::new();
     for (name, model) in models {
         let mut r = lock(&root);
         let slot = r.next_slot().ok_or(PciError::BusFull)?;
+        if boot_nic.as_ref() == Some(&name) {
+            boot_slot = Some(slot);
+        }
+        if boot_drive == Some(name.as_str()) {
+            drive_slot = Some(slot);
+        }
         let verr = |err| VmError::Virtio {
             name: name.clone(),
             err,
@@ -543,7 +599,7 @@ fn add_pci_devices(
         log::debug!("virtio {name} at 00:{slot:02x}.0");
         workers.push(spawn_worker(dev).map_err(|e| VmError::Io("virtio I/O thread", e))?);
     }
-    Ok(workers)
+    Ok((workers, boot_slot, drive_slot))
 }
 
 pub struct RunningVm {

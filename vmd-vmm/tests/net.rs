@@ -118,6 +118,7 @@ fn nic(mac: [u8; 6]) -> NicParams {
         mac,
         locked: false,
         dhcp: None,
+        boot_rom: false,
     }
 }
 

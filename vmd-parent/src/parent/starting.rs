@@ -14,6 +14,9 @@ pub(super) struct PendingStart {
     /// The CD-ROM image, when the VM has one.
     pub(super) cdrom: Option<OwnedFd>,
     pub(super) need_cdrom: bool,
+    /// iPXE's ROM, for `boot device net`.
+    pub(super) option_rom: Option<OwnedFd>,
+    pub(super) need_option_rom: bool,
     /// Per disk: its top image and backing files, once priv sent them.
     pub(super) disks: Vec<Option<Vec<OwnedFd>>>,
     /// Per interface: the TAP priv made, and whether priv has configured
@@ -33,6 +36,7 @@ impl PendingStart {
             && self.kernel.is_some()
             && (!self.need_initrd || self.initrd.is_some())
             && (!self.need_cdrom || self.cdrom.is_some())
+            && (!self.need_option_rom || self.option_rom.is_some())
             && self.disks.iter().all(Option::is_some)
             && self
                 .taps
@@ -67,6 +71,12 @@ impl Parent {
         if let Some(cdrom) = &vm.spec.cdrom {
             wants.push((OpenKind::Cdrom, cdrom.clone()));
         }
+        if vm.spec.boot_net() {
+            wants.push((
+                OpenKind::OptionRom,
+                crate::vms::NET_BOOT_ROM_PATH.to_string(),
+            ));
+        }
         for (index, nic) in vm.spec.nics.iter().enumerate() {
             let kind = OpenKind::Tap { index: index as u8 };
             wants.push((kind, nic.tap.clone().unwrap_or_default()));
@@ -89,6 +99,8 @@ impl Parent {
                 need_initrd: vm.spec.initrd.is_some(),
                 cdrom: None,
                 need_cdrom: vm.spec.cdrom.is_some(),
+                option_rom: None,
+                need_option_rom: vm.spec.boot_net(),
                 disks: vm.spec.disks.iter().map(|_| None).collect(),
                 taps: vm.spec.nics.iter().map(|_| None).collect(),
             },
@@ -131,6 +143,7 @@ impl Parent {
                     OpenKind::Kernel => pending.kernel = fd,
                     OpenKind::Initrd => pending.initrd = fd,
                     OpenKind::Cdrom => pending.cdrom = fd,
+                    OpenKind::OptionRom => pending.option_rom = fd,
                     OpenKind::Disk { .. } | OpenKind::Tap { .. } | OpenKind::Interface => {
                         warn!("priv answered {kind:?} with PrivOpened");
                         return;
@@ -189,6 +202,7 @@ impl Parent {
                     OpenKind::Kernel => "kernel".to_string(),
                     OpenKind::Initrd => "initrd".to_string(),
                     OpenKind::Cdrom => "cdrom".to_string(),
+                    OpenKind::OptionRom => "network boot ROM".to_string(),
                     OpenKind::Disk { index, .. } => format!("disk {index}:"),
                     OpenKind::Tap { index } => format!("interface {index}:"),
                     OpenKind::Interface => "interface".to_string(),
@@ -274,7 +288,8 @@ impl Parent {
                     host,
                     prefix_len: 31,
                     dns: None,
-                    boot_file: None,
+                    // The host side is the next server (DhcpServer).
+                    boot_file: vm.spec.boot_filename.clone().filter(|_| vm.spec.boot_net()),
                 })
             }
         };
@@ -284,6 +299,8 @@ impl Parent {
                 .unwrap_or_else(|| vmd_proto::net::generated_mac(&vm.name, index as u8)),
             locked: nic.locked || switch_locked,
             dhcp,
+            // The ROM boots from the first interface.
+            boot_rom: vm.spec.boot_net() && index == 0,
         })
     }
 
@@ -340,6 +357,7 @@ impl Parent {
         // Ours close when `p` drops, so each TAP lives exactly as long as
         // the VM process holds it.
         fds.extend(p.taps.iter().flatten().map(|t| t.fd.as_fd()));
+        fds.extend(p.option_rom.as_ref().map(|f| f.as_fd()));
         let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
             Ok(child) => child,
             Err(e) => return self.start_failed(id, format!("starting vm process: {e}")),

@@ -79,9 +79,75 @@ pub fn high_copy(image: &[u8]) -> Result<GuestMemoryMmap, BootError> {
     Ok(rom)
 }
 
+/// The most an option ROM may be: SeaBIOS copies a ROM from fw_cfg whole
+/// into the option ROM area below 1 MiB (0xc0000 up to its own code), so
+/// iPXE's combined EFI+legacy images (about 240 KiB) do not fit there, its
+/// legacy-only ones (about 75 KiB) do.
+pub const OPTION_ROM_MAX: u64 = 128 << 10;
+
+/// Reads a legacy PCI option ROM (iPXE's `pxe-virtio.rom`): at most
+/// [`OPTION_ROM_MAX`], starting with the 0x55 0xaa signature.
+pub fn read_option_rom(f: &mut File) -> Result<Vec<u8>, BootError> {
+    let bad = |why: String| BootError::OptionRom(why);
+    let size = f
+        .seek(SeekFrom::End(0))
+        .map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if size > OPTION_ROM_MAX {
+        return Err(bad(format!(
+            "{size} bytes, at most {OPTION_ROM_MAX} fit below 1 MiB (an EFI+legacy image? use the legacy pxe-*.rom)"
+        )));
+    }
+    let mut rom = Vec::with_capacity(size as usize);
+    f.rewind()
+        .and_then(|()| f.read_to_end(&mut rom))
+        .map_err(|e| bad(format!("cannot read it: {e}")))?;
+    if rom.len() < 512 || rom[..2] != [0x55, 0xaa] {
+        return Err(bad("no option ROM signature (55 aa)".into()));
+    }
+    Ok(rom)
+}
+
+/// The fw_cfg file SeaBIOS looks up for a PCI device before mapping its
+/// ROM BAR (`lookup_hardcode` in its optionroms.c): the ROM then runs with
+/// that device's bus/device/function, as a ROM BAR's would.
+pub fn pci_rom_file(vendor: u16, device: u16) -> String {
+    format!("pci{vendor:04x},{device:04x}.rom")
+}
+
+/// SeaBIOS's `bootorder` for booting the NIC in bus 0 `slot` through its
+/// option ROM (SeaBIOS searches `/pci@i0cf8/*@SLOT` for a PCI ROM's boot
+/// entry), then `HALT`: nothing else boots, as for a disk or CD-ROM.
+pub fn nic_bootorder(slot: usize) -> String {
+    format!("/pci@i0cf8/ethernet@{slot:x}/ethernet-phy@0\nHALT")
+}
+
+/// SeaBIOS's `bootorder` for booting the disk or CD-ROM in bus 0 `slot`
+/// and nothing else (as OpenBSD's vmd does). SeaBIOS matches each entry
+/// against a glob it builds per device (`find_prio` in its boot.c), whose
+/// `*` spans one path component: `/pci@i0cf8/*@SLOT` for a virtio-blk
+/// disk, `/pci@i0cf8/*@SLOT/*@0/*@TARGET,LUN` for a virtio-scsi LUN.
+/// `HALT` ends the list: no other device boots.
+pub fn drive_bootorder(dev: vmd_proto::vm::BootDevice, slot: usize) -> String {
+    use vmd_proto::vm::BootDevice;
+    match dev {
+        BootDevice::Cdrom => format!("/pci@i0cf8/scsi@{slot:x}/channel@0/disk@0,0\nHALT"),
+        BootDevice::Disk | BootDevice::Net => format!("/pci@i0cf8/*@{slot:x}\nHALT"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drive_boot_orders() {
+        use vmd_proto::vm::BootDevice;
+        assert_eq!(drive_bootorder(BootDevice::Disk, 1), "/pci@i0cf8/*@1\nHALT");
+        assert_eq!(
+            drive_bootorder(BootDevice::Cdrom, 0x1c),
+            "/pci@i0cf8/scsi@1c/channel@0/disk@0,0\nHALT"
+        );
+    }
     use std::io::Write;
 
     fn file(bytes: &[u8]) -> File {
@@ -119,6 +185,22 @@ mod tests {
         bz[0x202..0x206].copy_from_slice(b"HdrS");
         assert_eq!(read_image(&mut file(&bz)).unwrap(), None);
         assert_eq!(read_image(&mut file(&bios[..1000])).unwrap(), None);
+    }
+
+    #[test]
+    fn option_roms_are_checked_and_named() {
+        let mut rom = vec![0u8; 4096];
+        rom[..2].copy_from_slice(&[0x55, 0xaa]);
+        assert_eq!(read_option_rom(&mut file(&rom)).unwrap(), rom);
+        assert!(read_option_rom(&mut file(&[0u8; 4096])).is_err());
+        let mut big = vec![0u8; (OPTION_ROM_MAX + 512) as usize];
+        big[..2].copy_from_slice(&[0x55, 0xaa]);
+        assert!(read_option_rom(&mut file(&big)).is_err());
+        assert_eq!(pci_rom_file(0x1af4, 0x1041), "pci1af4,1041.rom");
+        assert_eq!(
+            nic_bootorder(0x1a),
+            "/pci@i0cf8/ethernet@1a/ethernet-phy@0\nHALT"
+        );
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub enum BootError {
     InitrdLoad(GuestMemoryError),
     #[error("firmware: cannot map it below 4 GiB: {0}")]
     FirmwareMap(String),
+    #[error("option ROM: {0}")]
+    OptionRom(String),
     #[error("boot: cannot write the {0} to guest memory: {1}")]
     Write(&'static str, GuestMemoryError),
 }
