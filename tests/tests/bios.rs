@@ -3,7 +3,8 @@
 //! through its own virtio-blk driver. The boot sector prints a marker to
 //! COM1, reads the disk's second sector through `int 13h` (SeaBIOS's
 //! driver again) and prints the marker found there, then powers off or
-//! resets.
+//! resets. An ISO built with xorriso boots the same way by El Torito from
+//! the virtio-scsi CD-ROM (`-r`), and `-B` picks the disk or the CD-ROM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -212,4 +213,191 @@ fn keyboard_controller_reset_boots_the_firmware_again() {
     );
     d.ok(&["stop", "-f", "breset"]);
     d.wait_state("breset", "stopped", T);
+}
+
+const CD_MARKER: &str = "VMD-CD boot image";
+const CD_BLOCK2_MARKER: &str = "VMD-CD second block via int13";
+
+/// El Torito no-emulation boot image (2048 bytes, loaded at 07c0:0000).
+/// xorriso's boot info table (`-boot-info-table`) fills in the image's
+/// own LBA at offset 12; the code reads the block after it (2048-byte
+/// sectors through SeaBIOS's CD drive 0xE0+, so its virtio-scsi driver)
+/// and prints the marker found there, then powers off.
+const CD_BOOT: &str = r#"
+    .code16
+    .globl _start
+_start:
+    ljmp $0, $start
+    .org 8
+bi_pvd: .long 0
+bi_file: .long 0
+bi_length: .long 0
+bi_csum: .long 0
+    .org 64
+start:
+    cli
+    xor %ax, %ax
+    mov %ax, %ds
+    mov %ax, %es
+    mov %ax, %ss
+    mov $0x7c00, %sp
+    sti
+    mov %dl, drive
+    mov $msg, %si
+    call puts
+    mov bi_file, %eax
+    inc %eax
+    mov %eax, dap_lba
+    mov $0x42, %ah
+    mov drive, %dl
+    mov $dap, %si
+    int $0x13
+    jc failed
+    mov $0x9000, %si
+    call puts
+    mov $0x604, %dx
+    mov $0x3400, %ax
+    out %ax, %dx
+halt:
+    hlt
+    jmp halt
+failed:
+    mov $err, %si
+    call puts
+    jmp halt
+puts:
+    mov $0x3f8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    out %al, %dx
+    jmp 1b
+2:  ret
+drive: .byte 0
+    .p2align 2
+dap: .byte 0x10, 0
+    .word 1
+    .word 0x9000, 0
+dap_lba: .quad 0
+msg: .asciz "VMD-CD boot image\r\n"
+err: .asciz "VMD-CD int13 read failed\r\n"
+    .org 2048
+"#;
+
+/// Builds an ISO 9660 image (xorriso) whose El Torito boot image is
+/// [`CD_BOOT`] followed by a block holding the second marker.
+fn iso_image(dir: &Path) -> PathBuf {
+    let src = dir.join("cdboot.S");
+    let obj = dir.join("cdboot.o");
+    let bin = dir.join("cdboot.bin");
+    std::fs::write(&src, CD_BOOT).unwrap();
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(Command::new("as").args(["--32", "-o"]).arg(&obj).arg(&src));
+    run(Command::new("ld")
+        .args([
+            "-m",
+            "elf_i386",
+            "-Ttext",
+            "0x7c00",
+            "--oformat",
+            "binary",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&obj));
+    let mut image = std::fs::read(&bin).unwrap();
+    assert_eq!(image.len(), 2048, "the boot image's code must be one block");
+    let mut block2 = format!("{CD_BLOCK2_MARKER}\r\n\0").into_bytes();
+    block2.resize(2048, 0);
+    image.extend_from_slice(&block2);
+    let root = dir.join("iso-root");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("boot.img"), image).unwrap();
+    let iso = dir.join("image.iso");
+    assert!(
+        Command::new("xorriso").arg("-version").output().is_ok(),
+        "xorriso is required: install Debian's xorriso package"
+    );
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-V", "VMDTEST", "-o"])
+        .arg(&iso)
+        .args([
+            "-b",
+            "boot.img",
+            "-no-emul-boot",
+            "-boot-load-size",
+            "4",
+            "-boot-info-table",
+        ])
+        .arg(&root));
+    iso
+}
+
+#[test]
+fn seabios_boots_an_iso_from_the_virtio_scsi_cdrom() {
+    require_firmware();
+    let d = Daemon::start("bios-cdrom");
+    let iso = iso_image(&d.dir);
+    d.ok(&[
+        "start",
+        "-r",
+        iso.to_str().unwrap(),
+        "-B",
+        "cdrom",
+        "-m",
+        "64M",
+        "bcd",
+    ]);
+    let console = d.console("bcd");
+    console.wait_for(CD_MARKER, T);
+    console.wait_for(CD_BLOCK2_MARKER, T);
+    d.wait_state("bcd", "stopped", T);
+    assert!(
+        !console.text().contains("read failed"),
+        "{}",
+        console.text()
+    );
+    let status = d.ok(&["status", "bcd"]);
+    assert!(status.contains("image.iso"), "{status}");
+}
+
+#[test]
+fn boot_device_picks_the_disk_or_the_cdrom_when_both_are_attached() {
+    require_firmware();
+    let d = Daemon::start("bios-bootorder");
+    let disk = raw_disk(&d.dir, 1);
+    let iso = iso_image(&d.dir);
+    let iso = iso.to_str().unwrap();
+    // On its own SeaBIOS boots the disk (it comes first on the bus): the
+    // boot order has to name the CD-ROM for it to win...
+    let started = Instant::now();
+    d.ok(&[
+        "start",
+        "-d",
+        disk.to_str().unwrap(),
+        "-r",
+        iso,
+        "-B",
+        "cdrom",
+        "-m",
+        "64M",
+        "bcd2",
+    ]);
+    let console = d.console("bcd2");
+    console.wait_for(CD_BLOCK2_MARKER, T);
+    eprintln!("bcd2: start to CD marker: {:.2?}", started.elapsed());
+    d.wait_state("bcd2", "stopped", T);
+    assert!(!console.text().contains(BOOT_MARKER), "{}", console.text());
+    // ...and `-B disk` boots the disk with the CD-ROM still attached.
+    let (console, _) = boot(&d, "bord", &disk, &["-r", iso, "-B", "disk"]);
+    console.wait_for(SECTOR2_MARKER, T);
+    d.wait_state("bord", "stopped", T);
+    assert!(!console.text().contains(CD_MARKER), "{}", console.text());
 }
