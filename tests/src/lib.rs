@@ -61,6 +61,15 @@ pub fn has_hw_virt() -> bool {
         .unwrap_or(false)
 }
 
+/// Says loudly that (part of) a test did not run here and why. Written
+/// straight to stderr, past the test harness's output capture, so the
+/// line shows in every run's output and no skip passes silently.
+pub fn skipped(what: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("\n*** SKIPPED {what}: {why} ***\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
 /// Builds the freestanding test guests once per test process.
 pub fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

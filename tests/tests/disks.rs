@@ -205,10 +205,9 @@ fn kill_9_after_flush_loses_nothing_and_a_locked_disk_is_refused() {
 #[test]
 fn linux_mounts_an_ext4_disk_reads_and_writes_a_file() {
     if !has_hw_virt() {
-        eprintln!(
-            "\n*** SKIPPED linux_mounts_an_ext4_disk_reads_and_writes_a_file: this CPU has no \
-             vmx/svm (nested KVM emulates guest kernel code, Linux cannot boot to userspace \
-             here); it runs on hosts with hardware virtualization ***\n"
+        vmd_e2e::skipped(
+            "linux_mounts_an_ext4_disk_reads_and_writes_a_file",
+            "this CPU has no vmx/svm (nested KVM emulates guest kernel code, Linux cannot boot to userspace here); it runs on hosts with hardware virtualization",
         );
         return;
     }

@@ -68,10 +68,9 @@ fn debian_vmlinux_early_boot_shows_version_and_our_command_line() {
 #[test]
 fn debian_linux_full_boot_with_two_vcpus() {
     if !has_hw_virt() {
-        eprintln!(
-            "\n*** SKIPPED debian_linux_full_boot_with_two_vcpus: this CPU has no vmx/svm \
-             (nested KVM emulates guest kernel code, Linux cannot boot to userspace here); \
-             it runs on hosts with hardware virtualization ***\n"
+        vmd_e2e::skipped(
+            "debian_linux_full_boot_with_two_vcpus",
+            "this CPU has no vmx/svm (nested KVM emulates guest kernel code, Linux cannot boot to userspace here); it runs on hosts with hardware virtualization",
         );
         return;
     }

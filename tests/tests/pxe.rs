@@ -167,10 +167,9 @@ fn ipxe_boots_a_program_over_tftp_from_the_local_interface() {
         // init, and QEMU -M pc with KVM fails the same way with the same
         // ROM (under TCG the same program boots over TFTP and prints the
         // marker).
-        eprintln!(
-            "\n*** SKIPPED the TFTP half of ipxe_boots_a_program_over_tftp_from_the_local_interface: \
-             this CPU has no vmx/svm and its KVM cannot run iPXE (QEMU -M pc fails the same way); \
-             SeaBIOS ran the ROM, checked above; the rest runs on hosts with hardware virtualization ***\n"
+        vmd_e2e::skipped(
+            "the TFTP half of ipxe_boots_a_program_over_tftp_from_the_local_interface",
+            "this CPU has no vmx/svm and its KVM cannot run iPXE (QEMU -M pc fails the same way); SeaBIOS ran the ROM, checked above; the rest runs on hosts with hardware virtualization",
         );
         return;
     }
