@@ -172,7 +172,8 @@ class Qemu:
     def __init__(self, machine, kernel, cmdline="", mem="64M", extra=(), netns=None):
         self.machine = machine
         wrap = ["ip", "netns", "exec", netns] if netns else []
-        self.argv = [*wrap, QEMU, "-M", machine, *QEMU_BASE, "-m", mem, "-kernel", str(kernel), *extra]
+        kern = ["-kernel", str(kernel)] if kernel is not None else []
+        self.argv = [*wrap, QEMU, "-M", machine, *QEMU_BASE, "-m", mem, *kern, *extra]
         if cmdline:
             self.argv += ["-append", cmdline]
         self.buf = b""
@@ -578,6 +579,119 @@ def fig_linux_hw(vmd):
                 fail("linux-full", vmm, e)
 
 
+# ------------------------------------------------- BIOS: reset vector -> boot sector
+
+BIOS_FW = "/usr/share/seabios/bios.bin"
+BIOS_MARK = b"VMD-BENCH bios boot sector\r\n"
+# Real mode: print the marker on COM1, power off through vmd's PM1a control
+# (0x604; QEMU -M pc's PIIX4 PM block sits elsewhere, so QEMU is killed once
+# the marker is in), then halt with interrupts off.
+BIOS_SECTOR = r"""
+    .code16
+    .globl _start
+_start:
+    cli
+    xor %ax, %ax
+    mov %ax, %ds
+    mov $msg, %si
+    mov $0x3f8, %dx
+1:  lodsb
+    test %al, %al
+    jz 2f
+    out %al, %dx
+    jmp 1b
+2:  mov $0x604, %dx
+    mov $0x3400, %ax
+    out %ax, %dx
+3:  hlt
+    jmp 3b
+msg: .asciz "VMD-BENCH bios boot sector\r\n"
+    .org 510
+    .byte 0x55, 0xaa
+"""
+
+
+def bios_disk():
+    """A 1 MiB raw disk whose boot sector prints BIOS_MARK (binutils as/ld)."""
+    d = WORK / "bios"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    (d / "boot.S").write_text(BIOS_SECTOR)
+    subprocess.run(["as", "--32", "-o", d / "boot.o", d / "boot.S"], check=True)
+    subprocess.run(["ld", "-m", "elf_i386", "-Ttext", "0x7c00", "--oformat", "binary",
+                    "-o", d / "boot.bin", d / "boot.o"], check=True)
+    code = (d / "boot.bin").read_bytes()
+    assert len(code) == 512, len(code)
+    disk = d / "disk.raw"
+    disk.write_bytes(code + bytes((1 << 20) - 512))
+    return disk
+
+
+def fig_bios(vmd, tr):
+    """The same boot sector on a raw disk through Debian's SeaBIOS: vmd
+    (`vmctl start -d`, no -b) and QEMU -M pc (-bios, virtio-blk-pci), from
+    the start command and from the first KVM_RUN (the reset vector: the
+    first guest instruction is SeaBIOS's in both) to the marker."""
+    if not Path(BIOS_FW).exists():
+        notes.append(f"BIOS: {BIOS_FW} missing (Debian's seabios package): BIOS rows skipped.")
+        return
+    disk = bios_disk()
+    me = os.getpid()
+    qemu_extra = ["-bios", BIOS_FW, "-drive", f"file={disk},format=raw,if=none,id=d0",
+                  "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
+    for i in range(RUNS):
+        for vmm in ["vmd", "qemu-pc"]:
+            if vmm != "vmd" and not QEMU or ("BIOS", vmm) in failures:
+                continue
+            log(f"BIOS boot {vmm} run {i + 1}/{RUNS}")
+            try:
+                if vmm == "vmd":
+                    tr.set_pids([me, *vmd.daemon_pids()])
+                    tr.start()
+                    name = vmd.name()
+                    t0 = now()
+                    p = subprocess.Popen([BIN / "vmctl", "-s", vmd.sock, "start", "-d", disk, "-m", "64M",
+                                          "--vcpus", "1", name],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    try:
+                        got, _ = vmd.wait_marks(name, [BIOS_MARK], 120, p)
+                    finally:
+                        text = tr.stop()
+                        p.wait()
+                        vmd.stop(name)
+                    pid = None
+                else:
+                    tr.set_pids([me])
+                    tr.start()
+                    q = Qemu("pc", None, mem="64M", extra=qemu_extra)
+                    try:
+                        got, _ = q.wait_marks([BIOS_MARK], 120)
+                    finally:
+                        text = tr.stop()
+                        q.kill()
+                    t0, pid = q.t0, q.p.pid
+                r = first_run_cpu(text, pid, exclude={me})
+                if r is None:
+                    raise RuntimeError("no KVM_RUN in the trace")
+            except Exception as e:
+                fail("BIOS", vmm, e)
+                continue
+            add("BIOS: start -> boot-sector marker (ms)", vmm, (got[BIOS_MARK] - t0) * 1e3)
+            add("BIOS: reset vector -> boot-sector marker (ms)", vmm, (got[BIOS_MARK] - r[0]) * 1e3)
+    notes.append(
+        "BIOS: one boot sector (prints `VMD-BENCH bios boot sector` on COM1, then powers off through "
+        "PM1a at 0x604 / halts) on a 1 MiB raw disk, booted by Debian's SeaBIOS "
+        f"(`{BIOS_FW}`) under both. vmd: `vmctl start -d disk.raw -m 64M` (no -b, so its default "
+        "SeaBIOS, the disk on vmd's virtio-blk); QEMU: `-M pc -bios " + BIOS_FW + " -drive "
+        "file=disk.raw,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0,disable-legacy=on` with "
+        "the base flags and no -kernel: virtio-blk (not IDE), so both firmware runs go through the same "
+        "SeaBIOS virtio-blk driver. `reset vector` = the VMM process's first ioctl(KVM_RUN) in the ftrace "
+        "(the vCPU starts at the reset vector in SeaBIOS in both); `start` = the start command's spawn. "
+        "The gap is SeaBIOS's POST, which on this nested KVM runs emulated (guest CPL0 about 1M "
+        "instructions/s), so the figure mostly counts how much POST work and how many exits each "
+        "machine model gives SeaBIOS, not CPU speed.")
+
+
 # ------------------------------------------------- virtio-blk / virtio-net
 
 BLK_SEQ_MIB = int(os.environ.get("BLK_SEQ_MIB", "32"))
@@ -946,43 +1060,65 @@ def result_rows(figs):
     return L
 
 
+# ONLY= keys whose rows merge into an existing OUT_MD: (Results row prefix,
+# Failures row prefix, Notes prefix, the section that says when they ran).
+MERGE = {
+    "blk": ("| virtio-blk", "| blk", "- virtio-blk:", "Block and network run"),
+    "net": ("| virtio-net", "| net-", "- virtio-net:", "Block and network run"),
+    "bios": ("| BIOS:", "| BIOS", "- BIOS:", "BIOS boot run"),
+}
+MERGEABLE = set(MERGE)
+
+
 def merge_report(only, elapsed):
-    """ONLY=blk and/or net: the file keeps every other row as measured
-    before; these rows, the throughput target line, their failures and notes
-    are replaced, and a section says when and where they were measured."""
+    """ONLY=blk, net and/or bios: the file keeps every other row as measured
+    before; these rows (and, for blk/net, the throughput target line), their
+    failures and notes are replaced, and a section says when and where they
+    were measured."""
     text = OUT_MD.read_text()
     sects = re.split(r"(?m)^(?=## )", text)
     head, rest = sects[0], {s.split("\n", 1)[0][3:].strip(): s for s in sects[1:]}
-    mine = lambda line: any(line.startswith(f"| virtio-{k}") for k in
-                            (["blk"] if "blk" in only else []) + (["net"] if "net" in only else []))
-    res = [l for l in rest["Results"].rstrip("\n").split("\n") if not mine(l)]
-    res += result_rows([f for f in results if f.startswith("virtio-")])
+    keys = [MERGE[k] for k in sorted(only)]
+    res = [l for l in rest["Results"].rstrip("\n").split("\n") if not any(l.startswith(k[0]) for k in keys)]
+    res += result_rows([f for f in results if any(("| " + f).startswith(k[0]) for k in keys)])
     rest["Results"] = "\n".join(res) + "\n\n"
-    tg = [l for l in rest["Targets"].rstrip("\n").split("\n") if "Block and network throughput" not in l]
-    rest["Targets"] = "\n".join(tg + [io_target()]) + "\n\n"
-    tags = {"blk": "blk", "net": "net-"}
+    if only & {"blk", "net"}:
+        tg = [l for l in rest["Targets"].rstrip("\n").split("\n") if "Block and network throughput" not in l]
+        rest["Targets"] = "\n".join(tg + [io_target()]) + "\n\n"
     if "Failures" in rest:
         fl = [l for l in rest["Failures"].rstrip("\n").split("\n")
-              if not any(l.startswith(f"| {tags[k]}") for k in only)]
+              if not any(l.startswith(k[1]) for k in keys)]
         rest["Failures"] = "\n".join(fl) + "\n\n"
     new_f = [f"| {f} | {v} | `{e}` |" for (f, v), e in failures.items()]
     if new_f:
         if "Failures" not in rest:
             rest["Failures"] = "## Failures\n\n| figure | VMM | error |\n|---|---|---|\n"
         rest["Failures"] = rest["Failures"].rstrip("\n") + "\n" + "\n".join(new_f) + "\n\n"
-    if "Notes" in rest:
-        nl = [l for l in rest["Notes"].rstrip("\n").split("\n")
-              if not any(l.startswith(f"- virtio-{k}:") for k in only)]
-        rest["Notes"] = "\n".join(nl + [f"- {n}" for n in notes if n.startswith("virtio-")]) + "\n\n"
+    new_n = [f"- {n}" for n in notes if any(("- " + n).startswith(k[2]) for k in keys)]
+    if "Notes" in rest or new_n:
+        nl = [l for l in rest.get("Notes", "## Notes\n").rstrip("\n").split("\n")
+              if not any(l.startswith(k[2]) for k in keys)]
+        rest["Notes"] = "\n".join(nl + new_n) + "\n\n"
     info = dict(machine_info())
-    run = (f"## Block and network run\n\nThe virtio-blk and virtio-net rows come from a later run "
-           f"(`ONLY={','.join(sorted(only))} bench/run.sh`, {elapsed / 60:.1f} min) merged into this file; "
-           f"every other row is from the run described under Machine.\n\n| | |\n|---|---|\n"
-           f"| date | {info['date']} |\n| vmd | {info['vmd']} |\n| QEMU | {info['QEMU']} |\n"
-           f"| QEMU flags | `-M pc {' '.join(QEMU_BASE)} -m 64M -kernel GUEST` + the device flags in the notes |\n"
-           f"| runs | {RUNS} per figure |\n\n")
-    rest["Block and network run"] = run
-    order = ["Machine", "Block and network run", "Results", "Targets", "Failures", "Notes", "Methods"]
+    onl = ",".join(sorted(only))
+    table = (f"| | |\n|---|---|\n| date | {info['date']} |\n| vmd | {info['vmd']} |\n"
+             f"| QEMU | {info['QEMU']} |\n")
+    if only & {"blk", "net"}:
+        rest["Block and network run"] = (
+            f"## Block and network run\n\nThe virtio-blk and virtio-net rows come from a later run "
+            f"(`ONLY={onl} bench/run.sh`, {elapsed / 60:.1f} min) merged into this file; "
+            f"every other row is from the run described under Machine.\n\n{table}"
+            f"| QEMU flags | `-M pc {' '.join(QEMU_BASE)} -m 64M -kernel GUEST` + the device flags in the notes |\n"
+            f"| runs | {RUNS} per figure |\n\n")
+    if "bios" in only:
+        rest["BIOS boot run"] = (
+            f"## BIOS boot run\n\nThe `BIOS:` rows come from a later run (`ONLY={onl} bench/run.sh`, "
+            f"{elapsed / 60:.1f} min) merged into this file; every other row is from the run described "
+            f"under Machine (or the block and network run).\n\n{table}"
+            f"| QEMU flags | `-M pc {' '.join(QEMU_BASE)} -m 64M -bios {BIOS_FW}` + the virtio-blk disk in the notes |\n"
+            f"| runs | {RUNS} per figure |\n\n")
+    order = ["Machine", "Block and network run", "BIOS boot run", "Results", "Targets", "Failures", "Notes",
+             "Methods"]
     keys = [k for k in order if k in rest] + [k for k in rest if k not in order]
     OUT_MD.write_text(head + "".join(rest[k] if rest[k].endswith("\n\n") or k == keys[-1]
                                      else rest[k] + "\n" for k in keys))
@@ -1075,7 +1211,7 @@ def main():
     WORK.mkdir(parents=True, exist_ok=True)
     vmd = Vmd()
     tr = Ftrace([os.getpid(), *vmd.daemon_pids()])
-    only = set(os.environ.get("ONLY", "boot,exits,memory,many,linuxhw,blk,net").split(","))
+    only = set(os.environ.get("ONLY", "boot,exits,memory,many,linuxhw,blk,net,bios").split(","))
     khz = host_tsc_khz()
     try:
         if "boot" in only:
@@ -1090,6 +1226,8 @@ def main():
             fig_linux_hw(vmd)
         if "blk" in only:
             fig_blk(vmd, khz)
+        if "bios" in only:
+            fig_bios(vmd, tr)
     finally:
         tr.close()
         vmd.close()
@@ -1097,7 +1235,7 @@ def main():
         fig_net(khz)
     rows = [r for r in placeholders() if not (("blk" in only and "blk" in r[0]) or
                                               ("net" in only and "net" in r[0]))]
-    if only <= {"blk", "net"} and OUT_MD.exists():
+    if only <= MERGEABLE and OUT_MD.exists():
         merge_report(only, now() - t_start)
     else:
         write_report(rows, now() - t_start)

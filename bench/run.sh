@@ -2,7 +2,7 @@
 # bench/run.sh - vmd vs QEMU benchmarks on this machine; writes docs/BENCHMARKS.md.
 # Run as root from anywhere.  Environment: RUNS (default 5), LINUX_RUNS
 # (default RUNS), EXITS_N (accesses per exit phase, default 20000), ONLY
-# (comma list of boot,exits,memory,many,linuxhw,blk,net; ONLY=blk,net merges
+# (comma list of boot,exits,memory,many,linuxhw,blk,net,bios; ONLY=blk,net,bios merges
 # its rows into an existing OUT_MD instead of rewriting it), OUT_MD, CARGO_TARGET_DIR,
 # VMD_BIN_DIR (skip the cargo build), VMLINUX (Debian vmlinux; default: the
 # one tests/guest/build-linux-guest.sh caches).  Sends no network traffic
