@@ -2,8 +2,12 @@
 //! parser still finds its CPUs and interrupt wiring (MADT), and so that
 //! Linux can power off (FADT + DSDT `\_S5` → PM1a control).
 //!
-//! Layout (all in the reserved BIOS area, see layout.rs):
 //! RSDP → XSDT → { FADT → { FACS, DSDT }, MADT }.
+//!
+//! Two ways in, one set of builders: a directly booted kernel finds the
+//! tables at fixed addresses in the reserved BIOS area (see layout.rs,
+//! [`write`]); firmware (SeaBIOS) gets them through fw_cfg as QEMU's
+//! linker/loader files ([`loader_files`]) and places them itself.
 //!
 //! The tables are hand-written here rather than taken from the rust-vmm
 //! `acpi_tables` crate: we need six small fixed tables, and writing them
@@ -12,6 +16,7 @@
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::devices::fw_cfg::{FwCfgError, LoaderZone, TableLoader};
 use crate::devices::power::SLP_TYP_S5;
 use crate::layout::{
     ACPI_DSDT, ACPI_END, ACPI_FACS, ACPI_FADT, ACPI_MADT, ACPI_RSDP, ACPI_XSDT, IOAPIC_ADDR,
@@ -26,6 +31,8 @@ pub enum AcpiError {
     TooLarge(u32),
     #[error("cannot write the {0} to guest memory: {1}")]
     Write(&'static str, vm_memory::GuestMemoryError),
+    #[error("ACPI table loader: {0}")]
+    Loader(#[from] FwCfgError),
 }
 
 const OEM_ID: [u8; 6] = *b"VMD   ";
@@ -318,6 +325,9 @@ fn header(signature: &[u8; 4], revision: u8) -> SdtHeader {
 /// Offsets of the length and checksum fields in an SDT header.
 const LENGTH_AT: usize = 4;
 const CHECKSUM_AT: usize = 9;
+const HEADER_LEN: usize = std::mem::size_of::<SdtHeader>();
+/// The ACPI 1.0 part of the RSDP, which its first checksum covers.
+const RSDP_V1_LEN: usize = 20;
 
 /// Sets a table's length and checksum; `table` starts with an SdtHeader.
 fn finish(mut table: Vec<u8>) -> Vec<u8> {
@@ -328,16 +338,18 @@ fn finish(mut table: Vec<u8>) -> Vec<u8> {
     table
 }
 
-fn rsdp() -> Rsdp {
+/// The RSDP naming the XSDT at `xsdt` (an address, or an offset the
+/// loader turns into one).
+fn rsdp(xsdt: u64) -> Rsdp {
     let mut r = Rsdp {
         signature: *b"RSD PTR ",
         oem_id: OEM_ID,
         revision: 2,
         length: std::mem::size_of::<Rsdp>() as u32,
-        xsdt_addr: ACPI_XSDT,
+        xsdt_addr: xsdt,
         ..Default::default()
     };
-    r.checksum = checksum(&r.as_slice()[..20]);
+    r.checksum = checksum(&r.as_slice()[..RSDP_V1_LEN]);
     r.extended_checksum = checksum(r.as_slice());
     r
 }
@@ -350,7 +362,9 @@ fn xsdt(tables: &[u64]) -> Vec<u8> {
     finish(t)
 }
 
-fn fadt() -> Vec<u8> {
+/// The FADT naming the FACS and DSDT at `facs` and `dsdt` (addresses, or
+/// offsets the loader turns into addresses).
+fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
     let pm1a_evt = Gas::io(PORT_PM1A_EVT, PM1A_EVT_LEN, 0);
     let pm1a_cnt = Gas::io(PORT_PM1A_CNT, PM1A_CNT_LEN, 0);
     let f = Fadt {
@@ -358,7 +372,8 @@ fn fadt() -> Vec<u8> {
         // The FACS goes in X_FIRMWARE_CTRL only: the spec wants one of the
         // two zero, and Linux lists the FACS twice when both are set.
         firmware_ctrl: 0,
-        dsdt: ACPI_DSDT as u32,
+        // Below 4 GiB on both paths (the loader's zones are too).
+        dsdt: dsdt as u32,
         preferred_pm_profile: PM_PROFILE_UNSPECIFIED,
         sci_int: u16::from(SCI_IRQ),
         // No SMI command port: the machine is always in ACPI mode.
@@ -375,8 +390,8 @@ fn fadt() -> Vec<u8> {
         flags: FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_FIX_RTC | FADT_RESET_REG_SUP,
         reset_reg: Gas::io(PORT_RESET_CTRL, 1, ACCESS_BYTE),
         reset_value: RESET_VALUE,
-        x_firmware_ctrl: ACPI_FACS,
-        x_dsdt: ACPI_DSDT,
+        x_firmware_ctrl: facs,
+        x_dsdt: dsdt,
         // Same blocks as the 32-bit fields; a mismatch draws a warning.
         x_pm1a_evt_blk: pm1a_evt,
         x_pm1a_cnt_blk: pm1a_cnt,
@@ -462,11 +477,11 @@ fn aml_package(count: u8, elements: &[u8]) -> Vec<u8> {
 ///     IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08)
 ///     DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed,
 ///         NonCacheable, ReadWrite, 0x00000000,
-///         PCI_MMIO_START, PCI_MMIO_END - 1, 0x00000000,
-///         PCI_MMIO_END - PCI_MMIO_START)
+///         window.start, window.end - 1, 0x00000000,
+///         window.end - window.start)
 /// }
 /// ```
-fn pci_crs() -> Vec<u8> {
+fn pci_crs(window: &std::ops::Range<u32>) -> Vec<u8> {
     const PRODUCER_MIN_MAX_FIXED: u8 = 0x0c;
     let mut r = vec![0x88, 13, 0, 2, PRODUCER_MIN_MAX_FIXED, 0];
     for v in [0u16, 0, 0, 0, 1] {
@@ -477,10 +492,10 @@ fn pci_crs() -> Vec<u8> {
     r.extend_from_slice(&[0x87, 23, 0, 0, PRODUCER_MIN_MAX_FIXED, 1]);
     for v in [
         0u32,
-        PCI_MMIO_START as u32,
-        (PCI_MMIO_END - 1) as u32,
+        window.start,
+        window.end - 1,
         0,
-        (PCI_MMIO_END - PCI_MMIO_START) as u32,
+        window.end - window.start,
     ] {
         r.extend_from_slice(&v.to_le_bytes());
     }
@@ -516,7 +531,7 @@ fn pci_crs() -> Vec<u8> {
 /// MCFG), takes the BAR window from _CRS and routes each slot's INTA#
 /// through _PRT; with MSI-X (which virtio-pci drivers use first) the
 /// _PRT matters only as a fallback.
-fn dsdt_aml() -> Vec<u8> {
+fn dsdt_aml(window: &std::ops::Range<u32>) -> Vec<u8> {
     let elements = [BYTE_PREFIX, SLP_TYP_S5 as u8, ZERO_OP, ZERO_OP, ZERO_OP];
     let mut aml = vec![NAME_OP, b'\\'];
     aml.extend_from_slice(b"_S5_");
@@ -532,7 +547,7 @@ fn dsdt_aml() -> Vec<u8> {
     dev.extend(aml_name(b"_UID", &[ZERO_OP]));
     dev.extend(aml_name(b"_SEG", &[ZERO_OP]));
     dev.extend(aml_name(b"_BBN", &[ZERO_OP]));
-    let crs = pci_crs();
+    let crs = pci_crs(window);
     let mut buf = vec![BYTE_PREFIX, crs.len() as u8];
     buf.extend_from_slice(&crs);
     let mut crs_obj = vec![BUFFER_OP];
@@ -559,10 +574,11 @@ fn dsdt_aml() -> Vec<u8> {
     aml
 }
 
-fn dsdt() -> Vec<u8> {
+/// The DSDT, its PCI root bridge decoding memory `window`.
+fn dsdt(window: &std::ops::Range<u32>) -> Vec<u8> {
     // Revision 2: integers in AML are 64 bits wide.
     let mut t = header(b"DSDT", 2).as_slice().to_vec();
-    t.extend_from_slice(&dsdt_aml());
+    t.extend_from_slice(&dsdt_aml(window));
     finish(t)
 }
 
@@ -628,11 +644,11 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
         return Err(AcpiError::TooLarge(vcpus));
     }
     let tables: [(&'static str, u64, Vec<u8>); 6] = [
-        ("RSDP", ACPI_RSDP, rsdp().as_slice().to_vec()),
+        ("RSDP", ACPI_RSDP, rsdp(ACPI_XSDT).as_slice().to_vec()),
         ("XSDT", ACPI_XSDT, xsdt(&[ACPI_FADT, ACPI_MADT])),
         ("FACS", ACPI_FACS, facs().as_slice().to_vec()),
-        ("FADT", ACPI_FADT, fadt()),
-        ("DSDT", ACPI_DSDT, dsdt()),
+        ("FADT", ACPI_FADT, fadt(ACPI_FACS, ACPI_DSDT)),
+        ("DSDT", ACPI_DSDT, dsdt(&DIRECT_PCI_WINDOW)),
         ("MADT", ACPI_MADT, madt),
     ];
     for (name, addr, bytes) in &tables {
@@ -640,6 +656,113 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
             .map_err(|e| AcpiError::Write(name, e))?;
     }
     Ok(ACPI_RSDP)
+}
+
+/// Where a directly booted kernel's PCI BARs go (we place them).
+const DIRECT_PCI_WINDOW: std::ops::Range<u32> = PCI_MMIO_START as u32..PCI_MMIO_END as u32;
+
+/// The PCI hole under firmware: SeaBIOS places BARs between the end of
+/// low RAM and the IOAPIC (from 2 GiB up on small VMs, top down from
+/// 0xfec00000), as under QEMU, whose DSDT gives the same hole.
+pub fn firmware_pci_window(low_ram_end: u64) -> std::ops::Range<u32> {
+    // Low RAM ends at or below MMIO_GAP_START, so this fits in 32 bits.
+    u32::try_from(low_ram_end).unwrap_or(IOAPIC_ADDR)..IOAPIC_ADDR
+}
+
+/// fw_cfg file names of QEMU's ACPI interface, which SeaBIOS looks for.
+pub const LOADER_TABLES_FILE: &str = "etc/acpi/tables";
+pub const LOADER_RSDP_FILE: &str = "etc/acpi/rsdp";
+pub const LOADER_SCRIPT_FILE: &str = "etc/table-loader";
+
+/// The three fw_cfg files through which firmware loads our tables.
+pub struct LoaderFiles {
+    /// FACS, DSDT, FADT, MADT and XSDT, pointers as offsets into this blob.
+    pub tables: Vec<u8>,
+    /// The RSDP, its XSDT pointer an offset into `tables`.
+    pub rsdp: Vec<u8>,
+    /// The `etc/table-loader` script that places and patches both.
+    pub script: Vec<u8>,
+}
+
+/// Appends `table` to `blob` at an 8-byte boundary; returns its offset.
+fn append(blob: &mut Vec<u8>, table: &[u8]) -> u64 {
+    blob.resize(blob.len().next_multiple_of(8), 0);
+    let at = blob.len() as u64;
+    blob.extend_from_slice(table);
+    at
+}
+
+/// The tables for `vcpus` CPUs as QEMU's BIOS linker/loader files: the
+/// same builders as [`write`], given offsets into the tables blob where
+/// the direct path gives addresses; the script makes them addresses.
+/// `pci_window` is the memory the PCI root bridge decodes: the firmware
+/// places BARs itself, so it is the whole hole below 4 GiB that the
+/// firmware may use (see [`firmware_pci_window`]).
+pub fn loader_files(
+    vcpus: u32,
+    pci_window: std::ops::Range<u32>,
+) -> Result<LoaderFiles, AcpiError> {
+    const T: &str = LOADER_TABLES_FILE;
+    let mut blob = Vec::new();
+    // The FACS first: the blob's alignment below gives it its 64 bytes.
+    let facs_at = append(&mut blob, facs().as_slice());
+    let dsdt_at = append(&mut blob, &dsdt(&pci_window));
+    let fadt_at = append(&mut blob, &fadt(facs_at, dsdt_at));
+    let madt_at = append(&mut blob, &madt(vcpus));
+    let listed = [fadt_at, madt_at];
+    let xsdt_at = append(&mut blob, &xsdt(&listed));
+    let rsdp = rsdp(xsdt_at).as_slice().to_vec();
+
+    // The blob is a few KiB (the MADT at MAX_VCPUS included), so every
+    // offset fits the script's 32-bit fields.
+    let off = |at: u64, field: usize| (at as usize + field) as u32;
+    let len = |at: u64| -> u32 {
+        let len = &blob[at as usize + LENGTH_AT..at as usize + LENGTH_AT + 4];
+        u32::from_le_bytes([len[0], len[1], len[2], len[3]])
+    };
+    let mut l = TableLoader::default();
+    l.allocate(T, 64, LoaderZone::High)?;
+    l.add_pointer(T, T, off(fadt_at, std::mem::offset_of!(Fadt, dsdt)), 4)?;
+    l.add_pointer(
+        T,
+        T,
+        off(fadt_at, std::mem::offset_of!(Fadt, x_firmware_ctrl)),
+        8,
+    )?;
+    l.add_pointer(T, T, off(fadt_at, std::mem::offset_of!(Fadt, x_dsdt)), 8)?;
+    for i in 0..listed.len() {
+        l.add_pointer(T, T, off(xsdt_at, HEADER_LEN + 8 * i), 8)?;
+    }
+    // Each table's checksum after its pointers are patched; the DSDT and
+    // MADT hold none, but QEMU sums every table too.
+    for at in [dsdt_at, fadt_at, madt_at, xsdt_at] {
+        l.add_checksum(T, off(at, CHECKSUM_AT), off(at, 0), len(at))?;
+    }
+    // The RSDP in the segment where guests scan for it.
+    l.allocate(LOADER_RSDP_FILE, 16, LoaderZone::Fseg)?;
+    l.add_pointer(
+        LOADER_RSDP_FILE,
+        T,
+        std::mem::offset_of!(Rsdp, xsdt_addr) as u32,
+        8,
+    )?;
+    l.add_checksum(
+        LOADER_RSDP_FILE,
+        std::mem::offset_of!(Rsdp, checksum) as u32,
+        0,
+        RSDP_V1_LEN as u32,
+    )?;
+    l.add_checksum(
+        LOADER_RSDP_FILE,
+        std::mem::offset_of!(Rsdp, extended_checksum) as u32,
+        0,
+        rsdp.len() as u32,
+    )?;
+    Ok(LoaderFiles {
+        tables: blob,
+        rsdp,
+        script: l.into_bytes(),
+    })
 }
 
 #[cfg(test)]
@@ -673,7 +796,7 @@ mod tests {
 
     #[test]
     fn layout_fits_and_is_aligned() {
-        assert!(ACPI_DSDT + dsdt().len() as u64 <= ACPI_MADT);
+        assert!(ACPI_DSDT + dsdt(&DIRECT_PCI_WINDOW).len() as u64 <= ACPI_MADT);
         assert!(
             ACPI_MADT + madt(vmd_proto::vm::MAX_VCPUS).len() as u64
                 <= crate::layout::BIOS_ROM_START
@@ -762,6 +885,117 @@ mod tests {
             &[0x08, b'\\', b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0, 0, 0]
         );
         assert_eq!(u16::from(d[46]), SLP_TYP_S5);
+    }
+
+    /// Runs a table-loader script as SeaBIOS does, placing the tables file
+    /// at `tables_base` and the RSDP at `rsdp_base`; returns both.
+    fn run_loader(f: &LoaderFiles, tables_base: u64, rsdp_base: u64) -> (Vec<u8>, Vec<u8>) {
+        let name = |b: &[u8]| {
+            let end = b.iter().position(|c| *c == 0).unwrap();
+            String::from_utf8(b[..end].to_vec()).unwrap()
+        };
+        let mut tables = f.tables.clone();
+        let mut rsdp = f.rsdp.clone();
+        let mut allocated = Vec::new();
+        assert_eq!(f.script.len() % 128, 0);
+        for e in f.script.chunks(128) {
+            match u32_at(e, 0) {
+                1 => {
+                    let file = name(&e[4..60]);
+                    let (align, zone) = (u32_at(e, 60), e[64]);
+                    match file.as_str() {
+                        LOADER_TABLES_FILE => {
+                            assert_eq!((zone, tables_base % u64::from(align)), (1, 0));
+                        }
+                        LOADER_RSDP_FILE => {
+                            assert_eq!((zone, rsdp_base % u64::from(align)), (2, 0));
+                        }
+                        other => panic!("allocates unknown file {other}"),
+                    }
+                    allocated.push(file);
+                }
+                2 => {
+                    let (dest, src) = (name(&e[4..60]), name(&e[60..116]));
+                    assert!(allocated.contains(&dest) && allocated.contains(&src));
+                    assert_eq!(src, LOADER_TABLES_FILE);
+                    let (at, size) = (u32_at(e, 116) as usize, usize::from(e[120]));
+                    let d = if dest == LOADER_RSDP_FILE {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let mut v = [0u8; 8];
+                    v[..size].copy_from_slice(&d[at..at + size]);
+                    let patched = (u64::from_le_bytes(v) + tables_base).to_le_bytes();
+                    d[at..at + size].copy_from_slice(&patched[..size]);
+                }
+                3 => {
+                    let file = name(&e[4..60]);
+                    let (at, start, len) = (
+                        u32_at(e, 60) as usize,
+                        u32_at(e, 64) as usize,
+                        u32_at(e, 68) as usize,
+                    );
+                    let d = if file == LOADER_RSDP_FILE {
+                        &mut rsdp
+                    } else {
+                        &mut tables
+                    };
+                    let s = sum(&d[start..start + len]);
+                    d[at] = d[at].wrapping_sub(s);
+                }
+                c => panic!("unknown loader command {c}"),
+            }
+        }
+        (tables, rsdp)
+    }
+
+    #[test]
+    fn loader_files_patch_into_the_same_tables_as_the_direct_path() {
+        let f = loader_files(2, DIRECT_PCI_WINDOW).unwrap();
+        let (tables_base, rsdp_base) = (0x7ff_0000u64, 0xf5a10u64);
+        let (t, r) = run_loader(&f, tables_base, rsdp_base);
+        assert_eq!(&r[..8], b"RSD PTR ");
+        assert_eq!((sum(&r[..20]), sum(&r)), (0, 0));
+        let at = |addr: u64| (addr - tables_base) as usize;
+        let placed = |addr: u64, sig: &[u8; 4]| {
+            let o = at(addr);
+            assert_eq!(&t[o..o + 4], sig);
+            let b = &t[o..o + u32_at(&t, o + 4) as usize];
+            assert_eq!(sum(b), 0, "{}", String::from_utf8_lossy(sig));
+            b.to_vec()
+        };
+        let x = placed(u64_at(&r, 24), b"XSDT");
+        let fadt = placed(u64_at(&x, 36), b"FACP");
+        let madt = placed(u64_at(&x, 44), b"APIC");
+        assert_eq!(u64::from(u32_at(&fadt, 40)), u64_at(&fadt, 140));
+        let dsdt = placed(u64_at(&fadt, 140), b"DSDT");
+        let facs = u64_at(&fadt, 132);
+        assert_eq!(facs % 64, 0);
+        assert_eq!(&t[at(facs)..at(facs) + 4], b"FACS");
+        // Besides the pointers, byte for byte what a kernel gets.
+        let mem = written(2);
+        let direct = |addr: u64, sig: &[u8; 4]| table(&mem, addr, sig);
+        assert_eq!(dsdt, direct(ACPI_DSDT, b"DSDT"));
+        assert_eq!(madt, direct(ACPI_MADT, b"APIC"));
+        let d = direct(ACPI_FADT, b"FACP");
+        assert_eq!(fadt[..9], d[..9]);
+        assert_eq!(fadt[10..40], d[10..40]);
+        assert_eq!(fadt[44..132], d[44..132]);
+        assert_eq!(fadt[148..], d[148..]);
+    }
+
+    #[test]
+    fn firmware_dsdt_hands_the_whole_pci_hole_to_the_root_bridge() {
+        let w = firmware_pci_window(64 << 20);
+        assert_eq!(w, 0x0400_0000..0xfec0_0000);
+        let d = dsdt(&w);
+        let crs = d.windows(3).position(|x| x == [0x87, 23, 0]).unwrap();
+        assert_eq!(u32_at(&d, crs + 10), 0x0400_0000);
+        assert_eq!(u32_at(&d, crs + 14), 0xfebf_ffff);
+        assert_eq!(u32_at(&d, crs + 22), 0xfec0_0000 - 0x0400_0000);
+        let f = loader_files(1, w).unwrap();
+        assert!(f.tables.windows(d.len()).any(|x| x == d));
     }
 
     #[test]

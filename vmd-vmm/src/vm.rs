@@ -367,6 +367,12 @@ impl Vm {
         if image.is_some() {
             let mut items = FwCfgItems::new(params.vcpus as u16, params.memory);
             items.add_file("etc/e820", fw_cfg::e820_file(&firmware::e820_map(&ram)))?;
+            // Our ACPI tables, placed by the firmware's table loader, so
+            // that an ACPI guest can power off and take the power button.
+            let acpi = acpi::loader_files(params.vcpus, acpi::firmware_pci_window(ram.low_end))?;
+            items.add_file(acpi::LOADER_TABLES_FILE, acpi.tables)?;
+            items.add_file(acpi::LOADER_RSDP_FILE, acpi.rsdp)?;
+            items.add_file(acpi::LOADER_SCRIPT_FILE, acpi.script)?;
             pio.insert(u64::from(PORT_DEBUGCON), 1, shared(DebugCon::default()))?;
             fw_items = Some(items);
         }

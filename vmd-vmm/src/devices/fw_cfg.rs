@@ -235,6 +235,86 @@ impl BusDevice for FwCfg {
     }
 }
 
+/// QEMU's BIOS linker/loader script (`etc/table-loader`): commands the
+/// firmware runs to place fw_cfg files in its memory and patch pointers
+/// between them, so that the tables we build need no fixed addresses.
+/// Each command is 128 bytes, little-endian.
+#[derive(Debug, Default, Clone)]
+pub struct TableLoader {
+    script: Vec<u8>,
+}
+
+const LOADER_ENTRY_LEN: usize = 128;
+const LOADER_ALLOCATE: u32 = 1;
+const LOADER_ADD_POINTER: u32 = 2;
+const LOADER_ADD_CHECKSUM: u32 = 3;
+
+/// Where ALLOCATE puts a file: anywhere in RAM the firmware reserves for
+/// itself, or in the 0xe0000-0xfffff segment (where an RSDP must be).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoaderZone {
+    High = 1,
+    Fseg = 2,
+}
+
+impl TableLoader {
+    fn entry(&mut self, command: u32, names: &[&str], rest: &[u8]) -> Result<(), FwCfgError> {
+        let mut e = command.to_le_bytes().to_vec();
+        for name in names {
+            if name.len() >= FILE_NAME_LEN {
+                return Err(FwCfgError::NameTooLong((*name).into()));
+            }
+            let mut n = [0u8; FILE_NAME_LEN];
+            n[..name.len()].copy_from_slice(name.as_bytes());
+            e.extend_from_slice(&n);
+        }
+        e.extend_from_slice(rest);
+        e.resize(LOADER_ENTRY_LEN, 0);
+        self.script.extend_from_slice(&e);
+        Ok(())
+    }
+
+    /// Loads fw_cfg file `file` into `zone`, aligned to `align` bytes.
+    pub fn allocate(&mut self, file: &str, align: u32, zone: LoaderZone) -> Result<(), FwCfgError> {
+        let mut rest = align.to_le_bytes().to_vec();
+        rest.push(zone as u8);
+        self.entry(LOADER_ALLOCATE, &[file], &rest)
+    }
+
+    /// Adds `src`'s load address to the `size`-byte little-endian value at
+    /// `offset` in `dest` (which holds an offset into `src`).
+    pub fn add_pointer(
+        &mut self,
+        dest: &str,
+        src: &str,
+        offset: u32,
+        size: u8,
+    ) -> Result<(), FwCfgError> {
+        let mut rest = offset.to_le_bytes().to_vec();
+        rest.push(size);
+        self.entry(LOADER_ADD_POINTER, &[dest, src], &rest)
+    }
+
+    /// Makes the bytes `start..start + length` of `file` sum to zero by
+    /// adjusting the byte at `at`; after the pointers it covers.
+    pub fn add_checksum(
+        &mut self,
+        file: &str,
+        at: u32,
+        start: u32,
+        length: u32,
+    ) -> Result<(), FwCfgError> {
+        let mut rest = at.to_le_bytes().to_vec();
+        rest.extend_from_slice(&start.to_le_bytes());
+        rest.extend_from_slice(&length.to_le_bytes());
+        self.entry(LOADER_ADD_CHECKSUM, &[file], &rest)
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.script
+    }
+}
+
 /// QEMU's `etc/e820` entry: address, length (little-endian u64s), type.
 pub fn e820_file(map: &[(u64, u64, u32)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(map.len() * 20);
@@ -344,6 +424,34 @@ mod tests {
         let mut b = [0u8; 4];
         d.read(DMA_HIGH, &mut b);
         assert_eq!(&b, b"QEMU");
+    }
+
+    #[test]
+    fn table_loader_commands_are_128_bytes_in_qemus_layout() {
+        let mut l = TableLoader::default();
+        l.allocate("etc/acpi/rsdp", 16, LoaderZone::Fseg).unwrap();
+        l.add_pointer("etc/acpi/rsdp", "etc/acpi/tables", 24, 8)
+            .unwrap();
+        l.add_checksum("etc/acpi/rsdp", 8, 0, 20).unwrap();
+        let b = l.into_bytes();
+        assert_eq!(b.len(), 3 * 128);
+        let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+        assert_eq!(u32_at(0), 1);
+        assert_eq!(&b[4..17], b"etc/acpi/rsdp");
+        assert_eq!(b[17], 0);
+        assert_eq!(u32_at(60), 16);
+        assert_eq!(b[64], 2);
+        assert_eq!(u32_at(128), 2);
+        assert_eq!(&b[128 + 60..128 + 75], b"etc/acpi/tables");
+        assert_eq!(u32_at(128 + 116), 24);
+        assert_eq!(b[128 + 120], 8);
+        assert_eq!(u32_at(256), 3);
+        assert_eq!(
+            (u32_at(256 + 60), u32_at(256 + 64), u32_at(256 + 68)),
+            (8, 0, 20)
+        );
+        let mut l = TableLoader::default();
+        assert!(l.allocate(&"x".repeat(56), 1, LoaderZone::High).is_err());
     }
 
     #[test]
