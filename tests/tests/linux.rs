@@ -37,7 +37,20 @@ fn debian_vmlinux_early_boot_shows_version_and_our_command_line() {
         "TIME linux early boot: start -> 'Kernel command line:' {:?}",
         t0.elapsed()
     );
-    let text = console.text();
+    // The line may still be arriving: wait for its end before reading it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut text = console.text();
+    while !text
+        .split_once("Kernel command line: ")
+        .is_some_and(|(_, rest)| rest.contains('\n'))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "command line never ended:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        text = console.text();
+    }
     let shown = text
         .lines()
         .find_map(|l| {
