@@ -107,7 +107,7 @@ const COMMANDS: &[Command] = &[
         about: "start a VM",
         flags: &[
             ("-c", "attach the console once the VM runs"),
-            ("-b path", "kernel to boot: bzImage, ELF vmlinux or PVH ELF"),
+            ("-b path", "kernel (bzImage, ELF vmlinux, PVH ELF) or BIOS image; none: SeaBIOS"),
             ("-m size", "guest memory, e.g. 512M or 2G (default 512M)"),
             ("--initrd path", "initial ramdisk to load with the kernel"),
             ("--cmdline string", "kernel command line"),
