@@ -70,6 +70,49 @@ pub fn skipped(what: &str, why: &str) {
     let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
+/// Assembles 16-bit real-mode code (binutils: `as --32`, `ld` to a flat
+/// binary linked at 0x7c00, where firmware and PXE load boot code), with
+/// each `(name, value)` in `defsyms` defined for the source; files are
+/// named after `stem` in `dir`.
+pub fn assemble_real_mode(
+    dir: &Path,
+    stem: &str,
+    source: &str,
+    defsyms: &[(&str, u32)],
+) -> Vec<u8> {
+    let src = dir.join(format!("{stem}.S"));
+    let obj = dir.join(format!("{stem}.o"));
+    let bin = dir.join(format!("{stem}.bin"));
+    std::fs::write(&src, source).expect("writing the assembly source");
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("binutils (as, ld) are required");
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let mut as_cmd = Command::new("as");
+    as_cmd.arg("--32");
+    for (name, value) in defsyms {
+        as_cmd.args(["--defsym", &format!("{name}={value}")]);
+    }
+    run(as_cmd.arg("-o").arg(&obj).arg(&src));
+    run(Command::new("ld")
+        .args([
+            "-m",
+            "elf_i386",
+            "-Ttext",
+            "0x7c00",
+            "--oformat",
+            "binary",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&obj));
+    std::fs::read(&bin).expect("reading the assembled binary")
+}
+
 /// Builds the freestanding test guests once per test process.
 pub fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

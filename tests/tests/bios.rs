@@ -91,35 +91,7 @@ fn boot_sector(dir: &Path, action: u32) -> Vec<u8> {
 /// Assembles `source` (real mode, linked at 0x7c00, `ACTION` defined as
 /// `action`) into a 512-byte boot sector named after `stem` in `dir`.
 fn assemble_sector(dir: &Path, stem: &str, source: &str, action: u32) -> Vec<u8> {
-    let src = dir.join(format!("{stem}.S"));
-    let obj = dir.join(format!("{stem}.o"));
-    let bin = dir.join(format!("{stem}.bin"));
-    std::fs::write(&src, source).unwrap();
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().expect("binutils (as, ld) are required");
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new("as")
-        .args(["--32", "--defsym", &format!("ACTION={action}"), "-o"])
-        .arg(&obj)
-        .arg(&src));
-    run(Command::new("ld")
-        .args([
-            "-m",
-            "elf_i386",
-            "-Ttext",
-            "0x7c00",
-            "--oformat",
-            "binary",
-            "-o",
-        ])
-        .arg(&bin)
-        .arg(&obj));
-    let code = std::fs::read(&bin).unwrap();
+    let code = vmd_e2e::assemble_real_mode(dir, stem, source, &[("ACTION", action)]);
     assert_eq!(code.len(), 512, "boot sector must be one sector");
     code
 }
@@ -293,32 +265,7 @@ err: .asciz "VMD-CD int13 read failed\r\n"
 /// Builds an ISO 9660 image (xorriso) whose El Torito boot image is
 /// [`CD_BOOT`] followed by a block holding the second marker.
 fn iso_image(dir: &Path) -> PathBuf {
-    let src = dir.join("cdboot.S");
-    let obj = dir.join("cdboot.o");
-    let bin = dir.join("cdboot.bin");
-    std::fs::write(&src, CD_BOOT).unwrap();
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new("as").args(["--32", "-o"]).arg(&obj).arg(&src));
-    run(Command::new("ld")
-        .args([
-            "-m",
-            "elf_i386",
-            "-Ttext",
-            "0x7c00",
-            "--oformat",
-            "binary",
-            "-o",
-        ])
-        .arg(&bin)
-        .arg(&obj));
-    let mut image = std::fs::read(&bin).unwrap();
+    let mut image = vmd_e2e::assemble_real_mode(dir, "cdboot", CD_BOOT, &[]);
     assert_eq!(image.len(), 2048, "the boot image's code must be one block");
     let mut block2 = format!("{CD_BLOCK2_MARKER}\r\n\0").into_bytes();
     block2.resize(2048, 0);
@@ -331,7 +278,7 @@ fn iso_image(dir: &Path) -> PathBuf {
         Command::new("xorriso").arg("-version").output().is_ok(),
         "xorriso is required: install Debian's xorriso package"
     );
-    run(Command::new("xorriso")
+    let out = Command::new("xorriso")
         .args(["-as", "mkisofs", "-quiet", "-V", "VMDTEST", "-o"])
         .arg(&iso)
         .args([
@@ -342,7 +289,14 @@ fn iso_image(dir: &Path) -> PathBuf {
             "4",
             "-boot-info-table",
         ])
-        .arg(&root));
+        .arg(&root)
+        .output()
+        .expect("running xorriso");
+    assert!(
+        out.status.success(),
+        "xorriso: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     iso
 }
 

@@ -50,32 +50,7 @@ msg: .asciz "VMD-PXE boot program over TFTP\r\n"
 
 /// Assembles the boot program (binutils), flat at 0x7c00.
 fn boot_program(dir: &Path) -> Vec<u8> {
-    let src = dir.join("nbp.S");
-    let obj = dir.join("nbp.o");
-    let bin = dir.join("nbp.bin");
-    std::fs::write(&src, NBP).unwrap();
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().expect("binutils (as, ld) are required");
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new("as").args(["--32", "-o"]).arg(&obj).arg(&src));
-    run(Command::new("ld")
-        .args([
-            "-m",
-            "elf_i386",
-            "-Ttext",
-            "0x7c00",
-            "--oformat",
-            "binary",
-            "-o",
-        ])
-        .arg(&bin)
-        .arg(&obj));
-    std::fs::read(&bin).unwrap()
+    vmd_e2e::assemble_real_mode(dir, "nbp", NBP, &[])
 }
 
 /// An in.tftpd serving `root`, in the foreground inside `ns`; killed (by
