@@ -9,15 +9,6 @@
  */
 #include "lib.h"
 
-struct hvm_start_info {
-	u32 magic;
-	u32 version;
-	u32 flags;
-	u32 nr_modules;
-	u64 modlist_paddr;
-	u64 cmdline_paddr;
-};
-
 static int has_idle(const char *s)
 {
 	for (; *s; s++)
@@ -32,7 +23,7 @@ void guest_main(u32 start_info)
 
 	serial_init();
 	puts("VMD-BENCH boot\n");
-	if (si->magic == 0x336ec578 && si->cmdline_paddr &&
+	if (si->magic == HVM_START_MAGIC && si->cmdline_paddr &&
 	    has_idle((const char *)(usize)si->cmdline_paddr)) {
 		puts("VMD-BENCH idle\n");
 		halt_forever();

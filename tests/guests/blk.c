@@ -37,86 +37,27 @@
  * Interrupts stay disabled (IF=0); delivered ones just sit in the IRR.
  */
 #include "lib.h"
-
-struct hvm_start_info {
-	u32 magic;
-	u32 version;
-	u32 flags;
-	u32 nr_modules;
-	u64 modlist_paddr;
-	u64 cmdline_paddr;
-};
-
-static inline void outl(u16 port, u32 v)
-{
-	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline u32 inl(u16 port)
-{
-	u32 v;
-	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
-static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-#define rd32 mmio_read32
-#define wr32 mmio_write32
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((u64)hi << 32) | lo;
-}
+#include "pci.h"
+#include "virtio.h"
 
 /* ---- PCI ---- */
-
-static u32 pci_rd(int slot, int reg)
-{
-	outl(0xCF8, 0x80000000u | ((u32)slot << 11) | (u32)(reg & 0xfc));
-	return inl(0xCFC);
-}
-
-static void pci_wr(int slot, int reg, u32 v)
-{
-	outl(0xCF8, 0x80000000u | ((u32)slot << 11) | (u32)(reg & 0xfc));
-	outl(0xCFC, v);
-}
-
-static u8 pci_rd8(int slot, int reg)
-{
-	return (u8)(pci_rd(slot, reg) >> ((reg & 3) * 8));
-}
 
 /* ---- virtio ---- */
 
 #define QS		16
-#define F_VERSION_1	(1ULL << 32)
 #define BLK_F_RO	(1ULL << 5)
 #define BLK_F_FLUSH	(1ULL << 9)
 #define BLK_F_DISCARD	(1ULL << 13)
 #define BLK_F_WZ	(1ULL << 14)
-#define DESC_NEXT	1
-#define DESC_WRITE	2
 #define LAPIC		0xFEE00000UL
 #define IOAPIC		0xFEC00000UL
 #define MSI_VECTOR	0x40
 #define INTX_VECTOR	0x50
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-
 struct vdev {
 	int slot;
-	u64 bar, common, notify, isr, device;
-	u32 mult;
-	int msix_cap;
-	u64 msix_table;
+	u64 bar;
+	struct virtio_caps cap;
 	u64 features;
 	u64 ring;	/* desc at ring, avail at +0x1000, used at +0x2000 */
 	u16 avail_idx, used_seen, qnotify;
@@ -133,106 +74,43 @@ static int blk_slots[8], nblk, rng_slot = -1;
 
 static struct desc *descs(struct vdev *d) { return (struct desc *)d->ring; }
 
-/*
- * Address of memory BAR `idx` (a capability names its BAR: vmd puts
- * everything in BAR 0, QEMU its modern virtio structures in BAR 4 and the
- * MSI-X table in BAR 1).  An unassigned BAR, or a 64-bit one above the
- * 4 GiB identity map, gets a fresh address below 4 GiB here.
- */
-static u64 bar_addr(int slot, int idx)
-{
-	int reg = 0x10 + 4 * idx;
-	u32 lo = pci_rd(slot, reg);
-	int is64 = (lo & 6) == 4;
-	u32 hi = is64 ? pci_rd(slot, reg + 4) : 0;
-	if ((lo & ~0xfu) && !hi)
-		return lo & ~0xfu;
-	u32 a = 0xE8000000u + ((u32)slot << 16) + ((u32)idx << 12);
-	pci_wr(slot, reg, a);
-	if (is64)
-		pci_wr(slot, reg + 4, 0);
-	return a;
-}
-
 static void vdev_probe(struct vdev *d, int slot)
 {
 	memset(d, 0, sizeof(*d));
 	d->slot = slot;
-	d->msix_cap = -1;
 	pci_wr(slot, 0x04, (pci_rd(slot, 0x04) & 0xffff) | 0x6);
 	d->bar = bar_addr(slot, 0);
-	for (int p = pci_rd8(slot, 0x34), n = 0; p && n < 32; p = pci_rd8(slot, p + 1), n++) {
-		u8 id = pci_rd8(slot, p);
-		if (id == 0x09) {
-			u8 type = pci_rd8(slot, p + 3);
-			u64 a = bar_addr(slot, pci_rd8(slot, p + 4)) + pci_rd(slot, p + 8);
-			if (type == 1) d->common = a;
-			if (type == 2) { d->notify = a; d->mult = pci_rd(slot, p + 16); }
-			if (type == 3) d->isr = a;
-			if (type == 4) d->device = a;
-		} else if (id == 0x11) {
-			d->msix_cap = p;
-			u32 t = pci_rd(slot, p + 4);
-			d->msix_table = bar_addr(slot, (int)(t & 7)) + (t & ~7u);
-		}
-	}
-	if (!d->common || !d->notify || !d->isr)
+	virtio_caps(slot, &d->cap, 1);
+	if (!d->cap.common || !d->cap.notify || !d->cap.isr)
 		fail("virtio capabilities missing");
 }
 
 static void msix_enable(struct vdev *d, int on)
 {
-	u32 v = pci_rd(d->slot, d->msix_cap);
+	u32 v = pci_rd(d->slot, d->cap.msix_cap);
 	v = on ? (v | 0x80000000u) : (v & ~0xc0000000u);
-	pci_wr(d->slot, d->msix_cap, v);
+	pci_wr(d->slot, d->cap.msix_cap, v);
 }
 
 /* Reset and set up queue 0; returns 0 or fails. */
 static void vdev_init(struct vdev *d, u64 ring, u64 want, int use_msix)
 {
-	u64 c = d->common;
-	wr8(c + 0x14, 0);
-	for (int i = 0; i < 1000 && rd8(c + 0x14); i++)
-		;
-	wr8(c + 0x14, 1);
-	wr8(c + 0x14, 1 | 2);
-	wr32(c + 0x00, 0);
-	u64 f = rd32(c + 0x04);
-	wr32(c + 0x00, 1);
-	f |= (u64)rd32(c + 0x04) << 32;
+	u64 c = d->cap.common;
+	u64 f = virtio_start(c, 1000);
 	d->features = f;
-	f &= want | F_VERSION_1;
-	wr32(c + 0x08, 0);
-	wr32(c + 0x0c, (u32)f);
-	wr32(c + 0x08, 1);
-	wr32(c + 0x0c, (u32)(f >> 32));
-	wr8(c + 0x14, 1 | 2 | 8);
-	if (!(rd8(c + 0x14) & 8))
-		fail("FEATURES_OK refused");
-	wr16(c + 0x16, 0);
-	u16 max = rd16(c + 0x18);
-	if (max < QS)
-		fail("queue too small");
-	wr16(c + 0x18, QS);
+	virtio_features_ok(c, f & (want | F_VERSION_1));
 	d->ring = ring;
-	memset((void *)ring, 0, 0x3000);
-	wr32(c + 0x20, (u32)ring);
-	wr32(c + 0x24, 0);
-	wr32(c + 0x28, (u32)(ring + 0x1000));
-	wr32(c + 0x2c, 0);
-	wr32(c + 0x30, (u32)(ring + 0x2000));
-	wr32(c + 0x34, 0);
-	d->qnotify = rd16(c + 0x1e);
-	if (use_msix && d->msix_cap >= 0) {
+	d->qnotify = virtio_queue(c, 0, QS, ring);
+	if (use_msix && d->cap.msix_cap >= 0) {
 		msix_enable(d, 1);
-		wr32(d->msix_table + 0, 0xFEE00000u);
-		wr32(d->msix_table + 4, 0);
-		wr32(d->msix_table + 8, MSI_VECTOR);
-		wr32(d->msix_table + 12, 0);
+		wr32(d->cap.msix_table + 0, 0xFEE00000u);
+		wr32(d->cap.msix_table + 4, 0);
+		wr32(d->cap.msix_table + 8, MSI_VECTOR);
+		wr32(d->cap.msix_table + 12, 0);
 		wr16(c + 0x1a, 0);
 		if (rd16(c + 0x1a) != 0)
 			fail("MSI-X vector refused");
-	} else if (d->msix_cap >= 0) {
+	} else if (d->cap.msix_cap >= 0) {
 		msix_enable(d, 0);
 	}
 	wr16(c + 0x1c, 1);
@@ -251,7 +129,7 @@ static int submit(struct vdev *d, u32 spins)
 	d->avail_idx++;
 	avail[1] = d->avail_idx;
 	barrier();
-	wr16(d->notify + (u64)d->qnotify * d->mult, 0);
+	wr16(d->cap.notify + (u64)d->qnotify * d->cap.mult, 0);
 	for (u32 i = 0; i < spins; i++) {
 		if (used[1] != d->used_seen) {
 			d->used_seen++;
@@ -348,7 +226,7 @@ static u64 num(void)
 
 static void need_blk(void)
 {
-	if (!blk.common)
+	if (!blk.cap.common)
 		fail("no virtio-blk device");
 }
 
@@ -392,7 +270,7 @@ static void evil_loop(void)
 	q[1] = (struct desc){ DATA, 512, DESC_NEXT | DESC_WRITE, 0 };
 	*(u32 *)HDR = 0;
 	int r = submit(&blk, 300000);
-	u8 st = rd8(blk.common + 0x14);
+	u8 st = rd8(blk.cap.common + 0x14);
 	puts("evil loop used=");
 	put_dec(r == 0);
 	puts(" status ");
@@ -404,19 +282,19 @@ static void evil_loop(void)
 
 static void evil_garbage(void)
 {
-	u64 c = blk.common;
+	u64 c = blk.cap.common;
 	for (u64 off = 0; off < 0x40; off++)
 		wr8(c + off, (u8)(0xa5 ^ off));
 	for (u64 off = 0; off < 0x40; off += 4)
 		wr32(c + off, 0xdeadbeef);
 	for (u64 off = 0; off < 0x100; off += 4)
-		wr32(blk.device + off, 0xffffffff);
+		wr32(blk.cap.device + off, 0xffffffff);
 	for (u64 off = 0; off < 0x40; off += 4)
-		wr32(blk.msix_table + off, 0x12345678);
-	wr32(blk.notify + 0x800, 7);
+		wr32(blk.cap.msix_table + off, 0x12345678);
+	wr32(blk.cap.notify + 0x800, 7);
 	wr32(blk.bar + 0x3ffc, 1);
 	(void)rd32(blk.bar + 0x3ffc);
-	(void)rd8(blk.isr);
+	(void)rd8(blk.cap.isr);
 	/* PCI config garbage (not the BAR or the command register). */
 	for (int reg = 0x14; reg < 0x100; reg += 4)
 		pci_wr(blk.slot, reg, 0xffffffff);
@@ -441,7 +319,7 @@ static void run(const char *cmd)
 		} else if (VERB("info")) {
 			need_blk();
 			puts("blk: capacity=");
-			put_dec(*(volatile u32 *)blk.device | ((u64)rd32(blk.device + 4) << 32));
+			put_dec(*(volatile u32 *)blk.cap.device | ((u64)rd32(blk.cap.device + 4) << 32));
 			puts(" features=");
 			put_hex(blk.features);
 			puts(" ro=");
@@ -504,7 +382,7 @@ static void run(const char *cmd)
 			int irr = 0;
 			for (int i = 0; i < 20000 && !(irr = lapic_irr(INTX_VECTOR)); i++)
 				;
-			u8 isr = rd8(blk.isr);
+			u8 isr = rd8(blk.cap.isr);
 			puts("intx gsi=");
 			put_dec(gsi);
 			puts(" status ");
@@ -520,7 +398,7 @@ static void run(const char *cmd)
 				fail("no virtio-rng device");
 			if (n > 32)
 				n = 32;
-			if (!rng.common) {
+			if (!rng.cap.common) {
 				vdev_probe(&rng, rng_slot);
 				vdev_init(&rng, RNG_RING, 0, 0);
 			}
@@ -570,7 +448,7 @@ static void run(const char *cmd)
 		} else if (VERB("bench:rand-read-4k:")) {
 			need_blk();
 			u64 n = num();
-			u64 cap = *(volatile u32 *)blk.device | ((u64)rd32(blk.device + 4) << 32);
+			u64 cap = *(volatile u32 *)blk.cap.device | ((u64)rd32(blk.cap.device + 4) << 32);
 			u64 x = 88172645463325252ULL, t0 = rdtsc();
 			int bad = 0;
 			for (u64 i = 0; i < n; i++) {
@@ -640,7 +518,7 @@ void guest_main(u32 start_info)
 	}
 	if (nblk)
 		blk_select(0, 1);
-	if (si->magic == 0x336ec578 && si->cmdline_paddr)
+	if (si->magic == HVM_START_MAGIC && si->cmdline_paddr)
 		run((const char *)(usize)si->cmdline_paddr);
 	puts("VMD-TEST blk done\n");
 	poweroff();

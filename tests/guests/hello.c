@@ -8,21 +8,6 @@
  */
 #include "lib.h"
 
-#define HVM_START_MAGIC		0x336ec578
-
-struct hvm_start_info {
-	u32 magic;
-	u32 version;
-	u32 flags;
-	u32 nr_modules;
-	u64 modlist_paddr;
-	u64 cmdline_paddr;
-	u64 rsdp_paddr;
-	u64 memmap_paddr;	/* version >= 1 */
-	u32 memmap_entries;	/* version >= 1 */
-	u32 reserved;
-};
-
 struct hvm_memmap_entry {
 	u64 addr;
 	u64 size;

@@ -13,6 +13,22 @@ typedef unsigned long usize;
 #define SLP_S5		((5 << 10) | (1 << 13))
 #define I8042_CMD	0x64
 
+#define HVM_START_MAGIC		0x336ec578
+
+/* The PVH start info (%ebx at entry, passed to guest_main). */
+struct hvm_start_info {
+	u32 magic;
+	u32 version;
+	u32 flags;
+	u32 nr_modules;
+	u64 modlist_paddr;
+	u64 cmdline_paddr;
+	u64 rsdp_paddr;
+	u64 memmap_paddr;	/* version >= 1 */
+	u32 memmap_entries;	/* version >= 1 */
+	u32 reserved;
+};
+
 static inline void outb(u16 port, u8 v)
 {
 	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
@@ -23,11 +39,30 @@ static inline void outw(u16 port, u16 v)
 	__asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
 }
 
+static inline void outl(u16 port, u32 v)
+{
+	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
 static inline u8 inb(u16 port)
 {
 	u8 v;
 	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
 	return v;
+}
+
+static inline u32 inl(u16 port)
+{
+	u32 v;
+	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
 }
 
 static inline u32 mmio_read32(u64 addr)

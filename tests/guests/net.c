@@ -31,66 +31,9 @@
  * Time comes from the CMOS RTC's seconds register.
  */
 #include "lib.h"
-
-struct hvm_start_info {
-	u32 magic;
-	u32 version;
-	u32 flags;
-	u32 nr_modules;
-	u64 modlist_paddr;
-	u64 cmdline_paddr;
-};
-
-static inline void outl(u16 port, u32 v)
-{
-	__asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static inline u32 inl(u16 port)
-{
-	u32 v;
-	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static inline u8 rd8(u64 a) { return *(volatile u8 *)a; }
-static inline u16 rd16(u64 a) { return *(volatile u16 *)a; }
-static inline void wr8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static inline void wr16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-#define rd32 mmio_read32
-#define wr32 mmio_write32
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((u64)hi << 32) | lo;
-}
-
-/* ---- ring 3 (as bench_exits.c) ---- */
-
-static u64 gdt[7] __attribute__((aligned(16))) = {
-	0,
-	0x00af9b000000ffffULL,	/* 0x08: kernel code (as start.S) */
-	0x00cf93000000ffffULL,	/* 0x10: kernel data */
-	0x00affb000000ffffULL,	/* 0x18: user code, DPL 3 */
-	0x00cff3000000ffffULL,	/* 0x20: user data, DPL 3 */
-	0, 0,			/* 0x28: TSS */
-};
-
-static struct {
-	u8 tss[104];
-	u8 iomap[8192 + 1];
-} __attribute__((packed, aligned(16))) tss;
-
-static struct {
-	u16 limit;
-	u64 base;
-} __attribute__((packed)) gdt_desc = { sizeof(gdt) - 1, (u64)gdt };
-
-static u8 user_stack[16384] __attribute__((aligned(16)));
+#include "pci.h"
+#include "ring3.h"
+#include "virtio.h"
 
 /* ---- time: RTC seconds ---- */
 
@@ -120,39 +63,18 @@ static int tick(void)
 
 /* ---- PCI / virtio ---- */
 
-static u32 pci_rd(int slot, int reg)
-{
-	outl(0xCF8, 0x80000000u | ((u32)slot << 11) | (u32)(reg & 0xfc));
-	return inl(0xCFC);
-}
-
-static void pci_wr(int slot, int reg, u32 v)
-{
-	outl(0xCF8, 0x80000000u | ((u32)slot << 11) | (u32)(reg & 0xfc));
-	outl(0xCFC, v);
-}
-
-static u8 pci_rd8(int slot, int reg)
-{
-	return (u8)(pci_rd(slot, reg) >> ((reg & 3) * 8));
-}
-
 #define QS		64
 #define BUFSZ		2048
 #define VHDR		12
 #define F_MAC		(1ULL << 5)
-#define F_VERSION_1	(1ULL << 32)
-#define DESC_WRITE	2
 #define RX_RING		0x300000UL
 #define TX_RING		0x310000UL
 #define RX_BUF		0x400000UL
 #define TX_BUF		0x440000UL
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
 struct vq { u64 ring; u16 avail, used_seen; u64 notify; };
 
-static u64 common, notify_base, devcfg;
-static u32 notify_mult;
+static struct virtio_caps vc;
 static struct vq rxq, txq;
 static u8 mac[6], src_mac[6];
 static int rx_dirty;
@@ -163,79 +85,26 @@ static struct desc *desc_of(struct vq *q) { return (struct desc *)q->ring; }
 
 static void setup_queue(struct vq *q, u16 index, u64 ring)
 {
-	u64 c = common;
-	wr16(c + 0x16, index);
-	if (rd16(c + 0x18) < QS)
-		fail("queue too small");
-	wr16(c + 0x18, QS);
+	u64 c = vc.common;
 	q->ring = ring;
-	memset((void *)ring, 0, 0x3000);
-	wr32(c + 0x20, (u32)ring);
-	wr32(c + 0x24, 0);
-	wr32(c + 0x28, (u32)(ring + 0x1000));
-	wr32(c + 0x2c, 0);
-	wr32(c + 0x30, (u32)(ring + 0x2000));
-	wr32(c + 0x34, 0);
-	q->notify = notify_base + (u64)rd16(c + 0x1e) * notify_mult;
+	q->notify = vc.notify + (u64)virtio_queue(c, index, QS, ring) * vc.mult;
 	avail_of(q)[0] = 1;	/* VRING_AVAIL_F_NO_INTERRUPT: we poll */
 	wr16(c + 0x1c, 1);
-}
-
-/*
- * Address of memory BAR `idx` (a capability names its BAR: vmd puts
- * everything in BAR 0, QEMU its modern virtio structures in BAR 4).  An
- * unassigned BAR, or a 64-bit one above the 4 GiB identity map, gets a
- * fresh address below 4 GiB here.
- */
-static u64 bar_addr(int slot, int idx)
-{
-	int reg = 0x10 + 4 * idx;
-	u32 lo = pci_rd(slot, reg);
-	int is64 = (lo & 6) == 4;
-	u32 hi = is64 ? pci_rd(slot, reg + 4) : 0;
-	if ((lo & ~0xfu) && !hi)
-		return lo & ~0xfu;
-	u32 a = 0xE8000000u + ((u32)slot << 16) + ((u32)idx << 12);
-	pci_wr(slot, reg, a);
-	if (is64)
-		pci_wr(slot, reg + 4, 0);
-	return a;
 }
 
 static void net_init(int slot)
 {
 	pci_wr(slot, 0x04, (pci_rd(slot, 0x04) & 0xffff) | 0x6);
-	for (int p = pci_rd8(slot, 0x34), n = 0; p && n < 32; p = pci_rd8(slot, p + 1), n++) {
-		if (pci_rd8(slot, p) != 0x09)
-			continue;
-		u8 type = pci_rd8(slot, p + 3);
-		u64 a = bar_addr(slot, pci_rd8(slot, p + 4)) + pci_rd(slot, p + 8);
-		if (type == 1) common = a;
-		if (type == 2) { notify_base = a; notify_mult = pci_rd(slot, p + 16); }
-		if (type == 4) devcfg = a;
-	}
-	if (!common || !notify_base || !devcfg)
+	virtio_caps(slot, &vc, 0);
+	if (!vc.common || !vc.notify || !vc.device)
 		fail("virtio capabilities missing");
-	u64 c = common;
-	wr8(c + 0x14, 0);
-	wr8(c + 0x14, 1);
-	wr8(c + 0x14, 1 | 2);
-	wr32(c + 0x00, 0);
-	u64 f = rd32(c + 0x04);
-	wr32(c + 0x00, 1);
-	f |= (u64)rd32(c + 0x04) << 32;
+	u64 c = vc.common;
+	u64 f = virtio_start(c, 0);
 	if (!(f & F_MAC))
 		fail("no VIRTIO_NET_F_MAC");
-	f &= F_MAC | F_VERSION_1;
-	wr32(c + 0x08, 0);
-	wr32(c + 0x0c, (u32)f);
-	wr32(c + 0x08, 1);
-	wr32(c + 0x0c, (u32)(f >> 32));
-	wr8(c + 0x14, 1 | 2 | 8);
-	if (!(rd8(c + 0x14) & 8))
-		fail("FEATURES_OK refused");
+	virtio_features_ok(c, f & (F_MAC | F_VERSION_1));
 	for (int i = 0; i < 6; i++)
-		mac[i] = rd8(devcfg + (u64)i);
+		mac[i] = rd8(vc.device + (u64)i);
 	setup_queue(&rxq, 0, RX_RING);
 	setup_queue(&txq, 1, TX_RING);
 	struct desc *d = desc_of(&rxq);
@@ -818,7 +687,7 @@ static void __attribute__((noreturn, used)) user_main(void)
 			slot = s;
 	if (slot < 0)
 		fail("no virtio-net device");
-	if (start->magic == 0x336ec578 && start->cmdline_paddr)
+	if (start->magic == HVM_START_MAGIC && start->cmdline_paddr)
 		parse((const char *)(usize)start->cmdline_paddr);
 	net_init(slot);
 	memcpy(src_mac, mac, 6);
@@ -864,46 +733,8 @@ static void __attribute__((noreturn, used)) user_main(void)
 
 void guest_main(u32 start_info)
 {
-	u64 cr3, *pml4, *pdpt, *pd;
-
 	start = (const struct hvm_start_info *)(usize)start_info;
 	serial_init();
 	puts("VMD-TEST net start\n");
-	/* User access to the identity map: U bit at every level. */
-	__asm__ volatile("mov %%cr3, %0" : "=r"(cr3));
-	pml4 = (u64 *)(cr3 & ~0xfffULL);
-	pml4[0] |= 4;
-	pdpt = (u64 *)(pml4[0] & ~0xfffULL);
-	for (int i = 0; i < 4; i++) {
-		pdpt[i] |= 4;
-		pd = (u64 *)(pdpt[i] & ~0xfffULL);
-		for (int j = 0; j < 512; j++)
-			pd[j] |= 4;
-	}
-	__asm__ volatile("mov %0, %%cr3" : : "r"(cr3) : "memory");
-	{
-		u64 base = (u64)&tss, limit = sizeof(tss) - 1;
-
-		tss.tss[102] = 104;		/* I/O map base */
-		tss.iomap[8192] = 0xff;		/* terminator */
-		gdt[5] = (limit & 0xffff) | ((base & 0xffffff) << 16) |
-			 (0x89ULL << 40) | (((limit >> 16) & 0xf) << 48) |
-			 (((base >> 24) & 0xff) << 56);
-		gdt[6] = base >> 32;
-	}
-	__asm__ volatile("lgdt %0" : : "m"(gdt_desc));
-	__asm__ volatile("ltr %w0" : : "r"(0x28));
-	__asm__ volatile("pushq $0x3002\n\tpopfq" : : : "memory", "cc");
-	__asm__ volatile(
-		"pushq $0x23\n\t"
-		"pushq %0\n\t"
-		"pushq $0x3002\n\t"
-		"pushq $0x1b\n\t"
-		"pushq %1\n\t"
-		"iretq"
-		:
-		: "r"((u64)(user_stack + sizeof(user_stack) - 8)),
-		  "r"((u64)user_main)
-		: "memory");
-	__builtin_unreachable();
+	enter_ring3(user_main);
 }
