@@ -279,6 +279,13 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `vmctl start -b KERNEL -m MEMORY NAME`, insisting it succeeds: the
+    /// plain start most tests begin with.
+    pub fn boot(&self, kernel: &Path, memory: &str, name: &str) -> String {
+        let kernel = kernel.to_str().expect("guest path is UTF-8");
+        self.ok(&["start", "-b", kernel, "-m", memory, name])
+    }
+
     /// `vmctl status --json` parsed into (name, state, pid, last exit).
     pub fn status(&self, name: &str) -> Option<VmStatus> {
         let out = self.vmctl(&["status", "--json"]);

@@ -215,7 +215,7 @@ fn owners_may_manage_their_vm_and_others_may_not() {
 fn pause_stops_the_guest_and_unpause_resumes_it() {
     let d = Daemon::start("pause");
     let echo = guest("echo.elf");
-    d.ok(&["start", "-b", echo.to_str().unwrap(), "-m", "32M", "p1"]);
+    d.boot(&echo, "32M", "p1");
     let mut console = d.console("p1");
     console.wait_for("VMD-TEST echo ready", T);
     d.ok(&["pause", "p1"]);

@@ -73,14 +73,7 @@ fn reset_guest_is_restarted_then_stopped_as_a_reboot_loop() {
     let d = Daemon::start("reset");
     let kernel = guest("reset.elf");
     let t0 = Instant::now();
-    d.ok(&[
-        "start",
-        "-b",
-        kernel.to_str().unwrap(),
-        "-m",
-        "32M",
-        "reset1",
-    ]);
+    d.boot(&kernel, "32M", "reset1");
     let console = d.console("reset1");
     console.wait_for("VMD-TEST reset", BOOT);
     eprintln!("TIME reset: start -> first marker {:?}", t0.elapsed());
@@ -109,14 +102,7 @@ fn reset_guest_is_restarted_then_stopped_as_a_reboot_loop() {
 fn spinning_guest_stops_with_force_and_vm_process_is_unprivileged() {
     let d = Daemon::start("spin");
     let kernel = guest("spin.elf");
-    d.ok(&[
-        "start",
-        "-b",
-        kernel.to_str().unwrap(),
-        "-m",
-        "32M",
-        "spin1",
-    ]);
+    d.boot(&kernel, "32M", "spin1");
     let console = d.console("spin1");
     console.wait_for("VMD-TEST spin", BOOT);
     let st = d.wait_state("spin1", "running", BOOT);
@@ -154,14 +140,7 @@ fn spinning_guest_stops_with_force_and_vm_process_is_unprivileged() {
 fn graceful_stop_waits_for_the_vm_to_end() {
     let d = Daemon::start("stopw");
     let kernel = guest("spin.elf");
-    d.ok(&[
-        "start",
-        "-b",
-        kernel.to_str().unwrap(),
-        "-m",
-        "32M",
-        "spin2",
-    ]);
+    d.boot(&kernel, "32M", "spin2");
     let pid = d.wait_state("spin2", "running", BOOT).pid as u32;
     // spin.elf ignores the power button: vmd stops it after the grace.
     let t0 = Instant::now();
@@ -189,14 +168,7 @@ fn graceful_stop_waits_for_the_vm_to_end() {
 fn stop_presses_the_acpi_power_button() {
     let d = Daemon::start("acpi");
     let kernel = guest("acpi.elf");
-    d.ok(&[
-        "start",
-        "-b",
-        kernel.to_str().unwrap(),
-        "-m",
-        "32M",
-        "acpi1",
-    ]);
+    d.boot(&kernel, "32M", "acpi1");
     let console = d.console("acpi1");
     console.wait_for("VMD-TEST acpi ready", BOOT);
     let t0 = Instant::now();
@@ -216,7 +188,7 @@ fn stop_presses_the_acpi_power_button() {
 fn guest_crash_is_reported_with_reason_and_registers() {
     let d = Daemon::start("crash");
     let kernel = guest("badinsn.elf");
-    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "bad1"]);
+    d.boot(&kernel, "32M", "bad1");
     let console = d.console("bad1");
     console.wait_for("VMD-TEST badinsn", BOOT);
     let st = d.wait_state("bad1", "stopped", BOOT);
@@ -293,7 +265,7 @@ fn sigterm_stops_every_vm_and_leaves_no_process() {
     let mut d = Daemon::start("sigterm");
     let kernel = guest("spin.elf");
     for name in ["t1", "t2"] {
-        d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", name]);
+        d.boot(&kernel, "32M", name);
     }
     let pids: Vec<u32> = ["t1", "t2"]
         .iter()
@@ -316,7 +288,7 @@ fn sigterm_stops_every_vm_and_leaves_no_process() {
 fn console_replays_output_and_reattaches() {
     let d = Daemon::start("console");
     let kernel = guest("spin.elf");
-    d.ok(&["start", "-b", kernel.to_str().unwrap(), "-m", "32M", "c1"]);
+    d.boot(&kernel, "32M", "c1");
     let first = d.console("c1");
     first.wait_for("VMD-TEST spin", BOOT);
     drop(first);
@@ -332,14 +304,7 @@ fn console_replays_output_and_reattaches() {
 fn console_input_reaches_the_guest_and_wait_returns_at_poweroff() {
     let d = Daemon::start("echo");
     let kernel = guest("echo.elf");
-    d.ok(&[
-        "start",
-        "-b",
-        kernel.to_str().unwrap(),
-        "-m",
-        "32M",
-        "echo1",
-    ]);
+    d.boot(&kernel, "32M", "echo1");
     let mut console = d.console("echo1");
     console.wait_for("VMD-TEST echo ready", BOOT);
     console.type_text("hello, guest");

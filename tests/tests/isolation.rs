@@ -26,7 +26,7 @@ fn killing_one_vm_process_leaves_vmd_and_the_other_vms_running() {
     let d = Daemon::start("iso-kill");
     let idle = guest("idle.elf");
     for name in ["v1", "v2", "v3"] {
-        d.ok(&["start", "-b", idle.to_str().unwrap(), "-m", "16M", name]);
+        d.boot(&idle, "16M", name);
     }
     let pids: Vec<u32> = ["v1", "v2", "v3"]
         .iter()
@@ -61,7 +61,7 @@ fn a_dead_priv_or_control_makes_vmd_stop_cleanly() {
     for role in ["priv", "control"] {
         let mut d = Daemon::start(&format!("iso-{role}"));
         let idle = guest("idle.elf");
-        d.ok(&["start", "-b", idle.to_str().unwrap(), "-m", "16M", "victim"]);
+        d.boot(&idle, "16M", "victim");
         let vm = d.wait_state("victim", "running", T).pid as u32;
         let parent = d.pid();
         let pid = role_pid(parent, role);
@@ -134,7 +134,7 @@ fn twenty_vms_ten_rounds_leave_no_fd_or_process_behind() {
     let t0 = Instant::now();
     for round in 0..10 {
         for name in &names {
-            d.ok(&["start", "-b", idle.to_str().unwrap(), "-m", "16M", name]);
+            d.boot(&idle, "16M", name);
         }
         for name in &names {
             d.wait_state(name, "running", T);
