@@ -646,3 +646,68 @@ impl Drop for NetNs {
             .status();
     }
 }
+
+/// Test users and groups, made once per machine and never raced: test
+/// binaries run in parallel, and two `useradd`s at once fail on the
+/// /etc/passwd lock, so every creation happens under one file lock.
+pub mod users {
+    use std::process::Command;
+
+    fn locked<T>(f: impl FnOnce() -> T) -> T {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/vmd-e2e-users.lock")
+            .expect("open /run/vmd-e2e-users.lock");
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map(|held| {
+                let out = f();
+                drop(held);
+                out
+            })
+            .unwrap_or_else(|(_, e)| panic!("flock users lock: {e}"))
+    }
+
+    /// A system group, created if missing.
+    pub fn group(name: &str) {
+        locked(|| {
+            if nix::unistd::Group::from_name(name).ok().flatten().is_none() {
+                let st = Command::new("groupadd")
+                    .args(["--system", name])
+                    .status()
+                    .expect("groupadd");
+                assert!(st.success(), "groupadd {name}");
+            }
+        })
+    }
+
+    /// A system user without a home or shell, a member of `groups`
+    /// (each created if missing), created if missing.
+    pub fn user(name: &str, groups: &[&str]) -> nix::unistd::User {
+        for g in groups {
+            group(g);
+        }
+        locked(|| {
+            if let Some(u) = nix::unistd::User::from_name(name).ok().flatten() {
+                return u;
+            }
+            let mut cmd = Command::new("useradd");
+            cmd.args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ]);
+            if !groups.is_empty() {
+                cmd.args(["-G", &groups.join(",")]);
+            }
+            let st = cmd.arg(name).status().expect("useradd");
+            assert!(st.success(), "useradd {name}");
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("user {name} missing after useradd"))
+        })
+    }
+}

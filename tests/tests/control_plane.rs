@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use vmd_e2e::{bin, guest, Daemon};
+use vmd_e2e::{bin, guest, users, Daemon};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -120,33 +120,10 @@ fn vmd_n_checks_a_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn ensure_group(group: &str) {
-    let _ = Command::new("groupadd").args(["--system", group]).status();
-}
-
-fn ensure_user(user: &str, group: &str) {
-    if nix::unistd::User::from_name(user).ok().flatten().is_none() {
-        let st = Command::new("useradd")
-            .args([
-                "--system",
-                "--no-create-home",
-                "--shell",
-                "/usr/sbin/nologin",
-                "-G",
-                group,
-                user,
-            ])
-            .status()
-            .expect("useradd");
-        assert!(st.success(), "useradd {user}");
-    }
-}
-
 #[test]
 fn owners_may_manage_their_vm_and_others_may_not() {
-    ensure_group("vmdtestg");
-    ensure_user("vmdtesto", "vmdtestg");
-    ensure_user("vmdtestx", "vmdtestg");
+    users::user("vmdtesto", &["vmdtestg"]);
+    users::user("vmdtestx", &["vmdtestg"]);
     let dir = Daemon::dir_for("owner");
     std::fs::create_dir_all(&dir).unwrap();
     let spin = guest("spin.elf");
@@ -240,9 +217,8 @@ fn pause_stops_the_guest_and_unpause_resumes_it() {
 
 #[test]
 fn instances_of_a_template_as_allow_instance_says() {
-    ensure_group("vmdtestg");
-    ensure_user("vmdtesto", "vmdtestg");
-    ensure_user("vmdtestx", "vmdtestg");
+    users::user("vmdtesto", &["vmdtestg"]);
+    users::user("vmdtestx", &["vmdtestg"]);
     let dir = Daemon::dir_for("instance");
     std::fs::create_dir_all(&dir).unwrap();
     let idle = guest("idle.elf");
