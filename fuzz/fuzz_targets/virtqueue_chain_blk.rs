@@ -8,7 +8,7 @@ use std::os::fd::FromRawFd;
 
 use libfuzzer_sys::fuzz_target;
 use vmd_proto::image::{open_disk, Format};
-use vmd_vmm::devices::virtio_blk::{serial, VirtioBlk};
+use vmd_vmm::devices::virtio::block::{serial, VirtioBlk};
 
 mod common;
 use common::layout::F_READ_ONLY;

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vmd_vmm::devices::virtio_rng::VirtioRng;
+use vmd_vmm::devices::virtio::rng::VirtioRng;
 
 mod common;
 

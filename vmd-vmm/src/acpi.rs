@@ -16,14 +16,14 @@
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::fw_cfg::{FwCfgError, LoaderZone, TableLoader};
-use crate::devices::power::SLP_TYP_S5;
-use crate::layout::{
+use crate::arch::x86_64::layout::{
     ACPI_DSDT, ACPI_END, ACPI_FACS, ACPI_FADT, ACPI_MADT, ACPI_RSDP, ACPI_XSDT, IOAPIC_ADDR,
     LAPIC_ADDR, PCI_MMIO_END, PCI_MMIO_START, PM1A_CNT_LEN, PM1A_EVT_LEN, PORT_PM1A_CNT,
     PORT_PM1A_EVT, PORT_RESET_CTRL, SCI_IRQ,
 };
-use crate::mptable::ioapic_id;
+use crate::arch::x86_64::mptable::ioapic_id;
+use crate::devices::legacy::fw_cfg::{FwCfgError, LoaderZone, TableLoader};
+use crate::devices::legacy::power::SLP_TYP_S5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -166,7 +166,7 @@ struct Fadt {
 const FADT_REVISION: u8 = 6;
 /// "Unspecified": we are neither a desktop nor a server in particular.
 const PM_PROFILE_UNSPECIFIED: u8 = 0;
-/// CMOS index of the century byte (devices/cmos.rs keeps it there).
+/// CMOS index of the century byte (devices/legacy/cmos.rs keeps it there).
 const CMOS_CENTURY: u8 = 0x32;
 
 // FADT flags (5.2.9, table 5.10).
@@ -190,7 +190,7 @@ const BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
 const BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 
 /// Writing this to the reset register (0xCF9) resets the machine: bit 2
-/// (reset CPU) with bit 1 (hard reset), as devices/i8042.rs expects.
+/// (reset CPU) with bit 1 (hard reset), as devices/legacy/i8042.rs expects.
 const RESET_VALUE: u8 = 0x06;
 
 /// Firmware ACPI Control Structure (5.2.10): only for the global lock;
@@ -524,7 +524,7 @@ fn pci_crs(window: &std::ops::Range<u32>) -> Vec<u8> {
 ///     }
 /// }
 /// ```
-/// `\_S5`: the first element is PM1a_CNT.SLP_TYP (devices/power.rs acts
+/// `\_S5`: the first element is PM1a_CNT.SLP_TYP (devices/legacy/power.rs acts
 /// on 5), the second PM1b's (there is none), the rest reserved.
 ///
 /// Linux finds the PCI bus through PNP0A03 (type-1 config access, no
@@ -799,7 +799,7 @@ mod tests {
         assert!(ACPI_DSDT + dsdt(&DIRECT_PCI_WINDOW).len() as u64 <= ACPI_MADT);
         assert!(
             ACPI_MADT + madt(vmd_proto::vm::MAX_VCPUS).len() as u64
-                <= crate::layout::BIOS_ROM_START
+                <= crate::arch::x86_64::layout::BIOS_ROM_START
         );
     }
 

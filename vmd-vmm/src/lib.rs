@@ -18,17 +18,13 @@
 //! parent went away first).
 
 pub mod acpi;
-pub mod boot;
+pub mod arch;
 pub mod bus;
-pub mod control;
-pub mod cpuid;
 pub mod devices;
-pub mod layout;
+pub mod lifecycle;
 pub mod memory;
-pub mod mptable;
 pub mod pci;
 pub mod vcpu;
-pub mod virtio;
 pub mod vm;
 
 use vmd_proto::vm::ExitReason;

@@ -6,7 +6,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
-use crate::layout::{HIGH_RAM_START, KERNEL_START, MMIO_GAP_START};
+use crate::arch::x86_64::layout::{HIGH_RAM_START, KERNEL_START, MMIO_GAP_START};
 
 /// Anything smaller cannot hold a kernel at 1 MiB.
 pub const MIN_RAM: u64 = 2 << 20;

@@ -23,11 +23,11 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmd_proto::vm::ExitReason;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::boot::gdt::{self, CODE32_SEL, CODE64_SEL, DATA_SEL, TSS_SEL};
-use crate::boot::BootEntry;
+use crate::arch::x86_64::boot::BootEntry;
+use crate::arch::x86_64::gdt::{self, CODE32_SEL, CODE64_SEL, DATA_SEL, TSS_SEL};
+use crate::arch::x86_64::layout::{BOOT_STACK, GDT_ADDR, PML4_ADDR, PVH_START_INFO, ZERO_PAGE};
 use crate::bus::Bus;
-use crate::control::ExitSignal;
-use crate::layout::{BOOT_STACK, GDT_ADDR, PML4_ADDR, PVH_START_INFO, ZERO_PAGE};
+use crate::lifecycle::ExitSignal;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {

@@ -21,35 +21,35 @@ use vmd_proto::{Channel, ChannelError, Msg};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
-use crate::boot::{self, firmware, BootEntry, BootError};
-use crate::bus::{Bus, BusError, SharedDevice};
-use crate::control::ExitSignal;
-use crate::devices::cmos::Cmos;
-use crate::devices::debugcon::DebugCon;
-use crate::devices::fw_cfg::{self, FwCfg, FwCfgError, FwCfgItems, FW_CFG_PORT_LEN};
-use crate::devices::i8042::{ResetControl, I8042};
-use crate::devices::power::{Pm1aControl, Pm1aEvent, PWRBTN_STS};
-use crate::devices::serial::{RoomNotifier, SerialDevice, SerialError};
-use crate::devices::virtio_blk::{self, VirtioBlk};
-use crate::devices::virtio_net::VirtioNet;
-use crate::devices::virtio_rng::VirtioRng;
-use crate::devices::virtio_scsi::VirtioScsi;
-use crate::devices::Sink;
-use crate::layout::{
+use crate::arch::x86_64::boot::{self, firmware, BootEntry, BootError};
+use crate::arch::x86_64::cpuid::{self, CpuidError};
+use crate::arch::x86_64::layout::{
     COM1_IRQ, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, PM1A_EVT_LEN, PORT_CMOS, PORT_COM1,
     PORT_DEBUGCON, PORT_FW_CFG, PORT_I8042_DATA, PORT_PCI_CONFIG_ADDRESS, PORT_PCI_CONFIG_DATA,
     PORT_PM1A_CNT, PORT_PM1A_EVT, PORT_POST, PORT_RESET_CTRL, SCI_IRQ,
 };
+use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::bus::{Bus, BusError, SharedDevice};
+use crate::devices::legacy::cmos::Cmos;
+use crate::devices::legacy::debugcon::DebugCon;
+use crate::devices::legacy::fw_cfg::{self, FwCfg, FwCfgError, FwCfgItems, FW_CFG_PORT_LEN};
+use crate::devices::legacy::i8042::{ResetControl, I8042};
+use crate::devices::legacy::power::{Pm1aControl, Pm1aEvent, PWRBTN_STS};
+use crate::devices::legacy::serial::{RoomNotifier, SerialDevice, SerialError};
+use crate::devices::virtio::block::{self as virtio_blk, VirtioBlk};
+use crate::devices::virtio::net::VirtioNet;
+use crate::devices::virtio::pci::{
+    spawn_worker, TransportError, VirtioPci, Worker, VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR,
+};
+use crate::devices::virtio::rng::VirtioRng;
+use crate::devices::virtio::scsi::VirtioScsi;
+use crate::devices::virtio::{VirtioDevice, TYPE_NET};
+use crate::devices::Sink;
+use crate::lifecycle::ExitSignal;
 use crate::memory::{self, MemoryError, RamLayout};
-use crate::mptable::{self, MpTableError};
 use crate::pci::irq::GsiRouter;
 use crate::pci::{intx_gsi, ConfigAddress, ConfigData, HostBridge, PciError, PciRoot};
 use crate::vcpu::{self, Vcpu, VcpuError};
-use crate::virtio::pci::{
-    spawn_worker, TransportError, VirtioPci, Worker, VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR,
-};
-use crate::virtio::{VirtioDevice, TYPE_NET};
-use crate::{cpuid, cpuid::CpuidError};
 
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmd_vmm::virtio::VirtioDevice;
+use vmd_vmm::devices::virtio::VirtioDevice;
 
 #[path = "virtq_layout.rs"]
 pub mod layout;

@@ -1,16 +1,9 @@
-//! Emulated legacy devices on the port-I/O bus, and the virtio device
-//! models (behind the PCI transport in `virtio::pci`).
+//! The VM's devices: emulated legacy devices on the port-I/O bus
+//! ([`legacy`]), and the virtio device models behind the PCI transport
+//! ([`virtio`], one directory per device).
 
-pub mod cmos;
-pub mod debugcon;
-pub mod fw_cfg;
-pub mod i8042;
-pub mod power;
-pub mod serial;
-pub mod virtio_blk;
-pub mod virtio_net;
-pub mod virtio_rng;
-pub mod virtio_scsi;
+pub mod legacy;
+pub mod virtio;
 
 use crate::bus::BusDevice;
 

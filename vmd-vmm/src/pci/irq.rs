@@ -12,7 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::layout::IOAPIC_PINS;
+use crate::arch::x86_64::layout::IOAPIC_PINS;
 
 /// Most GSIs handed out for MSI-X (KVM allows 4096 routes in all).
 const MAX_MSI_GSIS: u32 = 2048;

@@ -18,11 +18,11 @@ pub mod msix;
 
 use std::sync::{Arc, Mutex};
 
-use crate::bus::{Bus, BusDevice, SharedDevice};
-use crate::layout::{
+use crate::arch::x86_64::layout::{
     IOAPIC_ADDR, MMIO_GAP_START, PCI_INTX_GSI_BASE, PCI_INTX_GSI_COUNT, PCI_MMIO_END,
     PCI_MMIO_START,
 };
+use crate::bus::{Bus, BusDevice, SharedDevice};
 pub use config::{PciConfig, PciIds};
 
 /// Slots on bus 0 (device numbers 0-31; 0 is the host bridge).

@@ -6,7 +6,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{e820_map, BootError, BootInputs};
-use crate::layout::{CMDLINE_ADDR, CMDLINE_MAX, ZERO_PAGE};
+use crate::arch::x86_64::layout::{CMDLINE_ADDR, CMDLINE_MAX, ZERO_PAGE};
 
 /// "HdrS": the setup header magic.
 const HDRS_MAGIC: u32 = 0x5372_6448;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vmd_proto::vm::ExitReason;
 
 use crate::bus::BusDevice;
-use crate::control::ExitSignal;
+use crate::lifecycle::ExitSignal;
 
 /// Command port offset from the data port (0x64 - 0x60).
 const CMD_OFFSET: u64 = 4;

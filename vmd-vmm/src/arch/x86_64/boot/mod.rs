@@ -10,7 +10,6 @@
 //! BIOS image instead of a kernel boots by [`firmware`].
 
 pub mod firmware;
-pub mod gdt;
 pub mod linux;
 pub mod pvh;
 
@@ -21,7 +20,8 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{self, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{
+use super::gdt;
+use crate::arch::x86_64::layout::{
     ACPI_START, BIOS_ROM_END, CMDLINE_ADDR, CMDLINE_MAX, EBDA_END, EBDA_START, HIGH_RAM_START,
     KERNEL_START,
 };

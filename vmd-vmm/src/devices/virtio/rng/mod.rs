@@ -4,7 +4,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_RNG};
+use crate::devices::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_RNG};
 
 const QUEUE_SIZE: u16 = 64;
 /// Most bytes handed out per request (a driver asking for more gets

@@ -12,7 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{BootError, E820Entry, E820_RAM, E820_RESERVED};
-use crate::layout::{BIOS_ROM_END, HIGH_RAM_START, KVM_IDENTITY_MAP_ADDR};
+use crate::arch::x86_64::layout::{BIOS_ROM_END, HIGH_RAM_START, KVM_IDENTITY_MAP_ADDR};
 use crate::memory::RamLayout;
 
 /// BIOS images are whole multiples of this, from one unit up to 16 MiB

@@ -27,7 +27,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmd_proto::dhcp::DhcpServer;
 use vmd_proto::net::{format_mac, set_tap_offloads, TapOffloads, TAP_VNET_HDR_LEN};
 
-use crate::virtio::{next_chain, BufferError, ChainBuffers, VirtioDevice, VirtioError, TYPE_NET};
+use crate::devices::virtio::{
+    next_chain, BufferError, ChainBuffers, VirtioDevice, VirtioError, TYPE_NET,
+};
 
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vmd_proto::vm::ExitReason;
 
 use crate::bus::BusDevice;
-use crate::control::ExitSignal;
+use crate::lifecycle::ExitSignal;
 
 /// Always set: ACPI mode is on from power-up (the FADT has no SMI_CMD).
 pub const SCI_EN: u16 = 1 << 0;

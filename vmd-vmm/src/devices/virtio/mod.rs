@@ -2,7 +2,11 @@
 //! implement, descriptor-chain handling shared by them, and the modern
 //! PCI transport ([`pci`]).
 
+pub mod block;
+pub mod net;
 pub mod pci;
+pub mod rng;
+pub mod scsi;
 
 use std::os::fd::RawFd;
 

@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmd_proto::image::Disk;
 
-use crate::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_BLOCK};
+use crate::devices::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_BLOCK};
 
 pub const SECTOR: u64 = 512;
 const QUEUE_SIZE: u16 = 256;

@@ -7,7 +7,9 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{e820_map, BootError, BootInputs};
-use crate::layout::{CMDLINE_ADDR, PVH_MEMMAP, PVH_MEMMAP_MAX, PVH_MODLIST, PVH_START_INFO};
+use crate::arch::x86_64::layout::{
+    CMDLINE_ADDR, PVH_MEMMAP, PVH_MEMMAP_MAX, PVH_MODLIST, PVH_START_INFO,
+};
 
 /// "xEn3" with the high bit of the `x` set: hvm_start_info's magic.
 pub const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
@@ -61,7 +63,7 @@ pub fn write_start_info(inputs: &BootInputs) -> Result<(), BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::PVH_START_INFO;
+    use crate::arch::x86_64::layout::PVH_START_INFO;
 
     #[test]
     fn memmap_follows_start_info() {

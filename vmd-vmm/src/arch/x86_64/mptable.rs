@@ -7,7 +7,9 @@
 
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{BIOS_ROM_END, BIOS_ROM_START, EBDA_END, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::arch::x86_64::layout::{
+    BIOS_ROM_END, BIOS_ROM_START, EBDA_END, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {

@@ -21,7 +21,7 @@ use std::os::unix::fs::FileExt;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use crate::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_SCSI};
+use crate::devices::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_SCSI};
 
 /// CD-ROM logical block size.
 pub const BLOCK: u64 = 2048;

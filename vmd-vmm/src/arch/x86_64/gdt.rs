@@ -4,8 +4,8 @@
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::BootError;
-use crate::layout::{GDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR};
+use super::boot::BootError;
+use crate::arch::x86_64::layout::{GDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 
 /// Selectors into [`GDT`]. Linux's 64-bit boot protocol wants code at 0x10
 /// and data at 0x18 (its __BOOT_CS/__BOOT_DS); PVH leaves them open.
