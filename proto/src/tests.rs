@@ -826,6 +826,7 @@ fn arb_state() -> impl Strategy<Value = VmState> {
         Just(VmState::Paused),
         Just(VmState::Stopping),
         Just(VmState::Stopped),
+        Just(VmState::Waiting),
     ]
 }
 

@@ -136,6 +136,9 @@ pub enum VmState {
     Paused,
     Stopping,
     Stopped,
+    /// Enabled in vm.conf and queued to start with the next staggered
+    /// group (OpenBSD's `waiting`). Appended: wire codes never change.
+    Waiting,
 }
 
 impl std::fmt::Display for VmState {
@@ -146,6 +149,7 @@ impl std::fmt::Display for VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
+            VmState::Waiting => "waiting",
         })
     }
 }

@@ -265,3 +265,97 @@ fn instances_of_a_template_as_allow_instance_says() {
     let out = d.vmctl_as("vmdtesto", &["stop", "-w", "inst1"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// OpenBSD's reload: every VM that is not running is forgotten and
+/// defined afresh, and every enabled VM that is not running starts, in
+/// staggered groups (queued ones show `waiting`); the first group goes at
+/// once, on a timer of its own: nothing but the SIGHUP wakes vmd here.
+/// `vmctl reset` only purges.
+#[test]
+fn reload_starts_every_enabled_vm_on_time_and_reset_only_purges() {
+    let dir = Daemon::dir_for("reload-now");
+    std::fs::create_dir_all(&dir).unwrap();
+    let idle = guest("idle.elf");
+    let idle = idle.to_str().unwrap();
+    let conf = dir.join("vm.conf");
+    // One VM per group, groups 30 s apart (OpenBSD's default delay).
+    let head = "staggered start parallel 1 delay 30\n";
+    let first = format!(
+        "{head}{}{}",
+        vm_block("early", idle, true, ""),
+        vm_block("later", idle, false, "")
+    );
+    std::fs::write(&conf, &first).unwrap();
+    let d = Daemon::start_with("reload-now", &["-f", conf.to_str().unwrap()]);
+    d.wait_state("early", "running", T);
+    assert_eq!(d.status("later").unwrap().state, "stopped");
+
+    // A new enabled VM, and a disabled one switched to enable: the next
+    // group would be 30 s after the first, but a reload's first group
+    // goes now. Nothing else talks to vmd until the log says so.
+    let second = format!(
+        "{head}{}{}{}",
+        vm_block("early", idle, true, ""),
+        vm_block("later", idle, true, ""),
+        vm_block("added", idle, true, "")
+    );
+    std::fs::write(&conf, &second).unwrap();
+    let t0 = std::time::Instant::now();
+    d.signal(Signal::SIGHUP);
+    d.wait_log("vm later: running", Duration::from_secs(1));
+    eprintln!("TIME SIGHUP -> queued VM running: {:?}", t0.elapsed());
+    // parallel 1: the other one waits its turn, and says so.
+    assert_eq!(d.status("added").unwrap().state, "waiting");
+    let show = d.ok(&["status"]);
+    assert!(
+        show.lines()
+            .any(|l| l.contains("waiting") && l.ends_with(" added")),
+        "{show}"
+    );
+    // A queued VM can be started by hand (by id, as on OpenBSD), or kept
+    // from starting by stop.
+    d.ok(&["stop", "added"]);
+    assert_eq!(d.status("added").unwrap().state, "stopped");
+
+    // An enabled VM stopped by hand starts again on reload; a stopped one
+    // is forgotten and defined afresh (a new id), the running ones keep
+    // theirs.
+    d.ok(&["stop", "-fw", "early"]);
+    let ids = |d: &Daemon| {
+        let out = d.ok(&["status"]);
+        out.lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[f.len() - 1].to_string(), f[0].to_string())
+            })
+            .collect::<std::collections::BTreeMap<String, String>>()
+    };
+    let before = ids(&d);
+    d.ok(&["reload"]);
+    d.wait_state("early", "running", T);
+    let after = ids(&d);
+    assert_ne!(before["early"], after["early"], "{before:?} {after:?}");
+    assert_eq!(before["later"], after["later"], "{before:?} {after:?}");
+
+    // reset vms kills and forgets every VM and starts none; reload brings
+    // the enabled ones back.
+    d.ok(&["reset", "vms"]);
+    let out = d.ok(&["status"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.ok(&["status"]).lines().count(), 1);
+    d.ok(&["reload"]);
+    d.wait_state("early", "running", T);
+    // reset switches forgets the switches: a VM on one no longer starts.
+    std::fs::write(
+        &conf,
+        format!("{second}switch \"sw\" {{\n    interface vmdtbr0\n}}\n"),
+    )
+    .unwrap();
+    d.ok(&["reload"]);
+    d.ok(&["reset", "switches"]);
+    let out = d.vmctl(&["start", "-b", idle, "-m", "16M", "-n", "sw", "onsw"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no switch"), "{}", stderr(&out));
+}

@@ -100,6 +100,8 @@ struct Parent {
     next_autostart: Instant,
     /// A `vmctl reset` waiting for the VMs to stop: (client, what).
     pending_reset: Option<(u32, ResetWhat)>,
+    /// Successful reloads since vmd started.
+    reloads: u64,
 }
 
 /// `vmd -n`: checks the configuration, says so, exits 0 or 1.
@@ -213,8 +215,9 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         autostart: VecDeque::new(),
         next_autostart: Instant::now(),
         pending_reset: None,
+        reloads: 0,
     };
-    parent.apply_config(config, true)?;
+    parent.configure(config)?;
     Ok((parent, signals))
 }
 

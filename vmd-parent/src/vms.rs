@@ -303,6 +303,10 @@ impl VmTable {
         self.vms.values().find(|vm| vm.name == name)
     }
 
+    pub fn by_name_mut(&mut self, name: &str) -> Option<&mut Vm> {
+        self.vms.values_mut().find(|vm| vm.name == name)
+    }
+
     pub fn id_of(&self, name_or_id: &str) -> Option<u32> {
         if let Some(vm) = self.by_name(name_or_id) {
             return Some(vm.id);

@@ -1,28 +1,24 @@
 //! vm.conf at run time: reload, load, reset, and the staggered autostart
-//! queue.
+//! queue, as OpenBSD's vmd does them (vmd_reload, start_vm_batch), except
+//! that a broken file changes nothing.
 
 use super::*;
 
-impl Parent {
-    /// Re-reads the configuration file; on any error nothing changes.
-    pub(super) fn reload(&mut self) -> Result<(), String> {
-        let config = initial_config(&self.opts)?;
-        set_socket_owner(&self.opts.socket, &config)?;
-        self.apply_config(config, true)
-    }
+/// A vm.conf VM definition with its owners resolved to ids: everything
+/// that can fail is done before the VM table changes.
+struct Resolved {
+    name: String,
+    spec: VmSpec,
+    enabled: bool,
+    owner: VmOwner,
+    allow: Option<(vmd_config::AllowInstance, Option<VmOwner>)>,
+}
 
-    /// Takes a configuration's VM definitions: new VMs are added (and
-    /// queued to start when enabled), stopped ones take their new
-    /// definition, running ones are left untouched until their next start.
-    /// With `replace`, stopped VMs the configuration no longer defines are
-    /// forgotten. Everything is resolved first, so an error changes nothing.
-    pub(super) fn apply_config(
-        &mut self,
-        config: vmd_config::Config,
-        replace: bool,
-    ) -> Result<(), String> {
-        let mut resolved = Vec::new();
-        for def in &config.vms {
+fn resolve(config: &vmd_config::Config) -> Result<Vec<Resolved>, String> {
+    config
+        .vms
+        .iter()
+        .map(|def| {
             let spec = crate::conf::spec_of(def)?;
             let owner = match &def.owner {
                 Some(o) => crate::conf::resolve_owner(o, &def.defined_at)?,
@@ -38,72 +34,124 @@ impl Parent {
                 }
                 None => None,
             };
-            resolved.push((def, spec, owner, allow));
-        }
-        if replace {
-            let defined: Vec<&str> = config.vms.iter().map(|d| d.name.as_str()).collect();
-            let gone: Vec<u32> = self
-                .vms
-                .vms
-                .values()
-                .filter(|vm| vm.defined.is_some() && !vm.is_active())
-                .filter(|vm| !defined.contains(&vm.name.as_str()))
-                .map(|vm| vm.id)
-                .collect();
-            for id in gone {
-                if let Some(vm) = self.vms.vms.remove(&id) {
-                    info!("vm {}: no longer defined, forgotten", vm.name);
-                }
+            Ok(Resolved {
+                name: def.name.clone(),
+                spec,
+                enabled: def.enabled,
+                owner,
+                allow,
+            })
+        })
+        .collect()
+}
+
+impl Parent {
+    /// SIGHUP, `vmctl reload`: re-reads the configuration file. As on
+    /// OpenBSD, every VM that is not running is forgotten, the file's VMs
+    /// are defined afresh and every enabled VM that is not running is
+    /// queued to start in staggered groups; a running VM stays and takes
+    /// its new definition at its next start. On any error in the file
+    /// nothing changes.
+    pub(super) fn reload(&mut self) -> Result<(), String> {
+        let config = initial_config(&self.opts)?;
+        let resolved = resolve(&config)?;
+        set_socket_owner(&self.opts.socket, &config)?;
+        self.forget_idle();
+        self.config = config;
+        self.define(resolved);
+        self.reloads += 1;
+        self.queue_enabled();
+        Ok(())
+    }
+
+    /// At start: the first configuration, its enabled VMs queued.
+    pub(super) fn configure(&mut self, config: vmd_config::Config) -> Result<(), String> {
+        let resolved = resolve(&config)?;
+        self.config = config;
+        self.define(resolved);
+        self.queue_enabled();
+        Ok(())
+    }
+
+    /// `vmctl load FILE`: adds the VMs FILE defines without forgetting
+    /// any (a VM already known takes FILE's definition for its next
+    /// start), and the switches vmd does not know yet; enabled VMs that
+    /// are not running are queued.
+    pub(super) fn load(&mut self, path: &std::path::Path) -> Result<(), String> {
+        let config = crate::conf::load(path)?;
+        let resolved = resolve(&config)?;
+        for sw in config.switches {
+            if self.config.switch(&sw.name).is_none() {
+                info!("switch {}: defined", sw.name);
+                self.config.switches.push(sw);
             }
         }
-        for (def, spec, owner, allow) in resolved {
-            match self.vms.by_name(&def.name).map(|vm| vm.id) {
-                Some(id) => {
-                    let Some(vm) = self.vms.vms.get_mut(&id) else {
-                        continue;
-                    };
-                    let unchanged = vm.defined.as_ref() == Some(&spec)
-                        && vm.enabled == def.enabled
-                        && vm.owner == owner
-                        && vm.allow_instance == allow;
-                    if unchanged {
-                        continue;
-                    }
-                    vm.defined = Some(spec.clone());
-                    vm.enabled = def.enabled;
-                    vm.owner = owner;
-                    vm.allow_instance = allow;
-                    if !vm.is_active() {
-                        vm.spec = spec;
-                    }
+        self.define(resolved);
+        self.queue_enabled();
+        Ok(())
+    }
+
+    /// Forgets every VM that has no process and no start in progress.
+    fn forget_idle(&mut self) {
+        self.autostart.clear();
+        self.vms.vms.retain(|_, vm| {
+            let keep = vm.is_active();
+            if !keep {
+                debug!("vm {}: not running, forgotten", vm.name);
+            }
+            keep
+        });
+    }
+
+    /// Enters resolved definitions into the VM table.
+    fn define(&mut self, resolved: Vec<Resolved>) {
+        for def in resolved {
+            if let Some(vm) = self.vms.by_name_mut(&def.name) {
+                let unchanged = vm.defined.as_ref() == Some(&def.spec)
+                    && vm.enabled == def.enabled
+                    && vm.owner == def.owner
+                    && vm.allow_instance == def.allow;
+                if !vm.is_active() {
+                    vm.spec = def.spec.clone();
+                }
+                vm.defined = Some(def.spec);
+                vm.enabled = def.enabled;
+                vm.owner = def.owner;
+                vm.allow_instance = def.allow;
+                if !unchanged {
                     info!("vm {}: definition updated", vm.name);
                 }
-                None => {
-                    let id = self.new_vm(&def.name, spec.clone(), Some(spec), owner)?;
+                continue;
+            }
+            match self.new_vm(&def.name, def.spec.clone(), Some(def.spec), def.owner) {
+                Ok(id) => {
                     if let Some(vm) = self.vms.vms.get_mut(&id) {
                         vm.enabled = def.enabled;
-                        vm.allow_instance = allow;
-                        info!("vm {}: defined", vm.name);
-                        if vm.enabled {
-                            self.autostart.push_back(id);
-                        }
+                        vm.allow_instance = def.allow;
+                        debug!("vm {}: defined", vm.name);
                     }
                 }
+                // Not the file's fault (a pty, the console log): the other
+                // VMs still get defined.
+                Err(e) => error!("{e}"),
             }
         }
-        if replace {
-            self.config = config;
-        } else {
-            // A loaded file adds its switches too; ones already defined
-            // keep their definition.
-            for sw in config.switches {
-                if self.config.switch(&sw.name).is_none() {
-                    info!("switch {}: defined", sw.name);
-                    self.config.switches.push(sw);
-                }
+    }
+
+    /// Queues every enabled VM that is not running (state `waiting`), in
+    /// id order, and lets the first group go now, as OpenBSD's reload
+    /// does; later groups follow `staggered start ... delay` apart.
+    fn queue_enabled(&mut self) {
+        for vm in self.vms.vms.values_mut() {
+            if vm.enabled && !vm.is_active() && !self.autostart.contains(&vm.id) {
+                vm.state = VmState::Waiting;
+                self.autostart.push_back(vm.id);
             }
         }
-        Ok(())
+        self.next_autostart = Instant::now();
+        // On time even when nothing else wakes the parent: this group now,
+        // the next by the poll timeout (next_deadline).
+        self.autostart_due();
     }
 
     /// Starts the next group of queued VMs when its time has come.
@@ -117,10 +165,13 @@ impl Parent {
             let Some(id) = self.autostart.pop_front() else {
                 break;
             };
-            let Some(vm) = self.vms.vms.get(&id) else {
-                continue;
-            };
-            if vm.is_active() {
+            // Started by hand, stopped or forgotten meanwhile.
+            if !self
+                .vms
+                .vms
+                .get(&id)
+                .is_some_and(|vm| vm.state == VmState::Waiting)
+            {
                 continue;
             }
             self.begin_start(id, None);
@@ -129,6 +180,21 @@ impl Parent {
         self.next_autostart = Instant::now() + delay;
     }
 
+    /// Takes VM `id` out of the start queue (it was stopped or started
+    /// by hand).
+    pub(super) fn dequeue(&mut self, id: u32) {
+        self.autostart.retain(|v| *v != id);
+        if let Some(vm) = self.vms.vms.get_mut(&id) {
+            if vm.state == VmState::Waiting {
+                vm.state = VmState::Stopped;
+            }
+        }
+    }
+
+    /// `vmctl reset [all|vms|switches]`: as on OpenBSD, only purges.
+    /// `vms` kills every VM and forgets them all once they are gone;
+    /// `switches` forgets the switch definitions (their bridges stay until
+    /// vmd exits); `all` does both. `vmctl reload` reads vm.conf again.
     pub(super) fn reset_request(&mut self, client: u32, what: ResetWhat) {
         if self.pending_reset.is_some() {
             return self.error(client, "a reset is already in progress".into());
@@ -145,22 +211,22 @@ impl Parent {
         self.finish_reset();
     }
 
-    /// Completes a reset once every VM has stopped: forgets them all and
-    /// reads the configuration afresh.
+    /// Completes a reset once every VM has stopped.
     pub(super) fn finish_reset(&mut self) {
         let Some((client, what)) = self.pending_reset else {
             return;
         };
-        if self.vms.vms.values().any(|vm| vm.proc.is_some()) || !self.pending.is_empty() {
+        let vms = matches!(what, ResetWhat::All | ResetWhat::Vms);
+        if vms && (self.vms.vms.values().any(|vm| vm.proc.is_some()) || !self.pending.is_empty()) {
             return;
         }
         self.pending_reset = None;
-        if matches!(what, ResetWhat::All | ResetWhat::Vms) {
+        if vms {
             self.vms.vms.clear();
         }
-        match self.reload() {
-            Ok(()) => self.reply(client, Reply::Ok("reset done".into()), &[]),
-            Err(e) => self.error(client, format!("reset done, but reload failed: {e}")),
+        if matches!(what, ResetWhat::All | ResetWhat::Switches) {
+            self.config.switches.clear();
         }
+        self.reply(client, Reply::Ok("reset done".into()), &[]);
     }
 }

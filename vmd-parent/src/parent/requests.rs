@@ -71,17 +71,13 @@ impl Parent {
                     self.error(client, e)
                 }
             },
-            Request::Load { path } => {
-                let loaded = crate::conf::load(std::path::Path::new(&path))
-                    .and_then(|config| self.apply_config(config, false));
-                match loaded {
-                    Ok(()) => self.reply(client, Reply::Ok(format!("loaded {path}")), &[]),
-                    Err(e) => {
-                        error!("load {path} failed: {e}");
-                        self.error(client, e)
-                    }
+            Request::Load { path } => match self.load(std::path::Path::new(&path)) {
+                Ok(()) => self.reply(client, Reply::Ok(format!("loaded {path}")), &[]),
+                Err(e) => {
+                    error!("load {path} failed: {e}");
+                    self.error(client, e)
                 }
-            }
+            },
             Request::Reset { what } => self.reset_request(client, what),
         }
     }
@@ -258,8 +254,27 @@ impl Parent {
             if !Self::may_manage(&creds, vm) {
                 return self.error(client, "permission denied".into());
             }
+            if name.is_some() && vm.state == VmState::Waiting {
+                // Queued, not started yet: it stays stopped.
+                let text = format!("stopped vm {}", vm.name);
+                self.dequeue(*id);
+                return self.reply(client, Reply::Ok(text), &[]);
+            }
             if name.is_some() && !vm.is_active() {
                 return self.error(client, format!("vm {} is not running", vm.name));
+            }
+        }
+        if name.is_none() {
+            // `stop -a` also keeps every queued VM from starting.
+            let queued: Vec<u32> = self
+                .vms
+                .vms
+                .values()
+                .filter(|vm| vm.state == VmState::Waiting && Self::may_manage(&creds, vm))
+                .map(|vm| vm.id)
+                .collect();
+            for id in queued {
+                self.dequeue(id);
             }
         }
         for id in &ids {

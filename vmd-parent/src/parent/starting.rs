@@ -398,7 +398,8 @@ impl Parent {
         let Some(vm) = self.vms.vms.get_mut(&id) else {
             return;
         };
-        if vm.ever_ran {
+        // A vm.conf VM stays defined (stopped, with the reason).
+        if vm.ever_ran || vm.defined.is_some() {
             vm.state = VmState::Stopped;
             vm.last_exit = Some(ExitReason::VmmError(reason));
             vm.console.detach_all();
