@@ -4,10 +4,12 @@
 mod conf;
 mod console;
 mod control;
+mod limits;
 mod logger;
 mod notify;
 mod options;
 mod parent;
+mod rights;
 mod spawn;
 mod user;
 mod vms;

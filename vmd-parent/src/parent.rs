@@ -651,6 +651,22 @@ impl Parent {
         }
         vm.console.detach_all();
         self.notify_stop_waiters(id);
+        self.forget_if_instance(id);
+    }
+
+    /// Instances (`vmctl start -t`) are forgotten once they stop, as
+    /// OpenBSD does: a stopped instance keeps no name, pty or slot.
+    fn forget_if_instance(&mut self, id: u32) {
+        let stopped_instance = self
+            .vms
+            .vms
+            .get(&id)
+            .is_some_and(|vm| vm.origin.is_some() && !vm.is_active());
+        if stopped_instance {
+            if let Some(vm) = self.vms.vms.remove(&id) {
+                info!("vm {}: instance stopped, forgotten", vm.name);
+            }
+        }
     }
 
     fn notify_stop_waiters(&mut self, id: u32) {

@@ -202,6 +202,9 @@ pub struct Vm {
     /// vm.conf `allow instance`: what `vmctl start -t` may change, and
     /// who besides root may make instances.
     pub allow_instance: Option<(vmd_config::AllowInstance, Option<VmOwner>)>,
+    /// For an instance made with `vmctl start -t`: its template and what
+    /// it may change (checked at every start by a user other than root).
+    pub origin: Option<crate::rights::Origin>,
     pub state: VmState,
     pub proc: Option<VmProc>,
     pub console: Console,

@@ -2,6 +2,8 @@
 //! console, pause, wait, log; who may do what.
 
 use super::*;
+use crate::limits::MAX_INSTANCES_PER_USER;
+use crate::rights::{Ceiling, Origin};
 
 impl Parent {
     pub(super) fn control_readable(&mut self) {
@@ -117,12 +119,27 @@ impl Parent {
             return self.error(client, format!("vm {} is already running", req.name));
         }
         // A start lays its settings over the definition (or over what the
-        // ad-hoc VM last ran with).
+        // ad-hoc VM or instance last ran with).
         let base = vm.defined.clone().unwrap_or_else(|| vm.spec.clone());
-        let spec = match VmSpec::merged(&base, &req) {
+        let mut spec = match VmSpec::merged(&base, &req) {
             Ok(spec) => spec,
             Err(e) => return self.error(client, e),
         };
+        if creds.uid != 0 {
+            // Anyone but root stays under the VM's ceiling.
+            let ceiling = match (&vm.origin, &vm.defined) {
+                (Some(origin), _) => Ceiling::Instance(origin),
+                (None, Some(defined)) => Ceiling::Owner {
+                    vm: &vm.name,
+                    base: defined,
+                },
+                (None, None) => return self.error(client, "permission denied".into()),
+            };
+            if let Err(e) = ceiling.check(&spec) {
+                return self.error(client, e.to_string());
+            }
+            ceiling.keep_locks(&mut spec, |nic| self.nic_locked(nic));
+        }
         if let Some(vm) = self.vms.vms.get_mut(&id) {
             vm.spec = spec;
         }
@@ -152,30 +169,39 @@ impl Parent {
         if !permitted {
             return self.error(client, "permission denied".into());
         }
-        let changes = [
-            (
-                "boot",
-                req.kernel.is_some() || req.initrd.is_some() || req.cmdline.is_some(),
-                allow.boot,
-            ),
-            ("memory", req.memory.is_some(), allow.memory),
-            ("vcpus", req.vcpus.is_some(), allow.vcpus),
-            ("disk", !req.disks.is_empty(), allow.disk),
-            ("interface", !req.nics.is_empty(), allow.interface),
-        ];
-        if let Some((what, _, _)) = changes
-            .iter()
-            .find(|(_, asked, allowed)| *asked && !allowed)
-        {
-            return self.error(
-                client,
-                format!("vm {template}: instances may not change {what} (allow instance)"),
-            );
+        if creds.uid != 0 {
+            let made = self
+                .vms
+                .vms
+                .values()
+                .filter(|vm| vm.origin.is_some() && vm.owner.uid == Some(creds.uid))
+                .count();
+            if made >= MAX_INSTANCES_PER_USER {
+                return self.error(
+                    client,
+                    format!(
+                        "vm {}: you have {made} instances, the most one user may have",
+                        req.name
+                    ),
+                );
+            }
         }
-        let spec = match VmSpec::merged(base, &req) {
+        let origin = Origin {
+            template: template.to_string(),
+            base: base.clone(),
+            allow: allow.clone(),
+        };
+        let mut spec = match VmSpec::merged(base, &req) {
             Ok(spec) => spec,
             Err(e) => return self.error(client, e),
         };
+        if creds.uid != 0 {
+            let ceiling = Ceiling::Instance(&origin);
+            if let Err(e) = ceiling.check(&spec) {
+                return self.error(client, e.to_string());
+            }
+            ceiling.keep_locks(&mut spec, |nic| self.nic_locked(nic));
+        }
         let owner = VmOwner {
             uid: Some(creds.uid),
             gid: None,
@@ -187,6 +213,9 @@ impl Parent {
         match self.new_vm(&req.name, spec, None, owner) {
             Ok(id) => {
                 info!("vm {}: instance of {template}", req.name);
+                if let Some(vm) = self.vms.vms.get_mut(&id) {
+                    vm.origin = Some(origin);
+                }
                 self.begin_start(id, Some(client))
             }
             Err(e) => self.error(client, e),
@@ -214,6 +243,7 @@ impl Parent {
                 enabled: false,
                 owner,
                 allow_instance: None,
+                origin: None,
                 state: VmState::Stopped,
                 proc: None,
                 console,

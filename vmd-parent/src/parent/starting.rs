@@ -271,14 +271,20 @@ impl Parent {
         })
     }
 
+    /// Whether an interface's guest may send only from its own MAC:
+    /// `locked lladdr` on the interface or on its switch.
+    pub(super) fn nic_locked(&self, nic: &vmd_proto::vm::NicSpec) -> bool {
+        nic.locked
+            || nic
+                .switch
+                .as_ref()
+                .and_then(|sw| self.config.switch(sw))
+                .is_some_and(|sw| sw.locked_lladdr)
+    }
+
     /// What the VM process needs to run interface `index`.
     pub(super) fn nic_params(&self, vm: &Vm, index: usize) -> Result<NicParams, String> {
         let nic = &vm.spec.nics[index];
-        let switch_locked = nic
-            .switch
-            .as_ref()
-            .and_then(|sw| self.config.switch(sw))
-            .is_some_and(|sw| sw.locked_lladdr);
         let dhcp = match nic.local {
             false => None,
             true => {
@@ -297,7 +303,7 @@ impl Parent {
             mac: nic
                 .lladdr
                 .unwrap_or_else(|| vmd_proto::net::generated_mac(&vm.name, index as u8)),
-            locked: nic.locked || switch_locked,
+            locked: self.nic_locked(nic),
             dhcp,
             // The ROM boots from the first interface.
             boot_rom: vm.spec.boot_net() && index == 0,
@@ -403,6 +409,8 @@ impl Parent {
             vm.state = VmState::Stopped;
             vm.last_exit = Some(ExitReason::VmmError(reason));
             vm.console.detach_all();
+            self.notify_stop_waiters(id);
+            return self.forget_if_instance(id);
         } else {
             self.vms.vms.remove(&id);
             let log = self.console_dir.join(format!("{name}.log"));

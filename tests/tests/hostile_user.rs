@@ -1,0 +1,241 @@
+//! A VM owner, an instance maker and a user with no rights at all, tried
+//! against the real daemon as hostile local users would: they get nothing
+//! beyond their own rights (a VM's definition is the ceiling), and none of
+//! them can starve the others. The limits come from docs/SECURITY.md's
+//! "Limits" table, which must say what vmd-parent/src/limits.rs says.
+
+use std::process::Output;
+use std::time::Duration;
+
+use vmd_e2e::{guest, repo_root, users, Daemon, NetNs};
+
+const T: Duration = Duration::from_secs(60);
+/// The VM owner, the instance maker (one user plays both), and a user
+/// allowed to connect but owning nothing.
+const OWNER: &str = "vmdhostile";
+const NOBODY: &str = "vmdhostilex";
+const GROUP: &str = "vmdhostileg";
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// The "Limits" table of docs/SECURITY.md: (constant, value) per row.
+fn limits_table() -> Vec<(String, String)> {
+    let doc = std::fs::read_to_string(repo_root().join("docs/SECURITY.md")).expect("SECURITY.md");
+    let section = doc
+        .split("\n## Limits")
+        .nth(1)
+        .expect("docs/SECURITY.md has a \"## Limits\" section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    section
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            // "| what | `CONSTANT` | value | ... |"
+            let name = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((name.to_string(), cells.get(3)?.to_string()))
+        })
+        .collect()
+}
+
+/// A limit's value as the table gives it (a count).
+fn limit(name: &str) -> usize {
+    let table = limits_table();
+    let value = &table
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name} in SECURITY.md's Limits table: {table:?}"))
+        .1;
+    value
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: value {value:?} is not a count"))
+}
+
+#[test]
+fn the_limits_table_says_what_the_code_does() {
+    let code = std::fs::read_to_string(repo_root().join("vmd-parent/src/limits.rs"))
+        .expect("vmd-parent/src/limits.rs");
+    let table = limits_table();
+    let mut consts = 0;
+    for line in code.lines() {
+        let Some(rest) = line.strip_prefix("pub const ") else {
+            continue;
+        };
+        consts += 1;
+        let (name, rest) = rest.split_once(':').expect("const NAME: TYPE = VALUE;");
+        let value = rest
+            .split_once('=')
+            .expect("= VALUE")
+            .1
+            .trim()
+            .trim_end_matches(';');
+        // 60 or Duration::from_secs(60) (the table says "60 s").
+        let value = value
+            .strip_prefix("Duration::from_secs(")
+            .map_or(value, |v| v.trim_end_matches(')'));
+        let row = table
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is missing from SECURITY.md's Limits table"));
+        let doc_value = row.1.split_whitespace().next().unwrap_or_default();
+        assert_eq!(
+            doc_value.replace(',', ""),
+            value.replace('_', ""),
+            "SECURITY.md says {name} is {}, limits.rs says {value}",
+            row.1
+        );
+    }
+    assert_eq!(consts, table.len(), "one table row per limit: {table:?}");
+}
+
+/// A vm.conf: `owned` (owner OWNER, an interface on a `locked lladdr`
+/// switch) and `tpl` (instances allowed to change memory only, by OWNER).
+fn setup(test: &str) -> (Daemon, NetNs) {
+    users::user(OWNER, &[GROUP]);
+    users::user(NOBODY, &[GROUP]);
+    let dir = Daemon::dir_for(test);
+    std::fs::create_dir_all(&dir).unwrap();
+    let idle = guest("idle.elf");
+    let idle = idle.to_str().unwrap();
+    let conf = dir.join("vm.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "socket owner root:{GROUP}\n\
+             switch sw {{\n    interface bridge77\n    locked lladdr\n}}\n\
+             vm owned {{\n    boot \"{idle}\"\n    memory 32M\n    disable\n    owner {OWNER}\n    interface {{ switch sw }}\n}}\n\
+             vm tpl {{\n    boot \"{idle}\"\n    memory 32M\n    disable\n    allow instance {{ memory, owner {OWNER} }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    // Interfaces and bridges stay in the test's own namespace.
+    let ns = NetNs::new(test);
+    let d = Daemon::start_in(test, Some(&ns), &["-f", conf.to_str().unwrap()]);
+    (d, ns)
+}
+
+#[test]
+fn an_owner_overrides_only_the_boot_image() {
+    let (d, _ns) = setup("hu-owner");
+    let iso = d.dir.join("x.iso");
+    std::fs::write(&iso, [0u8; 4096]).unwrap();
+    let iso = iso.to_str().unwrap();
+    for (args, setting) in [
+        (&["--initrd", "/etc/shadow"][..], "initrd"),
+        (&["--cmdline", "init=/bin/sh"], "cmdline"),
+        (&["-m", "64M"], "memory"),
+        (&["--vcpus", "2"], "vcpus"),
+        (&["-d", "raw:/etc/shadow"], "disk"),
+        (&["-r", iso], "cdrom"),
+        (&["-B", "cdrom"], "boot device"),
+        (&["-i", "2"], "interface"),
+        (&["-L"], "interface"),
+        // The VM's interface is on a locked switch: a new one would not be.
+        (&["-n", "sw2"], "interface"),
+    ] {
+        let mut argv = vec!["start"];
+        argv.extend_from_slice(args);
+        argv.push("owned");
+        let out = d.vmctl_as(OWNER, &argv);
+        assert!(!out.status.success(), "{argv:?} allowed for the owner");
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "vmctl: vm owned: its owner may change only the boot image (-b), not {setting}; \
+                 ask root to change the definition"
+            ),
+            "{argv:?}"
+        );
+        assert_eq!(d.status("owned").map(|s| s.state), Some("stopped".into()));
+    }
+    // The boot image is the owner's to choose.
+    let spin = guest("spin.elf");
+    let out = d.vmctl_as(OWNER, &["start", "-b", spin.to_str().unwrap(), "owned"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state("owned", "running", T);
+    let out = d.vmctl_as(OWNER, &["stop", "-f", "-w", "owned"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Root may still change everything.
+    d.ok(&["start", "-m", "48M", "owned"]);
+    d.wait_state("owned", "running", T);
+    d.ok(&["stop", "-f", "-w", "owned"]);
+}
+
+#[test]
+fn instances_change_only_what_allow_instance_lists() {
+    let (d, _ns) = setup("hu-inst");
+    let iso = d.dir.join("x.iso");
+    std::fs::write(&iso, [0u8; 4096]).unwrap();
+    let iso = iso.to_str().unwrap();
+    let spin = guest("spin.elf");
+    let spin = spin.to_str().unwrap();
+    for (args, setting) in [
+        (&["-r", iso][..], "cdrom"),
+        (&["-B", "cdrom"], "boot device"),
+        (&["-b", spin], "boot"),
+        (&["--initrd", "/etc/shadow"], "initrd"),
+        (&["--cmdline", "init=/bin/sh"], "cmdline"),
+        (&["-d", "raw:/etc/shadow"], "disk"),
+        (&["-n", "sw"], "interface"),
+        (&["-i", "1"], "interface"),
+        (&["-L"], "interface"),
+        (&["--vcpus", "2"], "vcpus"),
+    ] {
+        let mut argv = vec!["start", "-t", "tpl"];
+        argv.extend_from_slice(args);
+        argv.push("inst");
+        let out = d.vmctl_as(OWNER, &argv);
+        assert_eq!(
+            stderr(&out),
+            format!("vmctl: vm tpl: instances may not change {setting} (allow instance)"),
+            "{argv:?}"
+        );
+        assert!(d.status("inst").is_none(), "{argv:?} left an instance");
+    }
+    // What it allows, it allows.
+    let out = d.vmctl_as(OWNER, &["start", "-t", "tpl", "-m", "16M", "inst"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state("inst", "running", T);
+    // A stopped instance is forgotten (as OpenBSD does), so a later start
+    // cannot take what the first one could not.
+    let out = d.vmctl_as(OWNER, &["stop", "-f", "-w", "inst"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        d.status("inst").is_none(),
+        "a stopped instance stays listed"
+    );
+    let out = d.vmctl_as(
+        OWNER,
+        &["start", "--vcpus", "2", "-d", "/etc/shadow", "inst"],
+    );
+    assert!(!out.status.success(), "a later start of a stopped instance");
+    assert_eq!(stderr(&out), "vmctl: permission denied");
+    assert!(d.status("inst").is_none());
+}
+
+#[test]
+fn one_user_has_a_bounded_number_of_instances() {
+    let (d, _ns) = setup("hu-icap");
+    let cap = limit("MAX_INSTANCES_PER_USER");
+    for i in 0..cap {
+        let name = format!("i{i}");
+        let out = d.vmctl_as(OWNER, &["start", "-t", "tpl", "-m", "2M", &name]);
+        assert!(out.status.success(), "instance {i}: {}", stderr(&out));
+    }
+    let out = d.vmctl_as(OWNER, &["start", "-t", "tpl", "-m", "2M", "one-too-many"]);
+    assert_eq!(
+        stderr(&out),
+        format!("vmctl: vm one-too-many: you have {cap} instances, the most one user may have")
+    );
+    assert!(d.status("one-too-many").is_none());
+    // Root is not held to it, and a stopped instance frees its slot.
+    d.ok(&["start", "-t", "tpl", "-m", "2M", "roots"]);
+    let out = d.vmctl_as(OWNER, &["stop", "-f", "-w", "i0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.vmctl_as(OWNER, &["start", "-t", "tpl", "-m", "2M", "again"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.ok(&["stop", "-f", "-w", "-a"]);
+}
