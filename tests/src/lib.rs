@@ -397,6 +397,10 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.is_some() {
+            // Cleanup, not a test of shutdown: most test guests ignore the
+            // power button SIGTERM presses, so stop them first rather than
+            // wait out the grace.
+            let _ = self.vmctl(&["stop", "-a", "-f", "-w"]);
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.terminate()));
         }
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -260,25 +260,54 @@ fn bad_requests_get_one_line_errors_and_change_nothing() {
     );
 }
 
+/// Host shutdown (systemctl stop, SIGTERM): every guest's power button
+/// is pressed at once; an ACPI guest powers itself off, the others are
+/// stopped once `--stop-grace` has passed, and nothing is left behind.
 #[test]
-fn sigterm_stops_every_vm_and_leaves_no_process() {
+fn sigterm_powers_guests_off_then_stops_the_rest_and_leaves_no_process() {
     let mut d = Daemon::start("sigterm");
-    let kernel = guest("spin.elf");
+    let spin = guest("spin.elf");
     for name in ["t1", "t2"] {
-        d.boot(&kernel, "32M", name);
+        d.boot(&spin, "32M", name);
     }
-    let pids: Vec<u32> = ["t1", "t2"]
+    d.boot(&guest("acpi.elf"), "32M", "t3");
+    let console = d.console("t3");
+    console.wait_for("VMD-TEST acpi ready", BOOT);
+    let pids: Vec<u32> = ["t1", "t2", "t3"]
         .iter()
         .map(|n| d.wait_state(n, "running", BOOT).pid as u32)
         .collect();
     let mut all = children_of(d.pid());
-    assert_eq!(all.len(), 4, "priv, control and two VM processes: {all:?}");
+    assert_eq!(
+        all.len(),
+        5,
+        "priv, control and three VM processes: {all:?}"
+    );
     for pid in &pids {
         assert!(all.contains(pid));
     }
     let t0 = Instant::now();
-    assert_eq!(d.terminate(), Some(0));
-    eprintln!("TIME sigterm: vmd exit took {:?}", t0.elapsed());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    // The ACPI guest sees its power button and powers off by itself, long
+    // before the grace is up.
+    console.wait_for("VMD-TEST acpi power button", Duration::from_secs(5));
+    d.wait_log("vm t3: stopped: guest powered off", Duration::from_secs(5));
+    let off = t0.elapsed();
+    eprintln!("TIME sigterm: ACPI guest powered off after {off:?}");
+    let grace = Duration::from_secs(vmd_e2e::STOP_GRACE_SECS.parse().unwrap());
+    assert!(off < grace, "{off:?}");
+    // The others ignore the button and are stopped after the grace.
+    assert_eq!(d.terminate_wait(grace + Duration::from_secs(15)), Some(0));
+    let took = t0.elapsed();
+    eprintln!("TIME sigterm: vmd exit took {took:?}");
+    assert!(took >= grace, "{took:?}");
+    let log = d.log();
+    for name in ["t1", "t2"] {
+        assert!(
+            log.contains(&format!("vm {name}: guest did not power off, stopping it")),
+            "{log}"
+        );
+    }
     all.retain(|pid| process_alive(*pid));
     assert!(all.is_empty(), "left behind: {all:?}");
     assert!(!d.socket.exists(), "socket left behind");

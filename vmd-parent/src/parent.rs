@@ -412,12 +412,24 @@ impl Parent {
         }
     }
 
+    /// SIGTERM, SIGINT: as OpenBSD's rc does with `vmctl stop -aw`
+    /// before vmd goes, every running VM's power button is pressed and
+    /// the guests get `--stop-grace` to power off, all at once; those
+    /// still running then are stopped without them (`kill_overdue`). A
+    /// second signal stops them all at once.
     fn begin_shutdown(&mut self, sig: Signal) {
-        if self.shutting_down {
-            return;
-        }
-        info!("{sig}: stopping all VMs and exiting");
+        let how = if self.shutting_down {
+            info!("{sig} again: stopping every VM now");
+            StopHow::Terminate
+        } else {
+            info!(
+                "{sig}: powering off every VM ({}s grace), then exiting",
+                self.opts.stop_grace.as_secs()
+            );
+            StopHow::PowerButton
+        };
         self.shutting_down = true;
+        self.autostart.clear();
         let pending: Vec<u32> = self.pending.keys().copied().collect();
         for seq in pending {
             if let Some(p) = self.pending.remove(&seq) {
@@ -426,7 +438,7 @@ impl Parent {
         }
         let ids: Vec<u32> = self.vms.vms.keys().copied().collect();
         for id in ids {
-            self.request_stop(id, StopHow::Terminate);
+            self.request_stop(id, how);
         }
     }
 
