@@ -206,7 +206,7 @@ pub use vmd_proto::vm::BootDevice;
 
 /// Disk image formats: the image library's own type, so a format named in
 /// vm.conf travels to the VM process unchanged.
-pub use vmd_proto::image::Format as DiskFormat;
+pub use vmd_proto::vm::DiskFormat;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskDef {

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 
 use libfuzzer_sys::fuzz_target;
-use vmd_proto::image::{open_disk, Format};
+use vmd_disk::{open_disk, Format};
 
 const CTL: usize = 16;
 

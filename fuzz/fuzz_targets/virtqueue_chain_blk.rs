@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::fd::FromRawFd;
 
 use libfuzzer_sys::fuzz_target;
-use vmd_proto::image::{open_disk, Format};
+use vmd_disk::{open_disk, Format};
 use vmd_vmm::devices::virtio::block::{serial, VirtioBlk};
 
 mod common;

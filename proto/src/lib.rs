@@ -9,7 +9,6 @@
 pub mod channel;
 pub mod dhcp;
 pub mod frame;
-pub mod image;
 pub mod msg;
 pub mod net;
 pub mod size;

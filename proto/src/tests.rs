@@ -13,8 +13,8 @@ use crate::channel::{Channel, ChannelError, Listener};
 use crate::frame::{
     decode, encode, DecodeError, EncodeError, Header, HEADER_LEN, MAX_FDS, MAX_PAYLOAD,
 };
-use crate::image::Format;
 use crate::msg::{Creds, Msg, Reply, Request, ResetWhat, SwitchParams};
+use crate::vm::DiskFormat as Format;
 use crate::vm::{
     BootDevice, DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, NicSpec, OpenKind,
     StartRequest, VmInfo, VmState, VmmParams,

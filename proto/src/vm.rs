@@ -199,7 +199,7 @@ pub enum OpenKind {
     Disk {
         index: u8,
         read_only: bool,
-        format: Option<crate::image::Format>,
+        format: Option<DiskFormat>,
     },
     /// The VM's CD-ROM image, read-only.
     Cdrom,
@@ -213,12 +213,43 @@ pub enum OpenKind {
     OptionRom,
 }
 
+/// Disk image formats (the `vmd-disk` crate reads and writes both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// The name used in `raw:`/`qcow2:` prefixes and qcow2's backing format.
+    pub fn name(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<DiskFormat> {
+        match s {
+            "raw" => Some(DiskFormat::Raw),
+            "qcow2" => Some(DiskFormat::Qcow2),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A disk as a client or vm.conf names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
     pub path: String,
     /// `None`: detect from the qcow2 magic.
-    pub format: Option<crate::image::Format>,
+    pub format: Option<DiskFormat>,
     pub read_only: bool,
 }
 
@@ -257,7 +288,7 @@ pub struct VmmParams {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskParams {
     /// The format the admin named, or `None` to detect it.
-    pub format: Option<crate::image::Format>,
+    pub format: Option<DiskFormat>,
     pub read_only: bool,
     pub backing: u32,
 }

@@ -41,7 +41,7 @@ pub enum Error {
     #[error("create {path}: {source}")]
     Image {
         path: String,
-        source: vmd_proto::image::ImageError,
+        source: vmd_disk::ImageError,
     },
     #[error("{what}: {source}")]
     Io {

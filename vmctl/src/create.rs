@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use vmd_proto::image::{create, parse_create_target, CreateSpec};
+use vmd_disk::{create, parse_create_target, CreateSpec};
 use vmd_proto::size::parse_size;
 
 use crate::args::{Opt, Spec};
@@ -73,7 +73,7 @@ pub fn run(_ctx: &Ctx, args: &[String]) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmd_proto::image::Format;
+    use vmd_disk::Format;
 
     fn p(words: &[&str]) -> Result<(PathBuf, CreateSpec), Error> {
         parse(&words.iter().map(|w| w.to_string()).collect::<Vec<_>>())

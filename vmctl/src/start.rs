@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use vmd_proto::image::Format;
 use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
+use vmd_proto::vm::DiskFormat as Format;
 use vmd_proto::vm::{
     validate_name, BootDevice, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY,
     MAX_NICS, MAX_VCPUS, MIN_MEMORY,

@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use log::{debug, error, info, warn};
-use vmd_proto::image::{self, Format, ImageError};
+use vmd_disk::{self as image, Format, ImageError};
 use vmd_proto::vm::OpenKind;
 use vmd_proto::{Channel, ChannelError, Msg};
 

@@ -13,8 +13,8 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vm_memory::GuestMemoryMmap;
+use vmd_disk::open_disk;
 use vmd_proto::dhcp::DhcpServer;
-use vmd_proto::image::open_disk;
 use vmd_proto::net::{format_mac, generated_mac, tap_info};
 use vmd_proto::vm::{DiskParams, ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};
@@ -89,7 +89,7 @@ pub enum VmError {
     #[error("disk {index}: {err}")]
     Disk {
         index: usize,
-        err: vmd_proto::image::ImageError,
+        err: vmd_disk::ImageError,
     },
     #[error("{0} disks, but {1} sets of disk fds")]
     DiskCount(usize, usize),

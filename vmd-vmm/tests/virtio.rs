@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{console, files, kvm, launch};
-use vmd_proto::image::Format;
+use vmd_disk::Format;
 use vmd_proto::vm::{DiskParams, ExitReason, VmmParams};
 use vmd_vmm::{DevOptions, DiskFiles, Outcome, VmFiles};
 

@@ -1,6 +1,6 @@
 //! Writes the seed corpora under fuzz/corpus/: real frames for
 //! proto_decode (messages built from JSON, so this keeps compiling as the
-//! message types grow), qcow2 images from `vmd_proto::image::create` for
+//! message types grow), qcow2 images from `vmd_disk::create` for
 //! qcow2_open (run-seeds.sh adds qemu-img's), and well-formed requests for
 //! the virtqueue targets. vm.conf seeds are copied by run-seeds.sh.
 
@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use vmd_proto::frame;
-use vmd_proto::image::{create, open_disk, CreateSpec, Format};
+use vmd_disk::{create, open_disk, CreateSpec, Format};
 use vmd_proto::Msg;
 
 #[path = "../../fuzz_targets/common/virtq_layout.rs"]

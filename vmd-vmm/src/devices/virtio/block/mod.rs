@@ -1,5 +1,5 @@
 //! virtio-blk (virtio 1.2, 5.2): one request queue over a
-//! [`vmd_proto::image::Disk`] (raw or qcow2).
+//! [`vmd_disk::Disk`] (raw or qcow2).
 //!
 //! Requests: IN, OUT, FLUSH (the image's flush: metadata, then
 //! fdatasync), GET_ID, DISCARD and WRITE_ZEROES (both end in the image's
@@ -12,7 +12,7 @@
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmd_proto::image::Disk;
+use vmd_disk::Disk;
 
 use crate::devices::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_BLOCK};
 

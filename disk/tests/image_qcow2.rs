@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use image_util::{assert_check_clean, assert_identical, p, qemu_info, qemu_ok, Rng, TempDir};
-use vmd_proto::image::{create, open_path, CreateSpec, Disk, Format};
+use vmd_disk::{create, open_path, CreateSpec, Disk, Format};
 
 fn new_qcow2(path: &Path, size: u64, cluster_bits: u32) {
     create(

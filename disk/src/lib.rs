@@ -1,5 +1,8 @@
 //! Disk images: raw files and qcow2 (versions 2 and 3), synchronous and
-//! std-only so the per-VM process needs no async runtime.
+//! std-only so the per-VM process needs no async runtime. Its own crate,
+//! apart from the wire protocol (as Cloud Hypervisor's block/ and OpenBSD's
+//! vioqcow2.c stand apart): priv, the vmm and `vmctl create` link it; the
+//! parent and the control process do not.
 //!
 //! The VM process never opens paths: priv opens the top image (locked
 //! exclusively) and every backing file (read-only), then passes the fds;
@@ -59,36 +62,10 @@ impl ImageError {
     }
 }
 
-/// Image formats we read and write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Format {
-    Raw,
-    Qcow2,
-}
-
-impl Format {
-    /// The name used in `raw:`/`qcow2:` prefixes and qcow2's backing format.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-        }
-    }
-
-    pub fn from_name(s: &str) -> Option<Format> {
-        match s {
-            "raw" => Some(Format::Raw),
-            "qcow2" => Some(Format::Qcow2),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Format {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// Image formats we read and write: the wire type, so a client's
+/// `raw:`/`qcow2:` choice travels in the protocol without it linking this
+/// crate.
+pub use vmd_proto::vm::DiskFormat as Format;
 
 /// A virtual disk as the block device sees it. All offsets are guest bytes.
 pub trait Disk: Send {

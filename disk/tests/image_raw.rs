@@ -6,9 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use image_util::TempDir;
-use vmd_proto::image::{
-    create, open_disk, parse_create_target, CreateSpec, Disk, Format, ImageError,
-};
+use vmd_disk::{create, open_disk, parse_create_target, CreateSpec, Disk, Format, ImageError};
 
 fn raw_disk(dir: &TempDir, size: u64, read_only: bool) -> (PathBuf, Box<dyn Disk>) {
     let path = dir.path("disk.raw");

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use image_util::{p, qemu_ok, Rng, TempDir};
 use proptest::prelude::*;
-use vmd_proto::image::{create, open_disk, CreateSpec, Format, ImageError};
+use vmd_disk::{create, open_disk, CreateSpec, Format, ImageError};
 
 fn open_err(path: &Path) -> String {
     match open_disk(File::open(path).unwrap(), vec![], true, Some(Format::Qcow2)) {

@@ -6,9 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::path::PathBuf;
 
 use image_util::{assert_check_clean, assert_identical, p, qemu_info, qemu_ok, Rng, TempDir};
-use vmd_proto::image::{
-    backing_chain, create, open_disk, open_path, CreateSpec, Disk, Format, ImageError,
-};
+use vmd_disk::{backing_chain, create, open_disk, open_path, CreateSpec, Disk, Format, ImageError};
 
 fn read_all(d: &mut dyn Disk) -> Vec<u8> {
     let mut v = vec![0u8; d.size() as usize];
