@@ -1,14 +1,19 @@
 #!/bin/bash
 # Sets vmd up on a fresh Debian machine and boots a first VM: installs the
-# build packages, builds and installs vmd and vmctl, starts vmd, then boots
+# packages vmd needs to build and run, builds and installs vmd and vmctl, starts vmd, then boots
 # the small test guest with 2 vCPUs and shows its console until it powers
 # off. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")"
 [ "$(id -u)" = 0 ] || { echo "quickstart: run as root" >&2; exit 1; }
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends gcc binutils libc6-dev passwd >/dev/null
+if ! cargo --version >/dev/null 2>&1; then
+    echo "quickstart: cargo not found: install Rust 1.85 or later (https://rustup.rs), then run this again" >&2
+    exit 1
+fi
+# What vmd needs to build and to run (SeaBIOS, the iPXE ROMs): the list
+# tests/run uses too.
+. tests/packages.sh
+install_packages $BUILD_PACKAGES $RUNTIME_PACKAGES
 cargo build --release --locked --bins
 install -m 0755 target/release/vmd /usr/local/sbin/vmd
 install -m 0755 target/release/vmctl /usr/local/sbin/vmctl

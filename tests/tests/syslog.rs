@@ -1,6 +1,6 @@
 //! Without -d, vmd daemonizes and logs to syslog (daemon facility): a
 //! VM's state changes reach the system log as real syslog lines.
-//! `.ci/run` starts rsyslogd; without a syslog daemon this test fails
+//! `tests/run` starts rsyslogd; without a syslog daemon this test fails
 //! loudly rather than passing.
 
 use std::process::Command;
@@ -23,7 +23,7 @@ fn vmd_logs_vm_state_changes_to_syslog() {
     assert!(
         std::path::Path::new("/dev/log").exists()
             && LOGS.iter().any(|p| std::path::Path::new(p).exists()),
-        "SYSLOG REQUIRED: no /dev/log or /var/log/syslog; install and start rsyslog (.ci/run does)"
+        "SYSLOG REQUIRED: no /dev/log or /var/log/syslog; install and start rsyslog (tests/run does)"
     );
     let dir = std::env::temp_dir().join(format!("vmd-e2e-{}-syslog", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
