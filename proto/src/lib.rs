@@ -7,7 +7,6 @@
 //! and fds that came with a bad frame are closed.
 
 pub mod channel;
-pub mod dhcp;
 pub mod frame;
 pub mod msg;
 pub mod net;

@@ -8,13 +8,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::devices::virtio::net::dhcp::DhcpServer;
 use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vm_memory::GuestMemoryMmap;
 use vmd_disk::open_disk;
-use vmd_proto::dhcp::DhcpServer;
 use vmd_proto::net::{format_mac, generated_mac, tap_info};
 use vmd_proto::vm::{DiskParams, ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};

@@ -17,6 +17,8 @@
 //! ([`DhcpServer`]): those never reach the TAP, and the answers are queued
 //! for the receive path.
 
+pub mod dhcp;
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
@@ -24,9 +26,9 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmd_proto::dhcp::DhcpServer;
 use vmd_proto::net::{format_mac, set_tap_offloads, TapOffloads, TAP_VNET_HDR_LEN};
 
+use self::dhcp::DhcpServer;
 use crate::devices::virtio::{
     next_chain, BufferError, ChainBuffers, VirtioDevice, VirtioError, TYPE_NET,
 };
@@ -429,7 +431,7 @@ fn is_dhcp_request(frame: &[u8]) -> bool {
         return false;
     }
     match ip.get(ihl + 2..ihl + 4) {
-        Some(p) => u16::from_be_bytes([p[0], p[1]]) == vmd_proto::dhcp::SERVER_PORT,
+        Some(p) => u16::from_be_bytes([p[0], p[1]]) == dhcp::SERVER_PORT,
         None => false,
     }
 }

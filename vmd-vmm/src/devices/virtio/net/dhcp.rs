@@ -9,8 +9,8 @@
 
 use std::net::Ipv4Addr;
 
-use crate::net::prefix_mask;
-use crate::vm::DhcpLease;
+use vmd_proto::net::prefix_mask;
+use vmd_proto::vm::DhcpLease;
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
