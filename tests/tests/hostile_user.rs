@@ -239,3 +239,118 @@ fn one_user_has_a_bounded_number_of_instances() {
     assert!(out.status.success(), "{}", stderr(&out));
     d.ok(&["stop", "-f", "-w", "-a"]);
 }
+
+/// `hostile-client SOCKET ARGS...` as user `user`; returns the child and
+/// its first line of output (what vmd did to it). The client keeps its
+/// connections until the child is dropped (stdin closed, then killed).
+struct Hostile {
+    child: std::process::Child,
+    pub said: String,
+}
+
+impl Hostile {
+    fn run(d: &Daemon, user: &str, args: &[&str]) -> Hostile {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(env!("CARGO_BIN_EXE_hostile-client"))
+            .arg(&d.socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("runuser hostile-client");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("hostile-client output");
+        Hostile {
+            child,
+            said: line.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for Hostile {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vmctl status` as `user` (None: root) must answer, within a bound that
+/// only a hang can exceed.
+fn status_answers(d: &Daemon, user: Option<&str>) {
+    use std::process::Command;
+    let mut cmd = Command::new("timeout");
+    cmd.arg("20");
+    if let Some(user) = user {
+        cmd.args(["runuser", "-u", user, "--"]);
+    }
+    let out = cmd
+        .arg(vmd_e2e::bin("vmctl"))
+        .arg("-s")
+        .arg(&d.socket)
+        .arg("status")
+        .output()
+        .expect("vmctl status");
+    assert!(
+        out.status.success(),
+        "vmctl status as {user:?} failed or hung: {}",
+        stderr(&out)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("owned"));
+}
+
+#[test]
+fn a_client_that_never_reads_does_not_block_root() {
+    let (d, _ns) = setup("hu-flood");
+    let flood = Hostile::run(&d, NOBODY, &["flood"]);
+    assert!(
+        flood.said.starts_with("dropped after "),
+        "vmd kept a client that never reads: {}",
+        flood.said
+    );
+    status_answers(&d, None);
+    status_answers(&d, Some(OWNER));
+    assert!(d.log().contains("does not read its replies; dropping it"));
+}
+
+#[test]
+fn one_users_idle_connections_lock_out_no_one() {
+    let (d, _ns) = setup("hu-idle");
+    let share = limit("MAX_CLIENTS_PER_UID");
+    let idle = Hostile::run(&d, NOBODY, &["idle", "300"]);
+    assert_eq!(idle.said, format!("held {share}"));
+    // Root, and another user, still get in and are served.
+    status_answers(&d, None);
+    status_answers(&d, Some(OWNER));
+    // The one over the share is told why.
+    let out = d.vmctl_as(NOBODY, &["status"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the most one user may have"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_idle_client_is_dropped() {
+    let (d, _ns) = setup("hu-idlet");
+    let timeout = limit("CLIENT_IDLE_TIMEOUT");
+    let idle = Hostile::run(&d, NOBODY, &["wait-drop"]);
+    let secs: usize = idle
+        .said
+        .strip_prefix("dropped after ")
+        .and_then(|s| s.strip_suffix(" s"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{}", idle.said));
+    assert!(
+        (timeout..timeout + 10).contains(&secs),
+        "dropped after {secs} s, the idle timeout is {timeout} s"
+    );
+}

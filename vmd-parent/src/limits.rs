@@ -2,5 +2,26 @@
 //! docs/SECURITY.md lists them in its "Limits" table, which
 //! tests/tests/hostile_user.rs reads and attacks with.
 
+use std::time::Duration;
+
+/// Client connections control serves at once, all users together.
+pub const MAX_CLIENTS: usize = 256;
+/// Of those, the most one uid other than root may hold.
+pub const MAX_CLIENTS_PER_UID: usize = 32;
+/// Slots only root may take, so that other users together never lock root
+/// out.
+pub const ROOT_RESERVED_CLIENTS: usize = 16;
+/// A client that neither asks nor waits for anything this long (seconds)
+/// is dropped.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A client refused a slot gets this long (seconds) to send its request
+/// and read why it was refused.
+pub const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+/// Replies control queues for a client that does not read them; one more
+/// and the client is dropped.
+pub const CLIENT_QUEUE_MAX: usize = 64;
+/// Requests of one client waiting in the parent at once; control reads no
+/// more from that client until one is answered.
+pub const CLIENT_REQUESTS_IN_FLIGHT: usize = 16;
 /// Instances (`vmctl start -t`) one user other than root may have.
 pub const MAX_INSTANCES_PER_USER: usize = 16;
