@@ -1,10 +1,7 @@
 //! Network helpers shared by the parent, priv and the VM process: local
-//! interface addresses, generated MACs, and the unprivileged ioctls a VM
-//! process may issue on the TAP fd it was given.
+//! interface addresses and generated MACs (TAP ioctls are in `vmd-tap`).
 
-use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crate::vm::MAX_NICS;
 
@@ -72,93 +69,6 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-/// Size of the virtio-net header on the TAP (`struct virtio_net_hdr_v1`,
-/// with `num_buffers`), as priv sets it with TUNSETVNETHDRSZ.
-pub const TAP_VNET_HDR_LEN: usize = 12;
-
-/// Offloads the kernel may use on frames it hands the VM process through
-/// the TAP (TUNSETOFFLOAD). The VM process turns on only those the guest
-/// negotiated: a guest that did not accept partial checksums or TSO must
-/// never receive such frames.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TapOffloads {
-    /// Partial checksums (VIRTIO_NET_F_GUEST_CSUM).
-    pub csum: bool,
-    /// TCP segmentation for IPv4 (VIRTIO_NET_F_GUEST_TSO4), needs `csum`.
-    pub tso4: bool,
-    /// TCP segmentation for IPv6 (VIRTIO_NET_F_GUEST_TSO6), needs `csum`.
-    pub tso6: bool,
-    /// TSO with ECN (VIRTIO_NET_F_GUEST_ECN).
-    pub ecn: bool,
-}
-
-impl TapOffloads {
-    fn bits(self) -> libc::c_uint {
-        let mut bits = 0;
-        if self.csum {
-            bits |= libc::TUN_F_CSUM;
-            if self.tso4 {
-                bits |= libc::TUN_F_TSO4;
-            }
-            if self.tso6 {
-                bits |= libc::TUN_F_TSO6;
-            }
-            if (self.tso4 || self.tso6) && self.ecn {
-                bits |= libc::TUN_F_TSO_ECN;
-            }
-        }
-        bits
-    }
-}
-
-/// Sets the TAP's receive offloads. Needs no privilege: it acts on the
-/// device the fd is attached to. Fails (EINVAL) where the kernel does not
-/// support a flag, so callers can fall back to fewer.
-pub fn set_tap_offloads(tap: BorrowedFd<'_>, offloads: TapOffloads) -> io::Result<()> {
-    // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is read.
-    let r = unsafe {
-        libc::ioctl(
-            tap.as_raw_fd(),
-            libc::TUNSETOFFLOAD,
-            offloads.bits() as libc::c_ulong,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The name and MAC of the interface a TAP fd is attached to (TUNGETIFF,
-/// SIOCGIFHWADDR on the tun fd itself, so no socket is needed). The MAC is
-/// the host side's: the built-in DHCP server answers from it.
-pub fn tap_info(tap: BorrowedFd<'_>) -> io::Result<(String, [u8; 6])> {
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    // SAFETY: both ioctls write at most one struct ifreq into `ifr`.
-    if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNGETIFF, &mut ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let name: Vec<u8> = ifr
-        .ifr_name
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    let name = String::from_utf8_lossy(&name).into_owned();
-    // SAFETY: as above.
-    if unsafe { libc::ioctl(tap.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
-    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (m, &c) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *m = c as u8;
-    }
-    Ok((name, mac))
 }
 
 #[cfg(test)]
@@ -253,26 +163,5 @@ mod tests {
         }
         // The index is not just appended text: "vm1"+1 differs from "vm11"+0.
         assert_ne!(generated_mac("vm1", 1), generated_mac("vm11", 0));
-    }
-
-    #[test]
-    fn offload_bits_follow_dependencies() {
-        let all = TapOffloads {
-            csum: true,
-            tso4: true,
-            tso6: true,
-            ecn: true,
-        };
-        assert_eq!(all.bits(), 0x0f);
-        assert_eq!(TapOffloads { csum: false, ..all }.bits(), 0);
-        assert_eq!(
-            TapOffloads {
-                tso4: false,
-                tso6: false,
-                ..all
-            }
-            .bits(),
-            libc::TUN_F_CSUM
-        );
     }
 }

@@ -8,20 +8,17 @@
 //! ones it created and deletes them at cleanup.
 
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 use log::{debug, warn};
 use vmd_proto::msg::SwitchParams;
-use vmd_proto::net::TAP_VNET_HDR_LEN;
+use vmd_tap::ifreq;
 
 use crate::netlink::{self, NlError};
 
-/// The TUN/TAP clone device.
-pub const TUN_PATH: &str = "/dev/net/tun";
 /// Longest interface name (IFNAMSIZ - 1).
 pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
 
@@ -97,26 +94,6 @@ fn check_name(name: &str) -> Result<(), NetError> {
     }
 }
 
-/// An ifreq carrying `name` (checked by the caller to fit).
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
-    ifr
-}
-
-fn ifreq_name(ifr: &libc::ifreq) -> String {
-    let bytes: Vec<u8> = ifr
-        .ifr_name
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
 /// A socket to issue interface ioctls on; it fixes the network namespace
 /// they act in (the caller's).
 fn ctl_socket(name: &str) -> Result<OwnedFd, NetError> {
@@ -163,7 +140,7 @@ pub fn interface_exists(name: &str) -> bool {
 /// when `None`. Non-persistent (it vanishes with its last fd), no packet
 /// info, with a 12-byte virtio-net header on every frame and no receive
 /// offloads yet: the VM process turns on those its guest negotiates
-/// (`vmd_proto::net::set_tap_offloads`). An existing interface of that
+/// (`vmd_tap::set_tap_offloads`). An existing interface of that
 /// name is never taken over.
 pub fn create_tap(name: Option<&str>) -> Result<(File, String), NetError> {
     let template = match name {
@@ -173,33 +150,11 @@ pub fn create_tap(name: Option<&str>) -> Result<(File, String), NetError> {
         }
         None => "tap%d",
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(TUN_PATH)
-        .map_err(os(template, "open /dev/net/tun"))?;
-    let mut ifr = ifreq(template);
-    ifr.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
-            as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes one struct ifreq.
-    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-        return Err(os(template, "create TAP")(io::Error::last_os_error()));
-    }
-    let created = ifreq_name(&ifr);
-    let hdr_len = TAP_VNET_HDR_LEN as libc::c_int;
-    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
-    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
-        return Err(os(&created, "set virtio-net header size")(
-            io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: TUNSETOFFLOAD takes its argument by value.
-    if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, 0 as libc::c_ulong) } < 0 {
-        return Err(os(&created, "clear offloads")(io::Error::last_os_error()));
-    }
-    Ok((file, created))
+    vmd_tap::create(template).map_err(|e| NetError::Os {
+        name: e.name,
+        op: e.what,
+        source: e.source,
+    })
 }
 
 /// Brings an interface up or down.

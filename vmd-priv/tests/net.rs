@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vmd_priv::net::{self, NetError, NetState};
 use vmd_proto::msg::SwitchParams;
-use vmd_proto::net::{set_tap_offloads, tap_info, TapOffloads, TAP_VNET_HDR_LEN};
+use vmd_tap::{set_tap_offloads, tap_info, TapOffloads, TAP_VNET_HDR_LEN};
 
 /// Enters a fresh network namespace; false (test skipped) when not root.
 fn fresh_netns() -> bool {

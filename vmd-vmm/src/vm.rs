@@ -15,9 +15,10 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vm_memory::GuestMemoryMmap;
 use vmd_disk::open_disk;
-use vmd_proto::net::{format_mac, generated_mac, tap_info};
+use vmd_proto::net::{format_mac, generated_mac};
 use vmd_proto::vm::{DiskParams, ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};
+use vmd_tap::tap_info;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};

@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{console, files, kvm, launch, Running};
-use vmd_proto::net::TAP_VNET_HDR_LEN;
 use vmd_proto::vm::{DhcpLease, ExitReason, NicParams, VmmParams};
+use vmd_tap::TAP_VNET_HDR_LEN;
 use vmd_vmm::vm::TapFiles;
 use vmd_vmm::{DevOptions, Outcome, VmFiles};
 

@@ -26,7 +26,8 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmd_proto::net::{format_mac, set_tap_offloads, TapOffloads, TAP_VNET_HDR_LEN};
+use vmd_proto::net::format_mac;
+use vmd_tap::{set_tap_offloads, TapOffloads, TAP_VNET_HDR_LEN};
 
 use self::dhcp::DhcpServer;
 use crate::devices::virtio::{
