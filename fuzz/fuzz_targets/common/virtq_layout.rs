@@ -84,7 +84,15 @@ impl Builder {
         self
     }
 
-    pub fn desc_at(&mut self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) -> &mut Self {
+    pub fn desc_at(
+        &mut self,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) -> &mut Self {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&addr.to_le_bytes());
         d[8..12].copy_from_slice(&len.to_le_bytes());
