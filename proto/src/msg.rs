@@ -2,7 +2,7 @@
 //! (never reuse or renumber one) and a fixed number of fds that must travel
 //! with it.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -145,13 +145,15 @@ pub enum Msg {
     /// parent -> priv: configure host interface `name` (a VM's TAP): join
     /// `switch` (creating its bridge if missing), set `group` as its alias,
     /// bring it up or down, give it `host_addr` (a local interface's host
-    /// side). Answered by `PrivIfDone` or `PrivFailed` (kind `Interface`).
+    /// side) and `host_addr6` (its IPv6 side under `local inet6`).
+    /// Answered by `PrivIfDone` or `PrivFailed` (kind `Interface`).
     PrivIfConfig {
         name: String,
         switch: Option<SwitchParams>,
         group: Option<String>,
         up: bool,
         host_addr: Option<(Ipv4Addr, u8)>,
+        host_addr6: Option<(Ipv6Addr, u8)>,
     },
     /// priv -> parent: `PrivIfConfig` of `name` (or `PrivCleanup`, with an
     /// empty name) is done.
@@ -256,6 +258,7 @@ wire_table! {
         group: Option<String>,
         up: bool,
         host_addr: Option<(Ipv4Addr, u8)>,
+        host_addr6: Option<(Ipv6Addr, u8)>,
     },
     26 => PrivIfDone { name: String },
     27 => PrivCleanup {},

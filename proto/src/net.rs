@@ -1,37 +1,54 @@
 //! Network helpers shared by the parent, priv and the VM process: local
 //! interface addresses and generated MACs (TAP ioctls are in `vmd-tap`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::vm::MAX_NICS;
 
 /// The /31 of `vm_id`'s interface `nic_index` inside the local prefix
-/// `(addr, len)`: `(host, guest)`, the host side being the even address.
-///
-/// Each (vm id, interface) pair owns /31 number `vm_id * MAX_NICS +
-/// nic_index`, so two VMs, or two interfaces of one VM, never share one,
-/// and a VM gets the same addresses every time it starts (as OpenBSD's vmd
-/// derives them from the VM id and interface index). `None` when the
-/// interface index is out of range, the prefix is longer than /30, or the
-/// prefix has no room for this VM.
+/// `(addr, len)`: `(host, guest)`, computed as OpenBSD's vmd does
+/// (priv.c, vm_priv_addr): the VM id fills the third octet and up
+/// (`vm_id << 8`), the interface the last (`(index + 1) * 2`, skipping
+/// the .0 subnet), the host side is the even address and the guest the
+/// odd one. VM 9's first interface: host 100.64.9.2, guest 100.64.9.3.
+/// `None` when the interface index is out of range or the address falls
+/// outside the prefix's host bits (a VM id too high for it).
 pub fn local_pair(
     (addr, len): (Ipv4Addr, u8),
     vm_id: u32,
     nic_index: u8,
 ) -> Option<(Ipv4Addr, Ipv4Addr)> {
-    if usize::from(nic_index) >= MAX_NICS || len > 30 {
+    if usize::from(nic_index) >= MAX_NICS {
         return None;
     }
-    let base = u32::from(addr) & u32::from(prefix_mask(len)?);
-    let slot = u64::from(vm_id) * MAX_NICS as u64 + u64::from(nic_index);
-    let slots = 1u64 << (31 - len);
-    if slot >= slots {
+    let mask = u32::from(prefix_mask(len)?);
+    let base = u32::from(addr) & mask;
+    let suffix = vm_id.checked_mul(1 << 8)? | ((u32::from(nic_index) + 1) * 2);
+    // OpenBSD checks only that the result is still inside the prefix, so
+    // an id whose bits overlap a prefix bit set there could collide with
+    // another VM's; here the id must fit in the host bits.
+    if (suffix | 1) & mask != 0 {
         return None;
     }
-    // slot < 2^(31-len), so 2 * slot fits in the host part.
-    let host = base | (2 * slot) as u32;
+    let host = base | suffix;
     Some((Ipv4Addr::from(host), Ipv4Addr::from(host | 1)))
 }
+
+/// The IPv6 addresses of a local interface under `local inet6`, as
+/// OpenBSD's vmd computes them (priv.c, vm_priv_addr6): the prefix's
+/// address with the guest's IPv4 address in bytes 8 to 11 and 1 (host)
+/// or 2 (guest) in the last byte, a /96 per interface. `(host, guest)`.
+pub fn local_pair6(prefix: Ipv6Addr, guest4: Ipv4Addr) -> (Ipv6Addr, Ipv6Addr) {
+    let mut bytes = prefix.octets();
+    bytes[8..12].copy_from_slice(&guest4.octets());
+    bytes[15] = 1;
+    let host = Ipv6Addr::from(bytes);
+    bytes[15] = 2;
+    (host, Ipv6Addr::from(bytes))
+}
+
+/// The prefix length of each local interface's IPv6 subnet.
+pub const LOCAL_PREFIX6_LEN: u8 = 96;
 
 /// The netmask of a prefix length; `None` above 32.
 pub fn prefix_mask(len: u8) -> Option<Ipv4Addr> {
@@ -78,18 +95,14 @@ mod tests {
     const DEFAULT: (Ipv4Addr, u8) = (Ipv4Addr::new(100, 64, 0, 0), 10);
 
     #[test]
-    fn local_pair_is_a_slash_31_inside_the_prefix() {
-        let (h, g) = local_pair(DEFAULT, 1, 0).unwrap();
-        assert_eq!(h, Ipv4Addr::new(100, 64, 0, 8));
-        assert_eq!(g, Ipv4Addr::new(100, 64, 0, 9));
-        let (h, g) = local_pair(DEFAULT, 1, 3).unwrap();
-        assert_eq!(
-            (h, g),
-            (
-                "100.64.0.14".parse().unwrap(),
-                "100.64.0.15".parse().unwrap()
-            )
-        );
+    fn local_pair_is_openbsds() {
+        // OpenBSD: VM 9's first interface is 100.64.9.2 (host), .3 (guest).
+        let pair = |vm, nic| local_pair(DEFAULT, vm, nic).unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(pair(9, 0), (ip("100.64.9.2"), ip("100.64.9.3")));
+        assert_eq!(pair(9, 1), (ip("100.64.9.4"), ip("100.64.9.5")));
+        assert_eq!(pair(1, 3), (ip("100.64.1.8"), ip("100.64.1.9")));
+        assert_eq!(pair(300, 0), (ip("100.65.44.2"), ip("100.65.44.3")));
         // Host bits in the configured prefix are ignored.
         assert_eq!(
             local_pair((Ipv4Addr::new(100, 64, 1, 2), 10), 1, 0),
@@ -100,17 +113,13 @@ mod tests {
     #[test]
     fn local_pairs_are_distinct_and_stable() {
         let mut seen = std::collections::HashSet::new();
-        for vm in 0..300 {
+        for vm in 0..256 {
             for nic in 0..MAX_NICS as u8 {
                 let (h, g) = local_pair((Ipv4Addr::new(10, 0, 0, 0), 16), vm, nic).unwrap();
                 assert_eq!(u32::from(g), u32::from(h) + 1);
                 assert_eq!(u32::from(h) & 1, 0);
                 assert_eq!(u32::from(h) >> 16, 0x0a00);
                 assert!(seen.insert(h) && seen.insert(g), "vm {vm} nic {nic}");
-                assert_eq!(
-                    local_pair((Ipv4Addr::new(10, 0, 0, 0), 16), vm, nic),
-                    Some((h, g))
-                );
             }
         }
     }
@@ -118,23 +127,37 @@ mod tests {
     #[test]
     fn local_pair_refuses_what_does_not_fit() {
         assert_eq!(local_pair(DEFAULT, 1, MAX_NICS as u8), None);
-        assert_eq!(local_pair((Ipv4Addr::new(10, 0, 0, 0), 31), 0, 0), None);
-        // A /16 holds 2^15 /31s: 8192 VMs of four interfaces.
+        // A /16 holds VM ids 0 to 255.
         let p16 = (Ipv4Addr::new(10, 1, 0, 0), 16);
         assert_eq!(
-            local_pair(p16, 8191, 3),
-            Some((
-                "10.1.255.254".parse().unwrap(),
-                "10.1.255.255".parse().unwrap()
-            ))
+            local_pair(p16, 255, 3),
+            Some(("10.1.255.8".parse().unwrap(), "10.1.255.9".parse().unwrap()))
         );
-        assert_eq!(local_pair(p16, 8192, 0), None);
-        assert_eq!(local_pair(p16, u32::MAX, 3), None);
-        // A /30 has two /31s: only vm 0's first interfaces fit.
-        assert!(local_pair((Ipv4Addr::new(10, 0, 0, 4), 30), 0, 1).is_some());
-        assert_eq!(local_pair((Ipv4Addr::new(10, 0, 0, 4), 30), 0, 2), None);
-        assert!(local_pair((Ipv4Addr::new(0, 0, 0, 0), 0), (1 << 29) - 1, 3).is_some());
-        assert_eq!(local_pair((Ipv4Addr::new(0, 0, 0, 0), 0), 1 << 29, 0), None);
+        assert_eq!(local_pair(p16, 256, 0), None);
+        assert_eq!(local_pair(DEFAULT, u32::MAX, 3), None);
+        // A /30 holds only vm 0's first interface.
+        assert!(local_pair((Ipv4Addr::new(10, 0, 0, 4), 30), 0, 0).is_some());
+        assert_eq!(local_pair((Ipv4Addr::new(10, 0, 0, 4), 30), 0, 1), None);
+        assert_eq!(local_pair((Ipv4Addr::new(10, 0, 0, 0), 33), 0, 0), None);
+    }
+
+    #[test]
+    fn local_pair6_is_openbsds() {
+        let (_, g4) = local_pair(DEFAULT, 9, 0).unwrap();
+        let prefix: Ipv6Addr = "fd12:3456:789a:bcde::".parse().unwrap();
+        let (h, g) = local_pair6(prefix, g4);
+        assert_eq!(
+            h,
+            "fd12:3456:789a:bcde:6440:903::1"
+                .parse::<Ipv6Addr>()
+                .unwrap()
+        );
+        assert_eq!(
+            g,
+            "fd12:3456:789a:bcde:6440:903::2"
+                .parse::<Ipv6Addr>()
+                .unwrap()
+        );
     }
 
     #[test]

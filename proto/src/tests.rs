@@ -469,6 +469,7 @@ fn type_codes_are_unique_and_covered() {
             group: Some("vms".into()),
             up: true,
             host_addr: Some(("100.64.0.8".parse().unwrap(), 31)),
+            host_addr6: None,
         },
         Msg::PrivIfDone {
             name: "tap0".into(),
@@ -1037,13 +1038,17 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             proptest::option::of(text()),
             any::<bool>(),
             proptest::option::of((arb_ipv4(), any::<u8>())),
+            proptest::option::of((any::<u128>(), any::<u8>())),
         )
-            .prop_map(|(name, switch, group, up, host_addr)| Msg::PrivIfConfig {
-                name,
-                switch,
-                group,
-                up,
-                host_addr
+            .prop_map(|(name, switch, group, up, host_addr, host_addr6)| {
+                Msg::PrivIfConfig {
+                    name,
+                    switch,
+                    group,
+                    up,
+                    host_addr,
+                    host_addr6: host_addr6.map(|(a, l)| (std::net::Ipv6Addr::from(a), l)),
+                }
             }),
         text().prop_map(|name| Msg::PrivIfDone { name }),
         Just(Msg::PrivCleanup),

@@ -9,7 +9,10 @@
  * emulates CPL0 code at ~1M instructions/s but runs CPL3 natively.
  *
  * Command line (tokens we do not know are ignored):
+ *   net.nic=N           drive the Nth virtio-net function (default 0)
  *   net.ip=A.B.C.D/NN   static address
+ *   net.ip6=X:X:X:X:X:X:X:X  static IPv6 address (all 8 groups, hex):
+ *                       answers neighbor solicitations and ICMPv6 echo
  *   net.dhcp=1          DISCOVER, OFFER, REQUEST, ACK; prints
  *                       "VMD-TEST net lease A.B.C.D/NN router R"
  *   net.forge=1         send every frame from a forged source MAC
@@ -409,6 +412,80 @@ static void dhcp_input(const u8 *udp, u32 ulen)
 	}
 }
 
+/* ---- IPv6: neighbor discovery and echo, for a static address ---- */
+
+static u8 my_ip6[16];
+static int have_ip6;
+
+/* The ICMPv6 checksum over the pseudo-header and `n` bytes at `icmp`. */
+static u16 csum6(const u8 *src, const u8 *dst, const u8 *icmp, u32 n)
+{
+	u32 s = 0;
+	for (int i = 0; i < 16; i += 2)
+		s += (u32)(src[i] << 8 | src[i + 1]) + (u32)(dst[i] << 8 | dst[i + 1]);
+	s += n + 58;
+	for (u32 i = 0; i + 1 < n; i += 2)
+		s += (u32)(icmp[i] << 8 | icmp[i + 1]);
+	if (n & 1)
+		s += (u32)icmp[n - 1] << 8;
+	while (s >> 16)
+		s = (s & 0xffff) + (s >> 16);
+	return (u16)~s;
+}
+
+/* Sends the ICMPv6 message of `n` bytes already at f+54 to `dst`/`dmac`. */
+static void send6(u8 *f, const u8 *dmac, const u8 *dst, u32 n)
+{
+	u8 *ip = eth(f, dmac, 0x86dd);
+	put32(ip, 0x60000000);
+	put16(ip + 4, (u16)n);
+	ip[6] = 58;
+	ip[7] = 255;
+	memcpy(ip + 8, my_ip6, 16);
+	memcpy(ip + 24, dst, 16);
+	u8 *icmp = ip + 40;
+	put16(icmp + 2, 0);
+	put16(icmp + 2, csum6(my_ip6, dst, icmp, n));
+	tx_commit(14 + 40 + n, 1);
+}
+
+static void input6(const u8 *f, u32 len)
+{
+	const u8 *ip = f + 14;
+	if (!have_ip6 || len < 14 + 40 + 8 || ip[6] != 58)
+		return;
+	u32 plen = get16(ip + 4);
+	if (14 + 40 + plen > len || plen > BUFSZ - VHDR - 54)
+		return;
+	const u8 *src = ip + 8, *dst = ip + 24, *icmp = ip + 40;
+	/* Ours, or the solicited-node multicast group of ours. */
+	static const u8 snm[13] = { 0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff };
+	int to_us = !memcmp(dst, my_ip6, 16) ||
+		(!memcmp(dst, snm, 13) && !memcmp(dst + 13, my_ip6 + 13, 3));
+	if (!to_us)
+		return;
+	if (icmp[0] == 135 && plen >= 24 && !memcmp(icmp + 8, my_ip6, 16)) {
+		/* Neighbor solicitation for us: a solicited, overriding
+		 * advertisement with our link-layer address. */
+		u8 *r = tx_buf();
+		u8 *na = r + 54;
+		memset(na, 0, 32);
+		na[0] = 136;
+		put32(na + 4, 0x60000000);
+		memcpy(na + 8, my_ip6, 16);
+		na[24] = 2;
+		na[25] = 1;
+		memcpy(na + 26, src_mac, 6);
+		send6(r, f + 6, src, 32);
+	} else if (icmp[0] == 128 && !memcmp(dst, my_ip6, 16)) {
+		u8 *r = tx_buf();
+		memcpy(r + 54, icmp, plen);
+		r[54] = 129;
+		send6(r, f + 6, src, plen);
+		answered++;
+	}
+}
+
 /* ---- input ---- */
 
 static int bench_rx;
@@ -422,9 +499,14 @@ static void input(const u8 *f, u32 len)
 		rx_frames++;
 		rx_bytes += len;
 	}
-	if (memcmp(f, mac, 6) && memcmp(f, src_mac, 6) && memcmp(f, bcast, 6))
+	if (memcmp(f, mac, 6) && memcmp(f, src_mac, 6) && memcmp(f, bcast, 6) &&
+	    !(f[0] == 0x33 && f[1] == 0x33))
 		return;
 	u16 type = get16(f + 12);
+	if (type == 0x86dd) {
+		input6(f, len);
+		return;
+	}
 	if (type == 0x0806 && len >= 42) {
 		const u8 *a = f + 14;
 		u16 op = get16(a + 6);
@@ -510,7 +592,7 @@ static u32 ipaddr(void)
 	return a;
 }
 
-static u32 opt_exit, opt_timeout = 60, opt_count = 3, opt_port = 9, opt_dhcp, opt_forge;
+static u32 opt_exit, opt_timeout = 60, opt_count = 3, opt_port = 9, opt_dhcp, opt_forge, opt_nic;
 static u64 bench_tx;
 
 static void parse(const char *cmd)
@@ -524,7 +606,27 @@ static void parse(const char *cmd)
 			arg++;
 		const char *end = arg;
 #define OPT(o) (starts(tok, o) && (arg = tok + sizeof(o) - 1, 1))
-		if (OPT("net.ip=")) {
+		if (OPT("net.nic=")) {
+			opt_nic = (u32)num();
+		} else if (OPT("net.ip6=")) {
+			for (int i = 0; i < 8; i++) {
+				u32 g = 0;
+				for (;;) {
+					char c = *arg;
+					u32 d = c >= '0' && c <= '9' ? (u32)(c - '0') :
+						c >= 'a' && c <= 'f' ? (u32)(c - 'a' + 10) : 99;
+					if (d == 99)
+						break;
+					g = g << 4 | d;
+					arg++;
+				}
+				my_ip6[2 * i] = (u8)(g >> 8);
+				my_ip6[2 * i + 1] = (u8)g;
+				if (*arg == ':')
+					arg++;
+			}
+			have_ip6 = 1;
+		} else if (OPT("net.ip=")) {
 			my_ip = ipaddr();
 			my_mask_len = *arg == '/' ? (arg++, (u32)num()) : 24;
 			have_ip = 1;
@@ -681,14 +783,15 @@ static const struct hvm_start_info *start;
 
 static void __attribute__((noreturn, used)) user_main(void)
 {
+	if (start->magic == HVM_START_MAGIC && start->cmdline_paddr)
+		parse((const char *)(usize)start->cmdline_paddr);
 	int slot = -1;
+	u32 seen = 0;
 	for (int s = 0; s < 32 && slot < 0; s++)
-		if (pci_rd(s, 0) == 0x10411af4u)
+		if (pci_rd(s, 0) == 0x10411af4u && seen++ == opt_nic)
 			slot = s;
 	if (slot < 0)
 		fail("no virtio-net device");
-	if (start->magic == HVM_START_MAGIC && start->cmdline_paddr)
-		parse((const char *)(usize)start->cmdline_paddr);
 	net_init(slot);
 	memcpy(src_mac, mac, 6);
 	if (opt_forge) {

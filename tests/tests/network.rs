@@ -164,3 +164,99 @@ fn start_stop_cycles_leave_no_tap_bridge_or_fd() {
     );
     assert_eq!(links, ["lo"], "{links:?}");
 }
+
+/// OpenBSD's local addressing: VM N's interface I is host
+/// prefix+N.(I+1)*2, guest +1 (vm_priv_addr), several `-L` per VM, and
+/// under `local inet6` a /96 per interface with the guest's IPv4 address
+/// inside, host ::1 and guest ::2 (vm_priv_addr6). The host pings the
+/// guest over each interface, IPv4 and IPv6.
+#[test]
+fn local_interfaces_get_openbsds_addresses_v4_and_v6() {
+    let ns = NetNs::new("local");
+    let dir = Daemon::dir_for("local-addr");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("vm.conf");
+    std::fs::write(&conf, "local inet6 prefix fd12:3456:789a:bcde::/64\n").unwrap();
+    let d = Daemon::start_in("local-addr", Some(&ns), &["-f", conf.to_str().unwrap()]);
+    let kernel = guest("net.elf");
+    let kernel = kernel.to_str().unwrap();
+    // The first VM of a fresh vmd is VM 1: interface 0 is 100.64.1.2/.3,
+    // interface 1 100.64.1.4/.5.
+    let cases = [
+        (
+            0,
+            "100.64.1.2",
+            "100.64.1.3",
+            "fd12:3456:789a:bcde:6440:103:0:2",
+        ),
+        (
+            1,
+            "100.64.1.4",
+            "100.64.1.5",
+            "fd12:3456:789a:bcde:6440:105:0:2",
+        ),
+    ];
+    for (nic, host, guest4, guest6) in cases {
+        let expanded: Vec<String> = guest6
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .segments()
+            .iter()
+            .map(|g| format!("{g:x}"))
+            .collect();
+        let cmdline = format!(
+            "net.dhcp=1 net.nic={nic} net.ip6={} net.exit=100 net.timeout=120",
+            expanded.join(":")
+        );
+        d.ok(&[
+            "start",
+            "-b",
+            kernel,
+            "-m",
+            "32M",
+            "-L",
+            "-L",
+            "--cmdline",
+            &cmdline,
+            "loc",
+        ]);
+        // The console replays the earlier runs too: this run's lines are
+        // the last ones.
+        let console = d.console("loc");
+        let deadline = std::time::Instant::now() + T;
+        while console.count("VMD-TEST net ready") <= nic {
+            assert!(std::time::Instant::now() < deadline, "{}", console.text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = console.text();
+        let lease = text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("VMD-TEST net lease "))
+            .expect("lease line");
+        assert_eq!(
+            lease.trim(),
+            format!("{guest4}/31 router {host}"),
+            "nic {nic}"
+        );
+        // Two local TAPs, each with its own /31 and /96 on the host side.
+        let addrs = ns.run(&["ip", "-o", "addr", "show"]);
+        for want in [
+            "inet 100.64.1.2/31",
+            "inet 100.64.1.4/31",
+            "inet6 fd12:3456:789a:bcde:6440:103:0:1/96",
+            "inet6 fd12:3456:789a:bcde:6440:105:0:1/96",
+        ] {
+            assert!(addrs.contains(want), "no {want} in:\n{addrs}");
+        }
+        assert!(ns.ping(guest4, 3), "host cannot ping {guest4} (nic {nic})");
+        let out = ns.exec(&["ping", "-6", "-c", "3", "-W", "2", "-i", "0.3", guest6]);
+        assert!(
+            out.status.success(),
+            "host cannot ping6 {guest6} (nic {nic}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        d.ok(&["stop", "-f", "-w", "loc"]);
+    }
+}

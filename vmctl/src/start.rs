@@ -34,7 +34,7 @@ pub struct StartArgs {
 pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
     let parsed = SPEC.parse(args).map_err(|e| Error::args(CMD, e))?;
     let mut out = StartArgs::default();
-    let (mut plain_nics, mut local_nic, mut switches) = (0, false, Vec::new());
+    let (mut plain_nics, mut local_nics, mut switches) = (0, 0, Vec::new());
     for found in &parsed.opts {
         let arg = found.arg();
         match found.opt {
@@ -49,7 +49,8 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
                     })?;
                 plain_nics = n;
             }
-            Opt::Short('L') => local_nic = true,
+            // Each -L adds a local interface, as on OpenBSD.
+            Opt::Short('L') => local_nics += 1,
             Opt::Short('t') => out.req.template = Some(arg.to_string()),
             Opt::Short('n') => switches.push(arg.to_string()),
             Opt::Short('d') => {
@@ -88,7 +89,7 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
             }
         }
     }
-    // OpenBSD's order: the local interface first, then one per -n
+    // The local interfaces first, then one per -n
     // switch, then plain ones up to the -i count.
     let up = |local, switch| NicSpec {
         local,
@@ -96,7 +97,7 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
         up: true,
         ..Default::default()
     };
-    if local_nic {
+    for _ in 0..local_nics {
         out.req.nics.push(up(true, None));
     }
     out.req

@@ -102,6 +102,22 @@ struct Parent {
     pending_reset: Option<(u32, ResetWhat)>,
     /// Successful reloads since vmd started.
     reloads: u64,
+    /// The IPv6 prefix of `local inet6` without one: fd00::/8 with 56
+    /// random bits (OpenBSD's global and subnet ID), drawn once at start.
+    auto_prefix6: std::net::Ipv6Addr,
+}
+
+/// OpenBSD's `local inet6` default: a unique local prefix, fd00::/8 with
+/// the next 7 bytes random.
+fn random_ula_prefix() -> std::net::Ipv6Addr {
+    let mut bytes = [0u8; 16];
+    bytes[0] = 0xfd;
+    // SAFETY: getrandom writes at most the 7 bytes it is given.
+    let n = unsafe { libc::getrandom(bytes[1..8].as_mut_ptr().cast(), 7, 0) };
+    if n != 7 {
+        warn!("getrandom failed; the local inet6 prefix is fd00::/64");
+    }
+    std::net::Ipv6Addr::from(bytes)
 }
 
 /// `vmd -n`: checks the configuration, says so, exits 0 or 1.
@@ -216,6 +232,7 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         next_autostart: Instant::now(),
         pending_reset: None,
         reloads: 0,
+        auto_prefix6: random_ula_prefix(),
     };
     parent.configure(config)?;
     Ok((parent, signals))

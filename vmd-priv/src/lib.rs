@@ -200,9 +200,17 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
             group,
             up,
             host_addr,
+            host_addr6,
         } => {
             let done = net
-                .configure(&name, switch.as_ref(), group.as_deref(), up, host_addr)
+                .configure(
+                    &name,
+                    switch.as_ref(),
+                    group.as_deref(),
+                    up,
+                    host_addr,
+                    host_addr6,
+                )
                 .map(|()| {
                     debug!("vm {vm}: configured {name}");
                     (Msg::PrivIfDone { name: name.clone() }, Vec::new())

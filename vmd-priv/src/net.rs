@@ -10,7 +10,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use log::{debug, warn};
@@ -267,6 +267,19 @@ pub fn set_ipv4(name: &str, addr: Ipv4Addr, prefix_len: u8) -> Result<(), NetErr
     netlink::add_ipv4(index, addr, prefix_len).map_err(nl(name, "set address"))
 }
 
+/// Gives the interface the IPv6 address `addr/prefix_len` (the host side
+/// of a local interface under `local inet6`: a /96).
+pub fn set_ipv6(name: &str, addr: Ipv6Addr, prefix_len: u8) -> Result<(), NetError> {
+    if prefix_len > 128 {
+        return Err(NetError::BadPrefix {
+            name: name.into(),
+            len: prefix_len,
+        });
+    }
+    let index = ifindex(name)?;
+    netlink::add_ipv6(index, addr, prefix_len).map_err(nl(name, "set IPv6 address"))
+}
+
 /// What priv remembers about the interfaces it made.
 #[derive(Debug, Default)]
 pub struct NetState {
@@ -297,7 +310,7 @@ impl NetState {
 
     /// Configures a VM's TAP `name`: joins `switch` (its bridge created when
     /// missing, given the switch's group as alias and brought up or down),
-    /// takes `group` as alias, gets `host_addr`, and goes up or down last,
+    /// takes `group` as alias, gets `host_addr` (and `host_addr6`), and goes up or down last,
     /// when everything else is in place.
     pub fn configure(
         &mut self,
@@ -306,6 +319,7 @@ impl NetState {
         group: Option<&str>,
         up: bool,
         host_addr: Option<(Ipv4Addr, u8)>,
+        host_addr6: Option<(Ipv6Addr, u8)>,
     ) -> Result<(), NetError> {
         check_name(name)?;
         if let Some(sw) = switch {
@@ -324,6 +338,9 @@ impl NetState {
         }
         if let Some((addr, len)) = host_addr {
             set_ipv4(name, addr, len)?;
+        }
+        if let Some((addr, len)) = host_addr6 {
+            set_ipv6(name, addr, len)?;
         }
         set_up(name, up)
     }
@@ -386,7 +403,9 @@ mod tests {
             Err(NetError::BadName { .. })
         ));
         let mut st = NetState::new();
-        let e = st.configure("../x", None, None, true, None).unwrap_err();
+        let e = st
+            .configure("../x", None, None, true, None, None)
+            .unwrap_err();
         assert!(e.to_string().contains("../x"), "{e}");
         let sw = SwitchParams {
             bridge: "x".repeat(16),
@@ -394,7 +413,7 @@ mod tests {
             up: true,
         };
         assert!(matches!(
-            st.configure("tap0", Some(&sw), None, true, None),
+            st.configure("tap0", Some(&sw), None, true, None, None),
             Err(NetError::BadName { .. })
         ));
         assert!(st.created_bridges().is_empty());

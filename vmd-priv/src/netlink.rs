@@ -3,7 +3,7 @@
 //! one acknowledgement; nothing is dumped or parsed beyond the ack.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -160,6 +160,24 @@ pub fn add_ipv4(index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<(), NlErro
     req.body(&ifa);
     // IFA_LOCAL is the address itself; IFA_ADDRESS the same on a
     // broadcast link (it would be the peer on a point-to-point one).
+    req.attr(IFA_LOCAL, &addr.octets());
+    req.attr(IFA_ADDRESS, &addr.octets());
+    req.send()
+}
+
+/// Gives interface `index` the IPv6 address `addr/prefix_len` (replacing
+/// it if present) without duplicate address detection: the address is
+/// ours by construction, and usable at once.
+pub fn add_ipv6(index: u32, addr: Ipv6Addr, prefix_len: u8) -> Result<(), NlError> {
+    const IFA_F_NODAD: u8 = 0x02;
+    let mut req = Request::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE);
+    // struct ifaddrmsg: family, prefixlen, flags, scope (universe), index.
+    let mut ifa = [0u8; 8];
+    ifa[0] = libc::AF_INET6 as u8;
+    ifa[1] = prefix_len;
+    ifa[2] = IFA_F_NODAD;
+    ifa[4..8].copy_from_slice(&index.to_ne_bytes());
+    req.body(&ifa);
     req.attr(IFA_LOCAL, &addr.octets());
     req.attr(IFA_ADDRESS, &addr.octets());
     req.send()

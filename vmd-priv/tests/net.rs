@@ -137,7 +137,7 @@ fn switch_creates_bridge_attaches_tap_sets_group_and_cleanup_removes_it() {
     let (_t1, tap1) = st.open_tap("vmdt1").unwrap();
     let (_t2, tap2) = st.open_tap("vmdt2").unwrap();
     let sw = switch("vmdbr0", Some("uplink"), true);
-    st.configure(&tap1, Some(&sw), Some("vms"), true, None)
+    st.configure(&tap1, Some(&sw), Some("vms"), true, None, None)
         .unwrap();
     let b = link("vmdbr0").expect("bridge created");
     assert!(b.contains("bridge forward_delay"), "{b}");
@@ -150,7 +150,8 @@ fn switch_creates_bridge_attaches_tap_sets_group_and_cleanup_removes_it() {
     assert_eq!(st.created_bridges(), ["vmdbr0".to_string()]);
 
     // A second VM on the same switch: the bridge is reused, not re-made.
-    st.configure(&tap2, Some(&sw), None, false, None).unwrap();
+    st.configure(&tap2, Some(&sw), None, false, None, None)
+        .unwrap();
     assert!(link(&tap2).unwrap().contains("master vmdbr0"));
     assert!(!is_admin_up(&tap2));
     assert_eq!(st.created_bridges().len(), 1);
@@ -163,6 +164,7 @@ fn switch_creates_bridge_attaches_tap_sets_group_and_cleanup_removes_it() {
         Some(&switch("hostbr", None, false)),
         None,
         true,
+        None,
         None,
     )
     .unwrap();
@@ -191,6 +193,7 @@ fn switch_down_and_group_cleared() {
         Some("g1"),
         true,
         None,
+        None,
     )
     .unwrap();
     assert!(!is_admin_up("vmdbr1"));
@@ -216,12 +219,12 @@ fn local_interface_host_side_gets_its_slash_31() {
     let (mut tap_fd, tap) = st.open_tap("").unwrap();
     let (host, guest) =
         vmd_proto::net::local_pair((Ipv4Addr::new(100, 64, 0, 0), 10), 1, 0).unwrap();
-    st.configure(&tap, None, None, true, Some((host, 31)))
+    st.configure(&tap, None, None, true, Some((host, 31)), None)
         .unwrap();
     let a = ip(&["-o", "-4", "addr", "show", "dev", &tap]);
     assert!(a.contains(&format!("inet {host}/31")), "{a}");
     // Configuring again (a VM restart) replaces rather than fails.
-    st.configure(&tap, None, None, true, Some((host, 31)))
+    st.configure(&tap, None, None, true, Some((host, 31)), None)
         .unwrap();
     let a = ip(&["-o", "-4", "addr", "show", "dev", &tap]);
     assert_eq!(a.lines().count(), 1, "{a}");
@@ -286,7 +289,9 @@ fn errors_name_the_interface() {
         return;
     }
     let mut st = NetState::new();
-    let e = st.configure("nosuch0", None, None, true, None).unwrap_err();
+    let e = st
+        .configure("nosuch0", None, None, true, None, None)
+        .unwrap_err();
     assert!(e.to_string().starts_with("nosuch0: "), "{e}");
     // A switch whose "bridge" is an existing non-bridge interface.
     let (_t0, not_bridge) = st.open_tap("notabridge").unwrap();
@@ -297,6 +302,7 @@ fn errors_name_the_interface() {
             Some(&switch(&not_bridge, None, true)),
             None,
             true,
+            None,
             None,
         )
         .unwrap_err();

@@ -251,13 +251,41 @@ impl Parent {
             false => None,
             true => Some((self.local_pair(vm_id, index)?.0, 31)),
         };
+        let host_addr6 = match nic.local {
+            false => None,
+            true => self
+                .local_pair6(vm_id, index)?
+                .map(|(host, _)| (host, vmd_proto::net::LOCAL_PREFIX6_LEN)),
+        };
         Ok(Msg::PrivIfConfig {
             name: name.to_string(),
             switch,
             group: nic.group.clone(),
             up: nic.up,
             host_addr,
+            host_addr6,
         })
+    }
+
+    /// A local interface's IPv6 addresses under `local inet6`: (host,
+    /// guest) in its /96, as OpenBSD assigns them.
+    pub(super) fn local_pair6(
+        &self,
+        vm_id: u32,
+        index: u8,
+    ) -> Result<Option<(std::net::Ipv6Addr, std::net::Ipv6Addr)>, String> {
+        let Some(p) = &self.config.globals.local_inet6 else {
+            return Ok(None);
+        };
+        // `local inet6` without a prefix: OpenBSD's random ULA prefix,
+        // drawn once per vmd run.
+        let prefix = if *p == vmd_config::DEFAULT_LOCAL_PREFIX6 {
+            self.auto_prefix6
+        } else {
+            p.addr
+        };
+        let (_, guest4) = self.local_pair(vm_id, index)?;
+        Ok(Some(vmd_proto::net::local_pair6(prefix, guest4)))
     }
 
     /// A local interface's /31: (host, guest).
