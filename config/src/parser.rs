@@ -4,8 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use vmd_proto::size::{format_size, parse_size};
-use vmd_proto::vm::{validate_name, MAX_CMDLINE, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
+use vmd_proto::size::parse_size;
+use vmd_proto::vm::{check_memory_range, validate_name, MAX_CMDLINE, MAX_VCPUS, MEMORY_UNIT};
 
 use crate::lexer::{lex, LexError, Tok, Token};
 use crate::{
@@ -806,17 +806,8 @@ impl FileParser<'_> {
 
     fn memory_size(&mut self, s: &str, at: Location) -> Result<u64> {
         let b = parse_size(s).map_err(|e| err(at.clone(), e.to_string()))?;
-        if b < MIN_MEMORY {
-            return Err(err(at, "memory size must be at least 1M"));
-        }
-        if b > MAX_MEMORY {
-            return Err(err(
-                at,
-                format!("memory size must be at most {}", format_size(MAX_MEMORY)),
-            ));
-        }
-        // Guest memory is laid out in whole MiB, as OpenBSD's vmd does.
-        let rounded = b / MIN_MEMORY * MIN_MEMORY;
+        check_memory_range(b).map_err(|e| err(at.clone(), e.to_string()))?;
+        let rounded = b / MEMORY_UNIT * MEMORY_UNIT;
         if rounded != b {
             self.warn(
                 at,

@@ -5,17 +5,73 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::size::format_size;
+
 /// Longest VM name accepted (OpenBSD's limit).
 pub const MAX_NAME_LEN: usize = 64;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 64;
-/// Smallest and largest guest memory, in bytes.
-pub const MIN_MEMORY: u64 = 1 << 20;
+/// Smallest and largest guest memory, in bytes: the smallest holds a
+/// kernel loaded at 1 MiB (the VM process's own minimum).
+pub const MIN_MEMORY: u64 = 2 << 20;
 pub const MAX_MEMORY: u64 = 1 << 40;
+/// Guest memory is laid out in whole MiB, as OpenBSD's vmd does.
+pub const MEMORY_UNIT: u64 = 1 << 20;
 /// Memory a VM gets when nothing says otherwise (OpenBSD's default).
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// Longest kernel command line we pass (Linux's COMMAND_LINE_SIZE on x86).
 pub const MAX_CMDLINE: usize = 2047;
+
+/// Why a guest memory size cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "memory {} is outside the range {} to {}",
+        format_size(*.0),
+        format_size(MIN_MEMORY),
+        format_size(MAX_MEMORY)
+    )]
+    OutOfRange(u64),
+    #[error(
+        "memory {} is more than this host has ({})",
+        format_size(*.bytes),
+        format_size(*.host)
+    )]
+    MoreThanHost { bytes: u64, host: u64 },
+}
+
+/// The documented range of guest memory (vm.conf checks only this: a
+/// file may be written for a bigger host).
+pub fn check_memory_range(bytes: u64) -> Result<(), MemoryError> {
+    if (MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(MemoryError::OutOfRange(bytes))
+    }
+}
+
+/// The one check of a memory size a VM is started with: the documented
+/// range, and no more than the host's memory (MemTotal).
+pub fn check_memory(bytes: u64) -> Result<(), MemoryError> {
+    check_memory_range(bytes)?;
+    match host_memory() {
+        Some(host) if bytes > host => Err(MemoryError::MoreThanHost { bytes, host }),
+        _ => Ok(()),
+    }
+}
+
+/// The host's memory in bytes (/proc/meminfo's MemTotal).
+pub fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
 
 /// A client's request to start a VM (`vmctl start`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -354,3 +354,166 @@ fn an_idle_client_is_dropped() {
         "dropped after {secs} s, the idle timeout is {timeout} s"
     );
 }
+
+#[test]
+fn memory_sizes_are_checked_once_against_the_range_and_the_host() {
+    let (d, _ns) = setup("hu-mem");
+    let host_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("MemTotal");
+    let too_big = (host_kib * 1024 + (1 << 30)).to_string();
+    // vmctl and vmd say the same thing, from the same check.
+    let out = d.vmctl_as(OWNER, &["start", "-t", "tpl", "-m", "1T", "big"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("memory 1.0T is more than this host has"),
+        "{}",
+        stderr(&out)
+    );
+    let raw = Hostile::run(&d, OWNER, &["start", "tpl", "big", &too_big]);
+    assert!(
+        raw.said.starts_with("error: vm big: memory ")
+            && raw.said.contains("is more than this host has"),
+        "{}",
+        raw.said
+    );
+    let raw = Hostile::run(
+        &d,
+        OWNER,
+        &["start", "tpl", "small", &(1u64 << 20).to_string()],
+    );
+    assert_eq!(
+        raw.said,
+        "error: vm small: memory 1.0M is outside the range 2.0M to 1.0T"
+    );
+    let out = d.vmctl(&["start", "-b", "/nonexistent", "-m", "1M", "small"]);
+    assert!(
+        stderr(&out).contains("-m 1M: memory 1.0M is outside the range 2.0M to 1.0T"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(d.status("big").is_none() && d.status("small").is_none());
+    // The smallest size the range allows runs.
+    let out = d.vmctl_as(OWNER, &["start", "-t", "tpl", "-m", "2M", "smallest"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.wait_state("smallest", "running", T);
+    d.ok(&["stop", "-f", "-w", "smallest"]);
+}
+
+#[test]
+fn an_owner_has_a_bounded_number_of_consoles_and_root_always_gets_one() {
+    use std::process::{Command, Stdio};
+    let (d, _ns) = setup("hu-cons");
+    let cap = limit("MAX_CONSOLES_PER_VM");
+    d.ok(&["start", "owned"]);
+    d.wait_state("owned", "running", T);
+    let mut consoles = Vec::new();
+    for k in 1..=cap {
+        let child = Command::new("runuser")
+            .args(["-u", OWNER, "--"])
+            .arg(vmd_e2e::bin("vmctl"))
+            .arg("-s")
+            .arg(&d.socket)
+            .args(["console", "owned"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("vmctl console");
+        consoles.push(child);
+        d.wait_log(
+            &format!("console attached for uid {} ({k} attached)", uid(OWNER)),
+            T,
+        );
+    }
+    let out = d.vmctl_as(OWNER, &["console", "owned"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        format!("vmctl: vm owned: {cap} consoles attached, the most one VM may have")
+    );
+    // Root still attaches.
+    let root = d.console("owned");
+    d.wait_log(
+        &format!("console attached for uid 0 ({} attached)", cap + 1),
+        T,
+    );
+    drop(root);
+    for mut c in consoles {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    d.ok(&["stop", "-f", "-w", "owned"]);
+}
+
+fn uid(user: &str) -> u32 {
+    nix::unistd::User::from_name(user)
+        .unwrap()
+        .expect("test user")
+        .uid
+        .as_raw()
+}
+
+#[test]
+fn a_stopped_vm_process_does_not_hang_pause() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let (d, _ns) = setup("hu-stop");
+    let timeout = limit("VMM_REQUEST_TIMEOUT");
+    d.ok(&["start", "owned"]);
+    let pid = d.wait_state("owned", "running", T).pid;
+    let vmm = Pid::from_raw(pid as i32);
+    kill(vmm, Signal::SIGSTOP).unwrap();
+    let out = std::process::Command::new("timeout")
+        .arg((timeout + 15).to_string())
+        .arg(vmd_e2e::bin("vmctl"))
+        .arg("-s")
+        .arg(&d.socket)
+        .args(["pause", "owned"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(124), "vmctl pause hung");
+    assert_eq!(
+        stderr(&out),
+        format!("vmctl: vm owned: the vm process did not answer within {timeout} s; it is still running")
+    );
+    // Status, pause and unpause agree on what the VM process last said.
+    assert_eq!(d.status("owned").map(|s| s.state), Some("running".into()));
+    let out = d.vmctl(&["unpause", "owned"]);
+    assert_eq!(stderr(&out), "vmctl: vm owned is not paused");
+    // Once it runs again it takes the pause it was sent, and says so.
+    kill(vmm, Signal::SIGCONT).unwrap();
+    d.wait_state("owned", "paused", T);
+    d.ok(&["unpause", "owned"]);
+    assert_eq!(d.status("owned").map(|s| s.state), Some("running".into()));
+    d.ok(&["stop", "-f", "-w", "owned"]);
+}
+
+#[test]
+fn vmd_raises_its_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // vmd starts with the usual soft limit of a service, 1024.
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
+    let started = std::panic::catch_unwind(|| setup("hu-nofile"));
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+    let (d, _ns) = started.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let want = limit("PARENT_NOFILE");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let (soft, hard): (usize, usize) = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|v| {
+            let mut n = v.split_whitespace().map(|n| n.parse().ok());
+            Some((n.next()??, n.next()??))
+        })
+        .expect("Max open files");
+    // Where even root may not raise the hard limit, the soft one is the
+    // hard one.
+    assert!(
+        soft >= want.min(hard) && soft > 1024,
+        "vmd's open-file limit is {soft} (hard {hard}), not {want}"
+    );
+}

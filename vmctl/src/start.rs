@@ -6,8 +6,8 @@ use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
 use vmd_proto::vm::DiskFormat as Format;
 use vmd_proto::vm::{
-    validate_name, BootDevice, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE, MAX_DISKS, MAX_MEMORY,
-    MAX_NICS, MAX_VCPUS, MIN_MEMORY,
+    check_memory, validate_name, BootDevice, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE,
+    MAX_DISKS, MAX_NICS, MAX_VCPUS,
 };
 
 use crate::args::{Opt, Spec};
@@ -161,16 +161,7 @@ fn absolute(path: &str) -> Result<String, Error> {
 
 fn memory(arg: &str) -> Result<u64, Error> {
     let bytes = parse_size(arg).map_err(|e| Error::usage(CMD, format!("-m: {e}")))?;
-    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
-        return Err(Error::usage(
-            CMD,
-            format!(
-                "-m {arg}: memory must be between {}M and {}G",
-                MIN_MEMORY >> 20,
-                MAX_MEMORY >> 30
-            ),
-        ));
-    }
+    check_memory(bytes).map_err(|e| Error::usage(CMD, format!("-m {arg}: {e}")))?;
     Ok(bytes)
 }
 
@@ -325,7 +316,7 @@ mod tests {
         assert!(err(&["-x", "vm"]).contains("unknown option -x"));
         assert!(err(&["--vcpu", "2", "vm"]).contains("unknown option --vcpu"));
         assert!(err(&["-m", "lots", "vm"]).contains("\"lots\""));
-        assert!(err(&["-m", "512", "vm"]).contains("memory must be between"));
+        assert!(err(&["-m", "512", "vm"]).contains("memory 512B is outside the range 2.0M to 1.0T"));
         assert!(err(&["--vcpus", "0", "vm"]).contains("--vcpus \"0\""));
         assert!(err(&["--vcpus", "65", "vm"]).contains("1 to 64"));
         assert!(err(&["--vcpus", "two", "vm"]).contains("--vcpus"));

@@ -117,6 +117,11 @@ impl Console {
         self.master.as_fd()
     }
 
+    /// How many `vmctl console` clients are attached.
+    pub fn client_count(&self) -> usize {
+        self.clients.len()
+    }
+
     pub fn client_fds(&self) -> impl Iterator<Item = (BorrowedFd<'_>, bool)> {
         self.clients
             .iter()

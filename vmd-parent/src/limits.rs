@@ -23,5 +23,16 @@ pub const CLIENT_QUEUE_MAX: usize = 64;
 /// Requests of one client waiting in the parent at once; control reads no
 /// more from that client until one is answered.
 pub const CLIENT_REQUESTS_IN_FLIGHT: usize = 16;
+/// `vmctl console` sessions on one VM for users other than root (root may
+/// always attach).
+pub const MAX_CONSOLES_PER_VM: usize = 8;
 /// Instances (`vmctl start -t`) one user other than root may have.
 pub const MAX_INSTANCES_PER_USER: usize = 16;
+/// How long (seconds) a VM process gets to answer a pause or unpause;
+/// then the client is told, and the state stays what the VM process last
+/// reported.
+pub const VMM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// vmd raises its open-file limit to this (or its hard limit, if it
+/// cannot raise that): each VM holds a pty, a log and its consoles in the
+/// parent.
+pub const PARENT_NOFILE: u64 = 65536;

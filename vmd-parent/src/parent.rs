@@ -164,6 +164,7 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
     if !nix::unistd::geteuid().is_root() {
         return Err("need root privileges".into());
     }
+    raise_nofile();
     if vmd_proto::Channel::connect(&opts.socket).is_ok() {
         return Err(format!(
             "{}: another vmd is already listening there",
@@ -236,6 +237,23 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
     };
     parent.configure(config)?;
     Ok((parent, signals))
+}
+
+/// Raises the open-file limit to PARENT_NOFILE (root may raise the hard
+/// limit; where even root may not, the soft limit goes up to the hard
+/// one): every VM holds a pty, a log and its consoles here. Each child
+/// role sets its own, lower limit.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = crate::limits::PARENT_NOFILE;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if setrlimit(Resource::RLIMIT_NOFILE, want.max(soft), want.max(hard)).is_err() {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard.max(soft), hard) {
+            warn!("cannot raise the open-file limit: {e}");
+        }
+    }
 }
 
 /// Whether `owner` names the client: its user, or a group it is in.
@@ -329,6 +347,7 @@ impl Parent {
                 }
             }
             self.kill_overdue();
+            self.expire_vmm_requests();
             self.finish_reset();
             self.autostart_due();
         }
@@ -392,8 +411,42 @@ impl Parent {
             .filter_map(|vm| vm.proc.as_ref())
             .flat_map(|p| [p.terminate_at, p.kill_at])
             .flatten()
+            .chain(self.vms.vms.values().filter_map(|vm| vm.pause_deadline))
             .chain(autostart)
             .min()
+    }
+
+    /// A VM process that does not answer a pause or unpause in time (it
+    /// may be stopped with SIGSTOP, or stuck): the client hears so, and the
+    /// state stays what the VM process last reported; an answer that
+    /// comes later still updates it.
+    fn expire_vmm_requests(&mut self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        for vm in self.vms.vms.values_mut() {
+            if vm.pause_deadline.is_some_and(|t| t <= now) {
+                vm.pause_deadline = None;
+                if let Some(client) = vm.pause_waiter.take() {
+                    warn!(
+                        "vm {}: vm process did not answer within {} s",
+                        vm.name,
+                        crate::limits::VMM_REQUEST_TIMEOUT.as_secs()
+                    );
+                    expired.push((
+                        client,
+                        format!(
+                            "vm {}: the vm process did not answer within {} s; it is still {}",
+                            vm.name,
+                            crate::limits::VMM_REQUEST_TIMEOUT.as_secs(),
+                            vm.state
+                        ),
+                    ));
+                }
+            }
+        }
+        for (client, text) in expired {
+            self.error(client, text);
+        }
     }
 
     fn kill_overdue(&mut self) {
@@ -607,6 +660,7 @@ impl Parent {
                     VmState::Running
                 };
                 info!("vm {}: {}", vm.name, vm.state);
+                vm.pause_deadline = None;
                 if let Some(client) = vm.pause_waiter.take() {
                     let text = format!(
                         "{} vm {}",
@@ -645,6 +699,7 @@ impl Parent {
                 WaitStatus::Exited(_, code) => ExitReason::Exited(code),
                 _ => ExitReason::Exited(-1),
             });
+        vm.pause_deadline = None;
         if let Some(client) = vm.pause_waiter.take() {
             let text = format!("vm {} stopped: {reason}", vm.name);
             self.reply(client, Reply::Error(text), &[]);

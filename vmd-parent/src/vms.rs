@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use nix::unistd::Pid;
 use vmd_proto::vm::{
     BootDevice, DiskSpec, ExitReason, NicSpec, StartRequest, VmInfo, VmState, DEFAULT_MEMORY,
-    MAX_CMDLINE, MAX_DISKS, MAX_MEMORY, MAX_NICS, MAX_VCPUS, MIN_MEMORY,
+    MAX_CMDLINE, MAX_DISKS, MAX_NICS, MAX_VCPUS,
 };
 use vmd_proto::Channel;
 
@@ -60,11 +60,7 @@ impl VmSpec {
             .memory
             .or(base.map(|b| b.memory))
             .unwrap_or(DEFAULT_MEMORY);
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
-            return Err(format!(
-                "vm {name}: memory size {memory} bytes out of range (1M to 1T)"
-            ));
-        }
+        vmd_proto::vm::check_memory(memory).map_err(|e| format!("vm {name}: {e}"))?;
         let vcpus = req.vcpus.or(base.map(|b| b.vcpus)).unwrap_or(1);
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(format!(
@@ -219,6 +215,9 @@ pub struct Vm {
     pub start_waiter: Option<u32>,
     /// The client waiting for a pause or unpause to take effect.
     pub pause_waiter: Option<u32>,
+    /// When a pause or unpause the VM process has not answered is given
+    /// up (VMM_REQUEST_TIMEOUT after it was sent).
+    pub pause_deadline: Option<std::time::Instant>,
 }
 
 impl Vm {

@@ -8,8 +8,9 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Gues
 
 use crate::arch::x86_64::layout::{HIGH_RAM_START, KERNEL_START, MMIO_GAP_START};
 
-/// Anything smaller cannot hold a kernel at 1 MiB.
-pub const MIN_RAM: u64 = 2 << 20;
+/// Anything smaller cannot hold a kernel at 1 MiB (the one limit clients
+/// are checked against too).
+pub const MIN_RAM: u64 = vmd_proto::vm::MIN_MEMORY;
 const PAGE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]

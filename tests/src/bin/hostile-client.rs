@@ -7,12 +7,16 @@
 //! hostile-client SOCKET flood        -> "dropped after N" | "stuck after N"
 //! hostile-client SOCKET wait-drop    -> "dropped after S s": one silent
 //!                                        connection, until vmd closes it
+//! hostile-client SOCKET start TEMPLATE NAME BYTES -> vmd's answer to an
+//!                                        instance start with that memory,
+//!                                        sent as is (no vmctl checks)
 
 use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmd_proto::msg::Request;
+use vmd_proto::msg::{Reply, Request};
+use vmd_proto::vm::StartRequest;
 use vmd_proto::{Channel, ChannelError, Msg};
 
 /// Whether vmd still holds this connection open for us.
@@ -43,8 +47,10 @@ fn main() {
                     Err(_) => break,
                 }
             }
-            // Give control the time to accept or refuse every one.
-            std::thread::sleep(Duration::from_secs(2));
+            // Give control the time to accept or refuse every one (a
+            // refused client that says nothing is closed after vmd's
+            // REFUSAL_GRACE, 2 s).
+            std::thread::sleep(Duration::from_secs(4));
             for chan in &keep {
                 chan.set_nonblocking(true).expect("non-blocking");
             }
@@ -82,6 +88,25 @@ fn main() {
             // Blocks until vmd closes the connection (or says something).
             let _ = chan.recv();
             println!("dropped after {} s", started.elapsed().as_secs());
+        }
+        "start" => {
+            let [template, name, bytes] = &args[2..] else {
+                panic!("start TEMPLATE NAME BYTES");
+            };
+            let chan = Channel::connect(socket).expect("connect");
+            let req = StartRequest {
+                name: name.clone(),
+                template: Some(template.clone()),
+                memory: Some(bytes.parse().expect("BYTES")),
+                ..Default::default()
+            };
+            chan.send(&Msg::Request(Request::Start(req)), 0, &[])
+                .expect("send");
+            match chan.recv().map(|f| f.msg) {
+                Ok(Msg::Reply(Reply::Error(e))) => println!("error: {e}"),
+                Ok(Msg::Reply(Reply::Ok(text))) => println!("ok: {text}"),
+                other => println!("unexpected: {other:?}"),
+            }
         }
         other => {
             eprintln!("hostile-client: unknown mode {other}");

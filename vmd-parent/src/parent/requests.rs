@@ -2,7 +2,7 @@
 //! console, pause, wait, log; who may do what.
 
 use super::*;
-use crate::limits::MAX_INSTANCES_PER_USER;
+use crate::limits::{MAX_CONSOLES_PER_VM, MAX_INSTANCES_PER_USER, VMM_REQUEST_TIMEOUT};
 use crate::rights::{Ceiling, Origin};
 
 impl Parent {
@@ -253,6 +253,7 @@ impl Parent {
                 ever_ran: false,
                 start_waiter: None,
                 pause_waiter: None,
+                pause_deadline: None,
             },
         );
         Ok(id)
@@ -395,9 +396,22 @@ impl Parent {
         if !Self::may_manage(&creds, vm) {
             return self.error(client, "permission denied".into());
         }
+        // Root may always attach; others share what is left.
+        let attached = vm.console.client_count();
+        if creds.uid != 0 && attached >= MAX_CONSOLES_PER_VM {
+            return self.error(
+                client,
+                format!("vm {name}: {attached} consoles attached, the most one VM may have"),
+            );
+        }
         let active = vm.is_active();
         match vm.console.attach() {
             Ok(sock) => {
+                debug!(
+                    "vm {name}: console attached for uid {} ({} attached)",
+                    creds.uid,
+                    attached + 1
+                );
                 let tty = vm.console.tty().to_string();
                 if !active {
                     // A stopped VM's console replays what it last printed,
@@ -436,6 +450,7 @@ impl Parent {
             Some(Ok(())) => {
                 if let Some(vm) = self.vms.vms.get_mut(&id) {
                     vm.pause_waiter = Some(client);
+                    vm.pause_deadline = Some(Instant::now() + VMM_REQUEST_TIMEOUT);
                 }
             }
             Some(Err(e)) => self.error(client, format!("vm {name}: {e}")),
