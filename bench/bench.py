@@ -46,7 +46,29 @@ BOOT_MARK = b"VMD-BENCH boot\n"
 IDLE_MARK = b"VMD-BENCH idle\n"
 HW_VIRT = any(("vmx" in l.split() or "svm" in l.split())
               for l in open("/proc/cpuinfo") if l.startswith("flags"))
-VMMS = ["vmd", "qemu-microvm", "qemu-pc"]
+# Firecracker and Cloud Hypervisor built by ../shared/peers/build.sh (see
+# bench/README.md); a missing binary drops its column.
+PEERS_DIR = Path(os.environ.get("PEERS_DIR", "/var/tmp/peers"))
+FIRECRACKER = PEERS_DIR / "firecracker"
+CLOUD_HV = PEERS_DIR / "cloud-hypervisor"
+ALL_VMMS = ["vmd", "firecracker", "cloud-hypervisor", "qemu-microvm", "qemu-pc"]
+
+
+def have(vmm):
+    if vmm.startswith("qemu"):
+        return QEMU is not None
+    return {"vmd": True, "firecracker": FIRECRACKER.exists(), "cloud-hypervisor": CLOUD_HV.exists()}[vmm]
+
+
+# VMMS=vmd,firecracker,... narrows the columns (QEMU's firmware makes its
+# boots 100x slower than the others').
+VMMS = [v for v in os.environ.get("VMMS", ",".join(ALL_VMMS)).split(",") if v in ALL_VMMS and have(v)]
+PEERS = [v for v in VMMS if v != "vmd"]
+# Peers that can drive the PCI test guests' devices (QEMU microvm has only
+# virtio-mmio).
+PCI_PEERS = [v for v in PEERS if v != "qemu-microvm"]
+FC_FLAGS = ["--no-api", "--level", "Error"]     # + --config-file, --id; --enable-pci for blk/net
+CH_BASE = ["--cpus", "boot=1", "--serial", "tty", "--console", "off"]
 notes = [          # free-text notes collected for the report
     "QEMU flags: `-enable-kvm -cpu qemu64,-cx16` as ../shared/guest/README.md says (`-cpu host` is "
     "reported there to abort on MSR 0x10a; in a quick check with QEMU 10.0.2 on this machine `-cpu host` "
@@ -68,15 +90,19 @@ def now():
 # ---------------------------------------------------------------- vmd side
 
 class Vmd:
-    def __init__(self, netns=None, sub="vmd"):
+    def __init__(self, netns=None, sub="vmd", conf=None):
+        """conf: vm.conf text (`vmd -f`); otherwise an empty one."""
         self.dir = WORK / sub
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
         self.sock = self.dir / "vmd.sock"
         self.state = self.dir / "state"
         self.errf = open(self.dir / "vmd.log", "wb")
+        (self.dir / "vm.conf").write_text(conf or "")
         wrap = ["ip", "netns", "exec", netns] if netns else []
-        self.p = subprocess.Popen([*wrap, BIN / "vmd", "-d", "-s", self.sock, "--state-dir", self.state],
+        self.t0 = now()
+        self.p = subprocess.Popen([*wrap, BIN / "vmd", "-d", "-f", self.dir / "vm.conf", "-s", self.sock,
+                                   "--state-dir", self.state],
                                   stdin=subprocess.DEVNULL, stdout=self.errf, stderr=self.errf)
         t = now()
         while not self.sock.exists():
@@ -135,6 +161,30 @@ class Vmd:
             time.sleep(0.0005)
         raise TimeoutError(f"vmd {name}: markers {marks} not all seen in {timeout}s; got {buf[-300:]!r}")
 
+    def wait_all(self, names, mark, timeout):
+        """Polls every VM's console log until each holds `mark`; returns the
+        time the last one was seen."""
+        pos, buf, left = {n: 0 for n in names}, {n: b"" for n in names}, set(names)
+        deadline, last = now() + timeout, None
+        while left and now() < deadline:
+            for n in list(left):
+                try:
+                    with open(self.log_path(n), "rb") as f:
+                        f.seek(pos[n])
+                        chunk = f.read()
+                except FileNotFoundError:
+                    continue
+                pos[n] += len(chunk)
+                buf[n] += chunk
+                if mark in buf[n]:
+                    left.discard(n)
+                    last = now()
+            if left:
+                time.sleep(0.002)
+        if left:
+            raise TimeoutError(f"vmd: {len(left)} of {len(names)} VMs without {mark!r} after {timeout}s")
+        return last
+
     def pid(self, name):
         st = json.loads(self.vmctl("status", "--json").stdout)
         vms = st if isinstance(st, list) else st.get("vms", st)
@@ -166,20 +216,21 @@ class Vmd:
 
 # --------------------------------------------------------------- QEMU side
 
-class Qemu:
-    """One QEMU process; its serial output (stdout) timestamped as it arrives."""
+class Peer:
+    """One peer VMM process (QEMU, Firecracker, Cloud Hypervisor); its serial
+    output (stdout) timestamped as it arrives.  disk: a raw image on the
+    peer's virtio-blk PCI; tap: an existing TAP on its virtio-net PCI."""
+    seq = 0
 
-    def __init__(self, machine, kernel, cmdline="", mem="64M", extra=(), netns=None):
-        self.machine = machine
+    def __init__(self, vmm, kernel, cmdline="", mem="64M", extra=(), netns=None, disk=None, tap=None):
+        self.machine = vmm
+        Peer.seq += 1
         wrap = ["ip", "netns", "exec", netns] if netns else []
-        kern = ["-kernel", str(kernel)] if kernel is not None else []
-        self.argv = [*wrap, QEMU, "-M", machine, *QEMU_BASE, "-m", mem, *kern, *extra]
-        if cmdline:
-            self.argv += ["-append", cmdline]
+        self.argv = [*wrap, *peer_argv(vmm, kernel, cmdline, mem, extra, disk, tap, Peer.seq)]
         self.buf = b""
         self.events = []        # (t, len(buf) after chunk)
         self.cv = threading.Condition()
-        self.err = open(WORK / f"qemu-{machine}.err", "ab")
+        self.err = open(WORK / f"{vmm}.err", "ab")
         self.t0 = now()
         self.p = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=self.err)
@@ -214,7 +265,7 @@ class Qemu:
                 self.cv.wait(0.05)
             if not all(m in self.buf for m in marks):
                 rc = self.p.poll()
-                raise RuntimeError(f"QEMU -M {self.machine}: markers not all seen "
+                raise RuntimeError(f"{self.machine}: markers not all seen "
                                    f"(exit {rc}, output {self.buf[-300:]!r})")
             got = {}
             if self.events:
@@ -229,6 +280,62 @@ class Qemu:
             self.p.kill()
         self.p.wait()
         self.err.close()
+
+
+def mib(mem):
+    return int(mem.rstrip("M"))
+
+
+def peer_argv(vmm, kernel, cmdline, mem, extra, disk, tap, seq):
+    """The command line that boots `kernel` under a peer, one vCPU, serial on stdout."""
+    if vmm.startswith("qemu-"):
+        kern = ["-kernel", str(kernel)] if kernel is not None else []
+        argv = [QEMU, "-M", vmm[5:], *QEMU_BASE, "-m", mem, *kern, *extra]
+        if cmdline:
+            argv += ["-append", cmdline]
+        if disk:
+            argv += ["-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
+                     "-drive", f"file={disk},format=raw,if=none,id=d0,cache={BLK_CACHE}"]
+        if tap:
+            argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
+                     "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"]
+        return argv
+    if vmm == "firecracker":
+        cfg = {"boot-source": {"kernel_image_path": str(kernel), "boot_args": cmdline or "console=ttyS0"},
+               "machine-config": {"vcpu_count": 1, "mem_size_mib": mib(mem)},
+               "drives": [], "network-interfaces": []}
+        if disk:
+            cfg["drives"].append({"drive_id": "d0", "path_on_host": str(disk), "is_root_device": False,
+                                  "is_read_only": False, "cache_type": "Writeback"})
+        if tap:
+            cfg["network-interfaces"].append({"iface_id": "n0", "host_dev_name": tap,
+                                              "guest_mac": "52:54:00:12:34:56"})
+        f = WORK / f"fc-{seq}.json"
+        f.write_text(json.dumps(cfg))
+        pci = ["--enable-pci"] if disk or tap else []
+        return [FIRECRACKER, *FC_FLAGS, *pci, "--id", f"b{seq}", "--config-file", f]
+    if vmm == "cloud-hypervisor":
+        argv = [CLOUD_HV, "--kernel", kernel, "--memory", f"size={mem}", *CH_BASE]
+        if cmdline:
+            argv += ["--cmdline", cmdline]
+        if disk:
+            argv += ["--disk", f"path={disk},image_type=raw"]
+        if tap:
+            argv += ["--net", f"tap={tap},mac=52:54:00:12:34:56"]
+        return argv
+    raise ValueError(vmm)
+
+
+def peer_versions():
+    out = []
+    for vmm, b, flags in [("firecracker", FIRECRACKER, " ".join(FC_FLAGS) + " --config-file VM.json "
+                           "(boot-source, machine-config: 1 vCPU, 64 MiB) [--enable-pci for blk/net]"),
+                          ("cloud-hypervisor", CLOUD_HV, "--kernel GUEST --memory size=64M " + " ".join(CH_BASE)
+                           + " [--cmdline ..] [--disk path=..,image_type=raw] [--net tap=..]")]:
+        if vmm in VMMS:
+            v = subprocess.run([b, "--version"], capture_output=True, text=True).stdout.splitlines()
+            out.append((vmm, f"{v[0] if v else '?'} ({b}); flags `{flags}`"))
+    return out
 
 
 # ------------------------------------------------------------------ ftrace
@@ -316,6 +423,24 @@ def first_run_cpu(text, vmm_tgid=None, exclude=()):
 
 # ---------------------------------------------------------------- memory
 
+def tree(pid):
+    """pid and every process below it (a VM's helper processes count as its)."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                st = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            kids.setdefault(int(st[st.rindex(")") + 2:].split()[1]), []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
 def smaps_overhead(pid, guest_bytes):
     """(VMM RSS, guest RAM Rss, overhead) in KiB from /proc/PID/smaps.
     The guest RAM mapping is the anonymous mapping whose size is within
@@ -365,10 +490,10 @@ def boot_vmd(vmd, tr, fig, kernel, cmdline, marks, timeout, mem="64M"):
     return t0, got, text
 
 
-def boot_qemu(machine, tr, kernel, cmdline, marks, timeout, mem="64M"):
+def boot_peer(vmm, tr, kernel, cmdline, marks, timeout, mem="64M"):
     tr.set_pids([os.getpid()])
     tr.start()
-    q = Qemu(machine, kernel, cmdline, mem)
+    q = Peer(vmm, kernel, cmdline, mem)
     try:
         got, _ = q.wait_marks(marks, timeout)
     finally:
@@ -390,8 +515,6 @@ def fig_boot(vmd, tr):
     for gname, kernel, cmdline, marks, timeout, runs, mem in guests:
         for i in range(runs):
             for vmm in VMMS:
-                if vmm != "vmd" and not QEMU:
-                    continue
                 if (f"{gname}-boot", vmm) in failures:
                     continue
                 log(f"boot {gname} {vmm} run {i + 1}/{runs}")
@@ -400,8 +523,7 @@ def fig_boot(vmd, tr):
                         t0, got, text = boot_vmd(vmd, tr, gname, kernel, cmdline, marks, timeout, mem)
                         pid = None
                     else:
-                        t0, got, text, pid = boot_qemu(vmm.split("-")[1], tr, kernel, cmdline,
-                                                       marks, timeout, mem)
+                        t0, got, text, pid = boot_peer(vmm, tr, kernel, cmdline, marks, timeout, mem)
                 except Exception as e:
                     fail(f"{gname}-boot", vmm, e)
                     continue
@@ -426,7 +548,7 @@ def fig_exits(vmd):
              for e in ["begin", "end"]] + [b"VMD-BENCH exits done\n"]
     for i in range(RUNS):
         for vmm in VMMS:
-            if vmm != "vmd" and not QEMU or ("exits", vmm) in failures:
+            if ("exits", vmm) in failures:
                 continue
             log(f"exits {vmm} run {i + 1}/{RUNS}")
             cmd = f"n={EXITS_N}"
@@ -437,7 +559,7 @@ def fig_exits(vmd):
                     p.wait()
                     vmd.stop(name)
                 else:
-                    q = Qemu(vmm.split("-")[1], GUESTS / "bench_exits.elf", cmd)
+                    q = Peer(vmm, GUESTS / "bench_exits.elf", cmd)
                     try:
                         got, _ = q.wait_marks(marks, 300)
                     finally:
@@ -454,7 +576,7 @@ def fig_memory(vmd):
     for count in (1, 10):
         for i in range(RUNS):
             for vmm in VMMS:
-                if vmm != "vmd" and not QEMU or (f"mem{count}", vmm) in failures:
+                if (f"mem{count}", vmm) in failures:
                     continue
                 log(f"memory {count} idle VM(s) {vmm} run {i + 1}/{RUNS}")
                 started, qs = [], []
@@ -464,13 +586,13 @@ def fig_memory(vmd):
                             name, t0, p = vmd.start(GUESTS / "bench_boot.elf", "idle")
                             started.append((name, p))
                         else:
-                            qs.append(Qemu(vmm.split("-")[1], GUESTS / "bench_boot.elf", "idle"))
+                            qs.append(Peer(vmm, GUESTS / "bench_boot.elf", "idle"))
                     pids = []
                     if vmm == "vmd":
                         for name, p in started:
                             vmd.wait_marks(name, [IDLE_MARK], 60, p)
                             p.wait()
-                            pids.append(vmd.pid(name))
+                            pids += tree(vmd.pid(name))
                     else:
                         for q in qs:
                             q.wait_marks([IDLE_MARK], 60)
@@ -500,46 +622,155 @@ def fig_memory(vmd):
                         q.kill()
 
 
-def fig_many(vmd):
-    """20 VMs until all printed their marker (vm.conf if vmd has it)."""
-    usage = subprocess.run([BIN / "vmd", "-h"], capture_output=True, text=True)
-    has_conf = "-f" in (usage.stdout + usage.stderr).split("usage:")[-1].split("[")[1] \
-        if "usage:" in usage.stdout + usage.stderr else False
-    label = "20 VMs: vm.conf start -> all markers (ms)" if has_conf else \
-        "20 VMs: 20 x `vmctl start` -> all markers (ms)"
-    if has_conf:
-        notes.append("vmd has -f: TODO measure the vm.conf path (bench.py fig_many); "
-                     "the figure below still uses 20 x vmctl start.")
-        label = "20 VMs: 20 x `vmctl start` -> all markers (ms)"
-    else:
-        notes.append("vmd has no vm.conf support yet (`vmd -f`): the 20-VM figure starts them with "
-                     "20 sequential `vmctl start` commands; QEMU's with 20 processes spawned at once.")
-    for i in range(RUNS):
-        for vmm in VMMS:
-            if vmm != "vmd" and not QEMU or ("many", vmm) in failures:
-                continue
-            log(f"20 VMs {vmm} run {i + 1}/{RUNS}")
-            qs, names = [], []
-            try:
-                t0 = now()
-                if vmm == "vmd":
-                    for _ in range(20):
-                        name, _, p = vmd.start(GUESTS / "bench_boot.elf", "idle")
-                        p.wait()
-                        names.append(name)
-                    t_end = max(max(vmd.wait_marks(n, [BOOT_MARK], 120)[0].values()) for n in names)
-                else:
-                    qs = [Qemu(vmm.split("-")[1], GUESTS / "bench_boot.elf", "idle") for _ in range(20)]
-                    t0 = min(q.t0 for q in qs)
-                    t_end = max(q.wait_marks([BOOT_MARK], 300)[0][BOOT_MARK] for q in qs)
-                add(label, vmm, (t_end - t0) * 1e3)
-            except Exception as e:
-                fail("many", vmm, e)
-            finally:
-                for n in names:
-                    vmd.stop(n)
-                for q in qs:
-                    q.kill()
+SCALE_NS = [int(x) for x in os.environ.get("SCALE_NS", "1,10,50,100").split(",")]
+SCALE_RUNS = int(os.environ.get("SCALE_RUNS", "1"))
+# QEMU's firmware takes ~1.4 CPU s a boot here: 100 of them would take minutes.
+SCALE_MODES = ["vmd: vmctl", "vmd: vm.conf"] + [v for v in PEERS if not v.startswith("qemu")]
+scale = {}          # (mode, n) -> [(ms until every marker, total Pss MiB)]
+
+
+def pss_mib(pids):
+    """Proportional set size of these processes (shared pages split among
+    their users), guest memory included, in MiB."""
+    kib = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    kib += int(line.split()[1])
+        except OSError:
+            pass
+    return kib / 1024
+
+
+def scale_conf(n):
+    vms = "".join(f'vm "s{i}" {{\n\tmemory 64M\n\tvcpus 1\n\tboot "{GUESTS / "bench_boot.elf"}"\n'
+                  f'\tcmdline "idle"\n}}\n' for i in range(n))
+    return f"staggered start parallel {n} delay 0\n" + vms
+
+
+def scale_run(vmd, mode, n):
+    """n idle VMs at once; (ms from the first start until every guest printed
+    its marker, total Pss of every process involved 0.5 s later)."""
+    if mode == "vmd: vmctl":
+        names = [vmd.name() for _ in range(n)]
+        t0 = now()
+        ps = [subprocess.Popen([BIN / "vmctl", "-s", vmd.sock, "start", "-b", GUESTS / "bench_boot.elf", "-m",
+                                "64M", "--vcpus", "1", "--cmdline", "idle", nm],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for nm in names]
+        try:
+            t_end = vmd.wait_all(names, BOOT_MARK, 60 + n)
+            time.sleep(0.5)
+            return (t_end - t0) * 1e3, pss_mib(tree(vmd.p.pid))
+        finally:
+            for p in ps:
+                p.wait()
+            vmd.vmctl("stop", "-a", "-f", "-w", check=False)
+    if mode == "vmd: vm.conf":
+        v = Vmd(sub="vmd-conf", conf=scale_conf(n))
+        try:
+            t_end = v.wait_all([f"s{i}" for i in range(n)], BOOT_MARK, 60 + n)
+            time.sleep(0.5)
+            return (t_end - v.t0) * 1e3, pss_mib(tree(v.p.pid))
+        finally:
+            v.close()
+    qs = []
+    try:
+        qs = [Peer(mode, GUESTS / "bench_boot.elf", "idle") for _ in range(n)]
+        t_end = max(q.wait_marks([BOOT_MARK], 60 + n)[0][BOOT_MARK] for q in qs)
+        time.sleep(0.5)
+        return (t_end - qs[0].t0) * 1e3, pss_mib([q.p.pid for q in qs])
+    finally:
+        for q in qs:
+            q.kill()
+
+
+def fig_scale(vmd):
+    """1, 10, 50, 100 idle VMs started at once through vmctl, through a
+    vm.conf autostart, and as that many peer processes."""
+    for n in SCALE_NS:
+        for i in range(SCALE_RUNS):
+            for mode in SCALE_MODES:
+                if ("scale", mode) in failures:
+                    continue
+                log(f"{n} VMs at once: {mode} run {i + 1}/{SCALE_RUNS}")
+                try:
+                    ms, mem = scale_run(vmd, mode, n)
+                except Exception as e:
+                    fail("scale", mode, f"{n} VMs: {e}")
+                    continue
+                scale.setdefault((mode, n), []).append((ms, mem))
+                if n == 10 and mode != "vmd: vm.conf":
+                    add("10 VMs at once: start -> every marker (ms)", mode.split(":")[0], ms)
+    notes.append(
+        "10 VMs at once (and the scaling table): vmd: that many `vmctl start` processes spawned at once "
+        "against one running vmd; peers: that many VMM processes spawned at once. Time from the first spawn "
+        "until every guest's `VMD-BENCH boot` line was seen (vmd's console logs polled every 2 ms).")
+
+
+def scale_section():
+    if not scale:
+        return []
+    L = ["## How cost grows", "",
+         f"N idle `bench_boot.elf` VMs (64 MiB, 1 vCPU) started at once, {SCALE_RUNS} run(s) each, median. "
+         "`vmd: vmctl` = N `vmctl start` processes spawned together against a running vmd; `vmd: vm.conf` = "
+         f"vmd started with `-f` on a vm.conf of N VMs and `staggered start parallel N delay 0`, timed from "
+         "vmd's own spawn (its daemons' start included); peers: N VMM processes spawned together. Memory = "
+         "total Pss (shared pages split between the processes that map them) of every process involved - "
+         "vmd's daemons and each VM's processes, or the peer processes - guest pages touched included, "
+         "0.5 s after the last marker. QEMU is left out (its firmware costs ~1.4 CPU s per boot here).", "",
+         "| N | " + " | ".join(f"{m}: all markers (ms)" for m in SCALE_MODES) + " | "
+         + " | ".join(f"{m}: memory (MiB)" for m in SCALE_MODES) + " |",
+         "|---|" + "---|" * (2 * len(SCALE_MODES))]
+    for n in SCALE_NS:
+        t = [scale_med(m, n, 0) for m in SCALE_MODES]
+        mm = [scale_med(m, n, 1) for m in SCALE_MODES]
+        L.append(f"| {n} | " + " | ".join(fmt(x) if x is not None else "-" for x in t + mm) + " |")
+    L += ["", "![time until every marker and total memory against N](bench-scale.svg)", ""]
+    return L
+
+
+def scale_med(mode, n, k):
+    v = scale.get((mode, n))
+    return statistics.median(x[k] for x in v) if v else None
+
+
+def scale_svg(path):
+    """Two line plots (time until every marker, total memory) against N;
+    standard library only."""
+    W, H, M = 420, 300, 60
+    colors = ["#1f77b4", "#17becf", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H + 40}" '
+           f'font-family="sans-serif" font-size="11">', f'<rect width="{2 * W}" height="{H + 40}" fill="white"/>']
+    xmax = max(SCALE_NS)
+    for panel, (k, title) in enumerate([(0, "time until every marker (ms)"), (1, "total memory, Pss (MiB)")]):
+        ox = panel * W
+        vals = [scale_med(m, n, k) for m in SCALE_MODES for n in SCALE_NS]
+        ymax = max([v for v in vals if v is not None] or [1]) * 1.1
+        X = lambda n: ox + M + (W - M - 20) * n / xmax
+        Y = lambda v: H - 30 - (H - 60) * v / ymax
+        out.append(f'<text x="{ox + W / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>')
+        out.append(f'<line x1="{X(0)}" y1="{Y(0)}" x2="{X(xmax)}" y2="{Y(0)}" stroke="black"/>')
+        out.append(f'<line x1="{X(0)}" y1="{Y(0)}" x2="{X(0)}" y2="{Y(ymax)}" stroke="black"/>')
+        for n in SCALE_NS:
+            out.append(f'<text x="{X(n)}" y="{Y(0) + 14}" text-anchor="middle">{n}</text>')
+        out.append(f'<text x="{X(xmax / 2)}" y="{Y(0) + 28}" text-anchor="middle">VMs started at once</text>')
+        for j in range(5):
+            v = ymax * j / 4
+            out.append(f'<line x1="{X(0) - 4}" y1="{Y(v)}" x2="{X(xmax)}" y2="{Y(v)}" stroke="#ddd"/>')
+            out.append(f'<text x="{X(0) - 6}" y="{Y(v) + 4}" text-anchor="end">{fmt(v)}</text>')
+        for ci, m in enumerate(SCALE_MODES):
+            pts = [(X(n), Y(v)) for n in SCALE_NS if (v := scale_med(m, n, k)) is not None]
+            c = colors[ci % len(colors)]
+            if pts:
+                out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
+                           + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '"/>')
+                out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{c}"/>' for x, y in pts]
+            if panel == 0:
+                out.append(f'<rect x="{X(0) + 10}" y="{30 + 15 * ci}" width="10" height="10" fill="{c}"/>')
+                out.append(f'<text x="{X(0) + 24}" y="{39 + 15 * ci}">{m}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
 
 
 def fig_linux_hw(vmd):
@@ -565,9 +796,7 @@ def fig_linux_hw(vmd):
                     got, _ = vmd.wait_marks(name, [b"GUEST-READY"], 60, p)
                     vmd.stop(name)
                 else:
-                    if not QEMU:
-                        continue
-                    q = Qemu(vmm.split("-")[1], d / "vmlinux", LINUX_CMDLINE, "256M",
+                    q = Peer(vmm, d / "vmlinux", LINUX_CMDLINE, "256M",
                              ["-initrd", str(d / "initrd.gz")])
                     t0 = q.t0
                     try:
@@ -640,8 +869,8 @@ def fig_bios(vmd, tr):
     qemu_extra = ["-bios", BIOS_FW, "-drive", f"file={disk},format=raw,if=none,id=d0",
                   "-device", "virtio-blk-pci,drive=d0,disable-legacy=on"]
     for i in range(RUNS):
-        for vmm in ["vmd", "qemu-pc"]:
-            if vmm != "vmd" and not QEMU or ("BIOS", vmm) in failures:
+        for vmm in [v for v in VMMS if v in ("vmd", "qemu-pc")]:
+            if ("BIOS", vmm) in failures:
                 continue
             log(f"BIOS boot {vmm} run {i + 1}/{RUNS}")
             try:
@@ -663,7 +892,7 @@ def fig_bios(vmd, tr):
                 else:
                     tr.set_pids([me])
                     tr.start()
-                    q = Qemu("pc", None, mem="64M", extra=qemu_extra)
+                    q = Peer("qemu-pc", None, mem="64M", extra=qemu_extra)
                     try:
                         got, _ = q.wait_marks([BIOS_MARK], 120)
                     finally:
@@ -699,7 +928,10 @@ BLK_RAND_N = int(os.environ.get("BLK_RAND_N", "2000"))
 NET_TX_N = int(os.environ.get("NET_TX_N", "100000"))
 NET_RX_S = float(os.environ.get("NET_RX_S", "3.5"))   # seconds the host sends
 NETNS = "vmdbench-net"
-QEMU_TAP = "vbqtap0"
+# Each peer gets a TAP made beforehand in the namespace and its own /24
+# (vmd makes its tap0 itself, 10.9.0.0/24).
+NET_TAPS = {"qemu-pc": ("vbqtap0", "10.9.1"), "firecracker": ("vbftap0", "10.9.2"),
+            "cloud-hypervisor": ("vbctap0", "10.9.3")}
 # Same guest driver under both VMMs: vmd's PCI virtio devices vs QEMU -M pc's
 # virtio-*-pci with disable-legacy=on (modern only, as the guest drives it).
 # microvm has only virtio-mmio, which the PCI drivers cannot use.
@@ -744,8 +976,8 @@ def fig_blk(vmd, khz):
     cmd = f"bench:seq-read:{BLK_SEQ_MIB} bench:rand-read-4k:{BLK_RAND_N} bench:seq-write:{BLK_SEQ_MIB}"
     pat = re.compile(r"bench (seq-read|rand-read-4k|seq-write) (\d+) (?:MiB|reqs) status (\d+) cycles (\d+)")
     for i in range(RUNS):
-        for vmm in ["vmd", "qemu-pc"]:
-            if vmm != "vmd" and not QEMU or ("blk", vmm) in failures:
+        for vmm in ["vmd", *PCI_PEERS]:
+            if ("blk", vmm) in failures:
                 continue
             log(f"virtio-blk {vmm} run {i + 1}/{RUNS}")
             done = lambda t: "VMD-TEST blk done" in t or "VMD-TEST error" in t
@@ -756,9 +988,7 @@ def fig_blk(vmd, khz):
                     text = wait_text(lambda: vm_text(vmd, name), done, 120, "vmd blk")
                     vmd.stop(name)
                 else:
-                    q = Qemu("pc", GUESTS / "blk.elf", cmd, extra=[
-                        "-device", "virtio-blk-pci,drive=d0,disable-legacy=on",
-                        "-drive", f"file={disk},format=raw,if=none,id=d0,cache={BLK_CACHE}"])
+                    q = Peer(vmm, GUESTS / "blk.elf", cmd, disk=disk)
                     try:
                         text = wait_text(lambda: q_text(q), done, 120, "qemu blk")
                     finally:
@@ -787,7 +1017,10 @@ def fig_blk(vmd, khz):
         f"(no holes), host page cache warm. vmd: `vmctl start -d disk.raw`; QEMU `-M pc -device "
         f"virtio-blk-pci,drive=d0,disable-legacy=on -drive file=disk.raw,format=raw,if=none,id=d0,"
         f"cache={BLK_CACHE}` (writeback = buffered through the host page cache like vmd, which does not use "
-        f"O_DIRECT). QEMU -M microvm has no PCI virtio (virtio-mmio only), which the guest's PCI driver "
+        f"O_DIRECT); Firecracker `--enable-pci` with one drives entry, cache_type Writeback (buffered, and "
+        f"flushes reach the disk as under the others; its default Unsafe drops them), io_engine Sync; Cloud Hypervisor `--disk path=disk.raw,image_type=raw` (buffered, direct=off; it "
+        f"adds its default virtio-rng too). Firecracker places its 64-bit BARs at 256 GiB and cannot move "
+        f"them; Cloud Hypervisor's 64-bit BARs sit near 64 TiB: the guests map such BARs' GiB (tests/guests/pci.c) and use them where they are. QEMU -M microvm has no PCI virtio (virtio-mmio only), which the guest's PCI driver "
         f"cannot use: its column is empty. Time = the guest's TSC cycles around the loop / {khz / 1e3:.3f} MHz "
         f"(host /proc/cpuinfo `cpu MHz`, tsc_known_freq).")
 
@@ -851,14 +1084,15 @@ def fig_net(khz):
     vmdn = None
     try:
         vmdn = Vmd(netns=NETNS, sub="vmd-net")
-        if QEMU:
-            ns("ip", "tuntap", "add", "dev", QEMU_TAP, "mode", "tap")
-            ns("ip", "addr", "add", "10.9.1.1/24", "dev", QEMU_TAP)
-            ns("ip", "link", "set", QEMU_TAP, "up")
+        for vmm in PCI_PEERS:
+            tap, sub = NET_TAPS[vmm]
+            ns("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+            ns("ip", "addr", "add", f"{sub}.1/24", "dev", tap)
+            ns("ip", "link", "set", tap, "up")
         for i in range(RUNS):
-            for vmm in ["vmd", "qemu-pc"]:
+            for vmm in ["vmd", *PCI_PEERS]:
                 for d in ["tx", "rx"]:
-                    if vmm != "vmd" and not QEMU or (f"net-{d}", vmm) in failures:
+                    if (f"net-{d}", vmm) in failures:
                         continue
                     log(f"virtio-net {d} {vmm} run {i + 1}/{RUNS}")
                     try:
@@ -872,10 +1106,13 @@ def fig_net(khz):
     notes.append(
         f"virtio-net: guest `tests/guests/net.elf` (its own virtio-net PCI driver, ring 3, polled, queues of 64, "
         f"no offloads), everything inside a network namespace the harness makes ({NETNS}; vmd runs in it, QEMU is "
-        f"started in it). vmd: `vmctl start -i 1`, the harness puts 10.9.0.1/24 on vmd's tap0; QEMU: a TAP "
-        f"pre-created in the namespace with 10.9.1.1/24, `-netdev tap,id=n0,ifname={QEMU_TAP},script=no,"
-        f"downscript=no,vhost=off -device virtio-net-pci,netdev=n0,disable-legacy=on` (vhost=off: both VMMs move "
-        f"packets in userspace; /dev/vhost-net does not exist on this machine, so no vhost=on row). "
+        f"started in it). vmd: `vmctl start -i 1`, the harness puts 10.9.0.1/24 on vmd's tap0; each peer: a TAP "
+        f"pre-created in the namespace with its own /24 (QEMU `-netdev tap,id=n0,ifname=TAP,script=no,"
+        f"downscript=no,vhost=off -device virtio-net-pci,netdev=n0,disable-legacy=on`; Firecracker "
+        f"`--enable-pci` and a network-interfaces entry with host_dev_name=TAP; Cloud Hypervisor `--net tap=TAP`) "
+        f"(vhost=off: every VMM moves packets in userspace; /dev/vhost-net does not exist on this machine, so no "
+        f"vhost=on row; Firecracker has no CMOS RTC, so its guest counts seconds on the TSC at the host's rate, "
+        f"`net.tsc_khz=`). "
         f"Guest->host: `net.bench=tx:{NET_TX_N}` sends 1514-byte UDP frames to a Python UDP sink in the namespace; "
         f"rate = frames / (guest TSC cycles from the first frame queued until the device has used the last) - "
         f"what the VMM takes off the ring, the sink's own count is recorded below. Host->guest: a Python sender "
@@ -888,9 +1125,11 @@ def fig_net(khz):
 
 
 def net_run(vmdn, vmm, d, khz):
-    sub = "10.9.0" if vmm == "vmd" else "10.9.1"
+    sub = "10.9.0" if vmm == "vmd" else NET_TAPS[vmm][1]
     cmd = f"net.ip={sub}.2/24 net.timeout=60 " + \
         (f"net.peer={sub}.1 net.port=9 net.bench=tx:{NET_TX_N}" if d == "tx" else "net.bench=rx")
+    if vmm == "firecracker":        # no CMOS RTC to count seconds on
+        cmd += f" net.tsc_khz={int(khz)}"
     sink = name = q = None
     try:
         if d == "tx":
@@ -905,9 +1144,7 @@ def net_run(vmdn, vmm, d, khz):
             ns("ip", "addr", "add", f"{sub}.1/24", "dev", "tap0")
             ns("ip", "link", "set", "tap0", "up")
         else:
-            q = Qemu("pc", GUESTS / "net.elf", cmd, netns=NETNS, extra=[
-                "-netdev", f"tap,id=n0,ifname={QEMU_TAP},script=no,downscript=no,vhost=off",
-                "-device", "virtio-net-pci,netdev=n0,disable-legacy=on"])
+            q = Peer(vmm, GUESTS / "net.elf", cmd, netns=NETNS, tap=NET_TAPS[vmm][0])
             get = lambda: q_text(q)
         bad = lambda t: "VMD-TEST error" in t
         if d == "tx":
@@ -947,31 +1184,37 @@ def net_run(vmdn, vmm, d, khz):
             q.kill()
 
 
-def placeholders():
-    """virtio-blk / virtio-net: measured only once vmd has the devices and a
-    test-guest driver exists that both VMMs can run."""
-    help_ = subprocess.run([BIN / "vmctl", "help"], capture_output=True, text=True).stdout
-    has_disk = bool(re.search(r"start \[[^\n]*-d ", help_)) and "not supported yet" not in \
-        "".join(l for l in help_.splitlines() if "-d," in l or " -d " in l)
-    has_blk_guest = (GUESTS / "bench_blk.elf").exists()
-    has_net_guest = (GUESTS / "bench_net.elf").exists()
-    rows = []
-    for fig, dev, guest_ok in [("virtio-blk requests/s and MiB/s", "virtio-blk (vmctl start -d)", has_blk_guest),
-                               ("virtio-net frames/s and MiB/s", "virtio-net (vmctl start -i)", has_net_guest)]:
-        if not has_disk:
-            why = f"vmd has no {dev} yet (vmctl start lists -d/-i as not supported yet)"
-        elif not guest_ok:
-            why = "no test-guest virtio driver (tests/guests/bench_blk.c / bench_net.c) exists yet"
-        else:
-            why = "devices and guest exist, but the measuring code in bench/bench.py is still a stub"
-        rows.append((fig, why))
-    return rows
+timeline_lines = []     # the report's timeline section
+
+
+def fig_timeline(vmd):
+    pass
+
+
+def timeline_section():
+    return timeline_lines
 
 
 # ----------------------------------------------------------------- report
 
 def fmt(v):
     return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+loads = []          # 1-minute load average, sampled every 5 s during the run
+
+
+def sample_load():
+    while True:
+        loads.append(os.getloadavg()[0])
+        time.sleep(5)
+
+
+def load_text():
+    if not loads:
+        return "?"
+    return (f"1-min load average during the run: median {statistics.median(loads):.1f}, "
+            f"{min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} cores, shared with other work)")
 
 
 def machine_info():
@@ -997,39 +1240,46 @@ def machine_info():
         ("vmd", f"git {sh('git', 'rev-parse', '--short', 'HEAD')}{dirty}, release build, {sh('rustc', '--version')}"),
         ("QEMU", sh(QEMU, "--version").splitlines()[0] if QEMU else "not installed"),
         ("QEMU flags", "`" + " ".join(["-M microvm|pc", *QEMU_BASE, "-m 64M -kernel GUEST"]) + "`"),
+        *peer_versions(),
+        ("load", load_text()),
         ("runs", f"{RUNS} per figure ({LINUX_RUNS} for the Linux boot); exits: n={EXITS_N} per phase"),
     ]
 
 
+NAMES = {"vmd": "vmd", "firecracker": "Firecracker", "cloud-hypervisor": "Cloud Hypervisor",
+         "qemu-microvm": "QEMU microvm", "qemu-pc": "QEMU pc"}
+
+
+def higher_is_better(fig):
+    return "/s" in fig or "per second" in fig or "(%)" in fig
+
+
+def best_peer(fig, peers=None):
+    """(peer, median) of the best peer on this figure, or None."""
+    meds = [(statistics.median(v), p) for p, v in results.get(fig, {}).items()
+            if p != "vmd" and v and (peers is None or p in peers)]
+    if not meds:
+        return None
+    m, p = (max if higher_is_better(fig) else min)(meds)
+    return p, m
+
+
 def write_report(placeholder_rows, elapsed):
-    L = ["# Benchmarks: vmd vs QEMU", "",
+    L = ["# Benchmarks: vmd vs Firecracker, Cloud Hypervisor and QEMU", "",
          "Generated by `bench/run.sh` (see bench/README.md for the methods); do not edit by hand.", "",
          "## Machine", "", "| | |", "|---|---|"]
     L += [f"| {k} | {v} |" for k, v in machine_info()]
     L += ["", f"Whole run: {elapsed / 60:.1f} min.", "",
           "## Results", "",
-          "Median (min-max) over the runs; ratio = vmd median / QEMU median (lower is better for times "
-          "and memory, higher is better for rates).", "",
-          "| figure | vmd | QEMU microvm | QEMU pc | vmd/microvm | vmd/pc |",
-          "|---|---|---|---|---|---|"]
-    fig_keys = {"test": "test-boot", "linux": "linux-boot"}
-    for fig, per in results.items():
-        cells, med = [], {}
-        for vmm in VMMS:
-            vals = per.get(vmm)
-            key = next((k for k in failures if k[1] == vmm and fig.startswith(k[0].split("-")[0])), None)
-            if vals:
-                med[vmm] = statistics.median(vals)
-                cells.append(f"{fmt(med[vmm])} ({fmt(min(vals))}-{fmt(max(vals))}), n={len(vals)}")
-            else:
-                cells.append("failed (see below)" if key else "-")
-        for q in ["qemu-microvm", "qemu-pc"]:
-            cells.append(f"{med['vmd'] / med[q]:.3g}" if "vmd" in med and q in med and med[q] else "-")
-        L.append(f"| {fig} | " + " | ".join(cells) + " |")
+          "Median (min-max) over the runs, every VMM's runs interleaved within one run; ratio = vmd median / "
+          "the best peer's median in this run (lower is better for times and memory, higher for rates).", ""]
+    L += results_header() + result_rows(list(results))
     for fig, why in placeholder_rows:
-        L.append(f"| {fig} | not yet measurable: {why} | | | | |")
+        L.append(f"| {fig} | not yet measurable: {why} |" + " |" * (len(VMMS) + 1))
     L += ["", "## Targets", ""]
     L += targets()
+    L += [""] + scale_section()
+    L += timeline_section()
     if failures:
         L += ["", "## Failures", "", "| figure | VMM | error |", "|---|---|---|"]
         L += [f"| {f} | {v} | `{e}` |" for (f, v), e in failures.items()]
@@ -1038,24 +1288,34 @@ def write_report(placeholder_rows, elapsed):
     L += ["", "## Methods", ""] + METHODS
     OUT_MD.parent.mkdir(parents=True, exist_ok=True)
     OUT_MD.write_text("\n".join(L) + "\n")
+    if scale:
+        scale_svg(OUT_MD.parent / "bench-scale.svg")
     log(f"wrote {OUT_MD}")
+
+
+def results_header():
+    return ["| figure | " + " | ".join(NAMES[v] for v in VMMS) + " | vmd / best peer |",
+            "|---|" + "---|" * (len(VMMS) + 1)]
 
 
 def result_rows(figs):
     L = []
     for fig in figs:
         per = results[fig]
-        cells, med_ = [], {}
+        cells = []
         for vmm in VMMS:
             vals = per.get(vmm)
             key = next((k for k in failures if k[1] == vmm and fig.startswith(k[0].split("-")[0])), None)
             if vals:
-                med_[vmm] = statistics.median(vals)
-                cells.append(f"{fmt(med_[vmm])} ({fmt(min(vals))}-{fmt(max(vals))}), n={len(vals)}")
+                m = statistics.median(vals)
+                cells.append(f"{fmt(m)} ({fmt(min(vals))}-{fmt(max(vals))}), n={len(vals)}")
             else:
                 cells.append("failed (see below)" if key else "-")
-        for q in ["qemu-microvm", "qemu-pc"]:
-            cells.append(f"{med_['vmd'] / med_[q]:.3g}" if "vmd" in med_ and q in med_ and med_[q] else "-")
+        bp = best_peer(fig)
+        if bp and per.get("vmd") and bp[1]:
+            cells.append(f"{statistics.median(per['vmd']) / bp[1]:.3g} ({NAMES[bp[0]]})")
+        else:
+            cells.append("-")
         L.append(f"| {fig} | " + " | ".join(cells) + " |")
     return L
 
@@ -1083,7 +1343,7 @@ def merge_report(only, elapsed):
     res += result_rows([f for f in results if any(("| " + f).startswith(k[0]) for k in keys)])
     rest["Results"] = "\n".join(res) + "\n\n"
     if only & {"blk", "net"}:
-        tg = [l for l in rest["Targets"].rstrip("\n").split("\n") if "Block and network throughput" not in l]
+        tg = [l for l in rest["Targets"].rstrip("\n").split("\n") if not l.startswith("- virtio-")]
         rest["Targets"] = "\n".join(tg + [io_target()]) + "\n\n"
     if "Failures" in rest:
         fl = [l for l in rest["Failures"].rstrip("\n").split("\n")
@@ -1130,48 +1390,50 @@ def med(fig, vmm):
     return statistics.median(v) if v else None
 
 
+def ratio_target(label, fig, limit, peers=None, floor=None):
+    """One target line: vmd's median against the best peer's in this run."""
+    a, bp = med(fig, "vmd"), best_peer(fig, peers)
+    if a is None or bp is None:
+        return f"- {label}: **not measured** in this run (a side failed or was left out)."
+    r = a / bp[1]
+    hi = higher_is_better(fig)
+    ok = r >= limit if hi else r <= limit
+    verdict = "met" if ok else "NOT met"
+    if not ok and floor is not None and r < floor:
+        verdict += f" (below {floor}x: the minimum is met)"
+    return (f"- {label}: vmd {fmt(a)} vs {NAMES[bp[0]]} {fmt(bp[1])} = **{r:.2f}x** "
+            f"(target {'>=' if hi else '<='} {limit}x): **{verdict}**.")
+
+
 def targets():
-    out = []
-    a = med("test: start -> first serial byte (ms)", "vmd")
-    for q in ["qemu-microvm", "qemu-pc"]:
-        b = med("test: start -> first serial byte (ms)", q)
-        if a and b:
-            ok = "met" if a <= b / 10 else "NOT met"
-            out.append(f"- Start to first guest output at most 1/10 of QEMU's ({q}, same test guest): "
-                       f"{a:.1f} ms vs {b:.1f} ms = {a / b:.3f} of QEMU's: **{ok}**.")
+    fast = [p for p in PEERS if not p.startswith("qemu")]
+    out = [
+        ratio_target("Start to the guest's first line <= 0.5x the fastest peer (at least < 1.0x)",
+                     "test: start -> `VMD-BENCH boot` (ms)", 0.5, fast, 1.0),
+        ratio_target("VMM CPU before the guest's first instruction <= 0.5x the fastest peer",
+                     "VMM process CPU before first KVM_RUN (ms)", 0.5, fast),
+        ratio_target("Idle overhead per VM (all of a VM's processes) <= 0.5x the smallest peer, 1 VM",
+                     "1 idle VM: overhead = RSS - guest (MiB)", 0.5, fast),
+        ratio_target("Idle overhead per VM <= 0.5x the smallest peer, 10 VMs",
+                     "10 idle VMs: overhead per VM (MiB)", 0.5, fast),
+    ]
+    out += [ratio_target(f"{f.replace(': MiB/s', '')} >= 1.0x the best of QEMU, Firecracker and Cloud "
+                         "Hypervisor", f, 1.0) for f in results if f.startswith("virtio-") and f.endswith("MiB/s")]
+    out.append(ratio_target("BIOS boot (reset vector -> boot-sector marker) <= 1.0x QEMU -M pc, same SeaBIOS",
+                            "BIOS: reset vector -> boot-sector marker (ms)", 1.0, ["qemu-pc"]))
     c = med("VMM process CPU before first KVM_RUN (ms)", "vmd")
     if c is not None:
         out.append(f"- Firecracker's spec, at most 8 CPU ms in the VMM before the guest's first instruction: "
                    f"vmd's vmm process {c:.2f} ms: **{'met' if c <= 8 else 'NOT met'}** "
                    f"(all vmd processes together, vmctl included: "
                    f"{med('all processes' + chr(39) + ' CPU before first KVM_RUN (ms)', 'vmd'):.2f} ms).")
-    o = med("1 idle VM: overhead = RSS - guest (MiB)", "vmd")
-    o10 = med("10 idle VMs: overhead per VM (MiB)", "vmd")
-    if o is not None:
-        out.append(f"- VMM overhead under 5 MiB per idle VM: {o:.2f} MiB for one"
-                   + (f", {o10:.2f} MiB each for ten" if o10 is not None else "")
-                   + f": **{'met' if o < 5 and (o10 is None or o10 < 5) else 'NOT met'}**.")
-    out.append(io_target())
     return out
 
 
 def io_target():
-    figs = [f for f in results if f.startswith("virtio-") and f.endswith("MiB/s")]
-    if not figs:
-        return ("- Block and network throughput at least QEMU's: **not yet measurable** (no virtio-blk/net "
-                "in vmd yet; see the placeholder rows).")
-    parts, met = [], True
-    for f in figs:
-        a, b = med(f, "vmd"), med(f, "qemu-pc")
-        if a is None or b is None:
-            parts.append(f"{f}: no comparison (a side failed)")
-            met = False
-            continue
-        parts.append(f"{f.replace(': MiB/s', '')} {a / b:.2f}x")
-        met = met and a >= b
-    verdict = "met" if met else "NOT met"
-    return (f"- Block and network throughput at least QEMU's (QEMU -M pc, same guest driver; vmd/QEMU median MiB/s; requests/frames per second give the same ratios): "
-            + "; ".join(parts) + f": **{verdict}**" + ("" if met else " (see the rows below 1.0)") + ".")
+    return "\n".join(ratio_target(f"{f.replace(': MiB/s', '')} >= 1.0x the best of QEMU, Firecracker and "
+                                  "Cloud Hypervisor", f, 1.0)
+                     for f in results if f.startswith("virtio-") and f.endswith("MiB/s"))
 
 
 METHODS = [
@@ -1208,10 +1470,11 @@ METHODS = [
 
 def main():
     t_start = now()
+    threading.Thread(target=sample_load, daemon=True).start()
     WORK.mkdir(parents=True, exist_ok=True)
     vmd = Vmd()
     tr = Ftrace([os.getpid(), *vmd.daemon_pids()])
-    only = set(os.environ.get("ONLY", "boot,exits,memory,many,linuxhw,blk,net,bios").split(","))
+    only = set(os.environ.get("ONLY", "boot,exits,memory,scale,timeline,linuxhw,blk,net,bios").split(","))
     khz = host_tsc_khz()
     try:
         if "boot" in only:
@@ -1220,8 +1483,10 @@ def main():
             fig_exits(vmd)
         if "memory" in only:
             fig_memory(vmd)
-        if "many" in only:
-            fig_many(vmd)
+        if "scale" in only:
+            fig_scale(vmd)
+        if "timeline" in only:
+            fig_timeline(vmd)
         if "linuxhw" in only:
             fig_linux_hw(vmd)
         if "blk" in only:
@@ -1233,8 +1498,7 @@ def main():
         vmd.close()
     if "net" in only:
         fig_net(khz)
-    rows = [r for r in placeholders() if not (("blk" in only and "blk" in r[0]) or
-                                              ("net" in only and "net" in r[0]))]
+    rows = []
     if only <= MERGEABLE and OUT_MD.exists():
         merge_report(only, now() - t_start)
     else:

@@ -1,11 +1,14 @@
 #!/bin/sh
-# bench/run.sh - vmd vs QEMU benchmarks on this machine; writes docs/BENCHMARKS.md.
+# bench/run.sh - vmd vs Firecracker, Cloud Hypervisor and QEMU on this machine;
+# writes docs/BENCHMARKS.md (and docs/bench-scale.svg).
 # Run as root from anywhere.  Environment: RUNS (default 5), LINUX_RUNS
 # (default RUNS), EXITS_N (accesses per exit phase, default 20000), ONLY
-# (comma list of boot,exits,memory,many,linuxhw,blk,net,bios; ONLY=blk,net,bios merges
+# (comma list of boot,exits,memory,scale,timeline,linuxhw,blk,net,bios; ONLY=blk,net,bios merges
 # its rows into an existing OUT_MD instead of rewriting it), OUT_MD, CARGO_TARGET_DIR,
 # VMD_BIN_DIR (skip the cargo build), VMLINUX (Debian vmlinux; default: the
-# one tests/guest/build-linux-guest.sh caches).  Sends no network traffic
+# one tests/guest/build-linux-guest.sh caches), PEERS_DIR (firecracker and
+# cloud-hypervisor binaries, default /var/tmp/peers; see bench/README.md),
+# VMMS (comma list of the columns, default all found), SCALE_NS, SCALE_RUNS.  Sends no network traffic
 # except apt's (only when QEMU must be installed); the net rows' traffic
 # stays inside a network namespace it makes (vmdbench-net) and deletes.
 set -eu
@@ -43,5 +46,9 @@ sh tests/guests/build.sh "$GUEST_DIR" >/dev/null
 if [ -z "${VMLINUX:-}" ]; then
 	VMLINUX=$(ls -d "$ROOT"/.cache/linux-*/vmlinux 2>/dev/null | tail -1 || true)
 fi
-export VMD_BIN_DIR GUEST_DIR VMLINUX
+PEERS_DIR=${PEERS_DIR:-/var/tmp/peers}
+for p in firecracker cloud-hypervisor; do
+	[ -x "$PEERS_DIR/$p" ] || echo "bench/run.sh: no $PEERS_DIR/$p: its column stays empty (bench/README.md says how to build it)" >&2
+done
+export VMD_BIN_DIR GUEST_DIR VMLINUX PEERS_DIR
 exec python3 bench/bench.py

@@ -22,6 +22,8 @@
  *   net.exit=N          power off once N echo requests were answered
  *                       (and our own ping, if any, is done)
  *   net.timeout=S       power off after S seconds whatever (default 60)
+ *   net.tsc_khz=K       count seconds on the TSC at K kHz instead of the
+ *                       CMOS RTC (Firecracker has none)
  *   net.bench=tx:N      send N 1514-byte UDP frames to net.peer=A.B.C.D
  *                       port net.port=P (default 9) as fast as possible:
  *                       "VMD-TEST net bench tx frames N bytes B cycles C tsc_khz K"
@@ -48,6 +50,8 @@ static u8 rtc_sec(void)
 
 static u8 last_sec;
 static u32 elapsed;		/* seconds since start */
+static u64 opt_tsc_khz;		/* net.tsc_khz=: seconds from the TSC */
+static u64 tsc_start;
 
 /* Cheap enough to call often: reads the RTC every 16384th call. */
 static int tick(void)
@@ -55,6 +59,13 @@ static int tick(void)
 	static u32 n;
 	if (++n & 0x3fff)
 		return 0;
+	if (opt_tsc_khz) {
+		u32 e = (u32)((rdtsc() - tsc_start) / (opt_tsc_khz * 1000));
+		if (e == elapsed)
+			return 0;
+		elapsed = e;
+		return 1;
+	}
 	u8 s = rtc_sec();
 	if (s != last_sec) {
 		last_sec = s;
@@ -640,6 +651,8 @@ static void parse(const char *cmd)
 			opt_count = (u32)num();
 		} else if (OPT("net.exit=")) {
 			opt_exit = (u32)num();
+		} else if (OPT("net.tsc_khz=")) {
+			opt_tsc_khz = num();
 		} else if (OPT("net.timeout=")) {
 			opt_timeout = (u32)num();
 		} else if (OPT("net.port=")) {
@@ -685,6 +698,8 @@ static void serve_second(void)
 
 static u64 tsc_khz(void)
 {
+	if (opt_tsc_khz)
+		return opt_tsc_khz;
 	u32 e = elapsed;
 	SERVE_UNTIL(elapsed != e);
 	u64 t0 = rdtsc();
@@ -800,6 +815,7 @@ static void __attribute__((noreturn, used)) user_main(void)
 		src_mac[5] ^= 0x5a;
 	}
 	last_sec = rtc_sec();
+	tsc_start = rdtsc();
 	if (opt_dhcp) {
 		have_ip = 0;
 		dhcp_state = 1;
@@ -839,5 +855,6 @@ void guest_main(u32 start_info)
 	start = (const struct hvm_start_info *)(usize)start_info;
 	serial_init();
 	puts("VMD-TEST net start\n");
+	pci_map_bars();
 	enter_ring3(user_main);
 }

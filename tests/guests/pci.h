@@ -15,5 +15,8 @@ u8 pci_rd8(int slot, int reg);
  * 4 GiB identity map, gets a fresh address below 4 GiB here.
  */
 u64 bar_addr(int slot, int idx);
+/* Maps every 64-bit BAR the VMM placed above 4 GiB; at CPL0, before a guest
+ * enters ring 3 (bar_addr itself edits the page tables). */
+void pci_map_bars(void);
 
 #endif
