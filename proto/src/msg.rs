@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::MAX_PAYLOAD;
-use crate::vm::{ExitReason, OpenKind, StartRequest, VmInfo, VmmParams};
+use crate::vm::{DevParams, ExitReason, OpenKind, QueueSetup, StartRequest, VmInfo, VmmParams};
 
 /// What a client may ask of the daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +161,38 @@ pub enum Msg {
     /// parent -> priv, at shutdown: delete the bridges priv created and
     /// forget its TAPs. Answered by `PrivIfDone` or `PrivFailed`.
     PrivCleanup,
+    /// parent -> device process: run this backend; `params.fd_count()`
+    /// fds follow (the channel to the VM process first).
+    DevStart(DevParams),
+    /// device -> VM process, first message: what the device is. The VM
+    /// process builds the device's PCI function from it.
+    DevInfo {
+        device_type: u16,
+        features: u64,
+        queue_sizes: Vec<u16>,
+        config: Vec<u8>,
+    },
+    /// VM process -> device: guest RAM and the queue eventfds. fds: the
+    /// RAM memfd, then `queues` notify eventfds (ioeventfds), `queues`
+    /// call eventfds (the device writes one when it used buffers), and
+    /// one error eventfd (the device writes it when the driver broke the
+    /// rules: the VM process sets DEVICE_NEEDS_RESET). `regions` are
+    /// (guest address, length, offset in the memfd).
+    DevAttach {
+        regions: Vec<(u64, u64, u64)>,
+        queues: u8,
+    },
+    /// VM process -> device: the driver accepted `features` (FEATURES_OK).
+    DevFeaturesOk { features: u64 },
+    /// VM process -> device: DRIVER_OK with these queues: start serving.
+    DevActivate { queues: Vec<QueueSetup> },
+    /// VM process -> device: the driver reset the device.
+    DevReset,
+    /// VM process -> device: the driver wrote the device configuration.
+    DevConfigWrite { offset: u64, data: Vec<u8> },
+    /// device -> VM process: the last request is done (`config` is the
+    /// device configuration as it now reads).
+    DevAck { config: Vec<u8> },
 }
 
 /// Bincode settings for payloads. The limit caps what a decoder may
@@ -272,6 +304,14 @@ wire_table! {
     47 => VmmPowerButton {},
     60 => SetVerbose { level: u8 },
     61 => ControlSocket {},
+    80 => DevStart(params: DevParams),
+    81 => DevInfo { device_type: u16, features: u64, queue_sizes: Vec<u16>, config: Vec<u8> },
+    82 => DevAttach { regions: Vec<(u64, u64, u64)>, queues: u8 },
+    83 => DevFeaturesOk { features: u64 },
+    84 => DevActivate { queues: Vec<QueueSetup> },
+    85 => DevReset {},
+    86 => DevConfigWrite { offset: u64, data: Vec<u8> },
+    87 => DevAck { config: Vec<u8> },
 }
 
 impl Msg {
@@ -284,6 +324,8 @@ impl Msg {
             Msg::ControlSocket => 1,
             Msg::PrivOpenedDisk { backing, .. } => 1 + *backing as usize,
             Msg::VmmStart(p) => p.fd_count(),
+            Msg::DevStart(p) => p.fd_count(),
+            Msg::DevAttach { queues, .. } => 2 + 2 * usize::from(*queues),
             _ => 0,
         }
     }

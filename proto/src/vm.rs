@@ -168,6 +168,9 @@ pub enum ExitReason {
     Exited(i32),
     /// Restarted too often in a short time (reboot loop).
     RebootLoop,
+    /// One of the VM's device processes died or failed: "blk0: killed by
+    /// signal 9".
+    Device(String),
 }
 
 impl std::fmt::Display for ExitReason {
@@ -181,6 +184,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Signal(n) => write!(f, "vm process killed by signal {n}"),
             ExitReason::Exited(n) => write!(f, "vm process exited with status {n}"),
             ExitReason::RebootLoop => write!(f, "rebooted too often, stopped"),
+            ExitReason::Device(s) => write!(f, "device failed: {s}"),
         }
     }
 }
@@ -387,18 +391,18 @@ pub struct DhcpLease {
 
 impl VmmParams {
     /// fds sent with these params, in order: /dev/kvm, console tty,
-    /// kernel, the initrd when there is one, then for each disk its top
-    /// image and its backing files, then one TAP device per nic, then the
+    /// kernel, the initrd when there is one, then one channel to each
+    /// device process (per disk, the CD-ROM, per nic, in that order; the
+    /// images and TAPs themselves go to the device processes), then the
     /// option ROM when a nic has `boot_rom`.
     pub fn fd_count(&self) -> usize {
-        // The CD-ROM image's fd comes right after the disks' fds.
-        let disks: usize = self
-            .disks
-            .iter()
-            .map(|d| 1 + d.backing as usize)
-            .sum::<usize>()
-            + usize::from(self.cdrom);
-        3 + usize::from(self.has_initrd) + disks + self.nics.len() + usize::from(self.boot_rom())
+        3 + usize::from(self.has_initrd) + self.device_count() + usize::from(self.boot_rom())
+    }
+
+    /// How many device processes serve this VM (one per disk, CD-ROM and
+    /// nic).
+    pub fn device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.cdrom) + self.nics.len()
     }
 
     /// Whether an option ROM fd comes last.
@@ -426,3 +430,57 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// A virtio device process (`vmd: vm NAME blk0`): what the parent tells it
+/// with `DevStart`. The fds that travel with it: the channel to its VM
+/// process first, then the backend's own (see [`DevParams::fd_count`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevParams {
+    /// The VM's id and name, for logs and the disk serial.
+    pub vm_id: u32,
+    pub vm_name: String,
+    /// The device's name in its VM: `blk0`, `cdrom`, `net1`.
+    pub name: String,
+    pub kind: DevKind,
+    /// Unprivileged user and group the device process switches to.
+    pub uid: u32,
+    pub gid: u32,
+    pub verbose: bool,
+}
+
+/// Which backend a device process runs, with its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DevKind {
+    /// virtio-blk disk `index`: its top image, then `disk.backing`
+    /// backing files (top down).
+    Block { index: u32, disk: DiskParams },
+    /// virtio-scsi CD-ROM: the ISO image.
+    Scsi,
+    /// virtio-net interface `index`: its TAP.
+    Net { index: u32, nic: NicParams },
+}
+
+impl DevParams {
+    /// fds sent with `DevStart`: the VM channel, then the image and its
+    /// backing files, the ISO, or the TAP.
+    pub fn fd_count(&self) -> usize {
+        1 + match &self.kind {
+            DevKind::Block { disk, .. } => 1 + disk.backing as usize,
+            DevKind::Scsi | DevKind::Net { .. } => 1,
+        }
+    }
+}
+
+/// One virtqueue as the driver set it up, sent to the device process
+/// when the driver sets DRIVER_OK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetup {
+    pub size: u16,
+    pub ready: bool,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
+/// Most queues a device process may have (virtio-scsi has 3, net 2).
+pub const MAX_DEV_QUEUES: usize = 8;

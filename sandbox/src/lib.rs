@@ -13,7 +13,10 @@ use landlock::{Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus,
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 
-pub use seccomp::{apply_seccomp, filter_for, seccomp_action, syscall_count, Role, SECCOMP_ENV};
+pub use seccomp::{
+    apply_seccomp, apply_thread_seccomp, filter_for, seccomp_action, syscall_count, Role,
+    SECCOMP_ENV,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -225,7 +228,15 @@ mod tests {
 
     #[test]
     fn every_role_filter_compiles() {
-        for role in [Role::Vmm, Role::Control, Role::Priv] {
+        for role in [
+            Role::Vmm,
+            Role::Vcpu,
+            Role::Control,
+            Role::Priv,
+            Role::Block,
+            Role::Scsi,
+            Role::Net,
+        ] {
             let prog = filter_for(role, seccompiler::SeccompAction::KillProcess).expect("compiles");
             assert!(!prog.is_empty());
             assert!(syscall_count(role) > 20, "{role:?}");

@@ -24,8 +24,14 @@ pub const SECCOMP_ENV: &str = "VMD_SECCOMP";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Vmm,
+    /// A vmm's vCPU threads, on top of `Vmm` (per thread).
+    Vcpu,
     Control,
     Priv,
+    /// Device processes: virtio-blk, virtio-scsi, virtio-net.
+    Block,
+    Scsi,
+    Net,
 }
 
 /// A syscall allowed whatever its arguments.
@@ -106,6 +112,70 @@ const VMM: &[i64] = &[
     libc::SYS_clone3,
 ];
 
+/// A vCPU thread, under the vmm's filter: KVM_RUN and the register and
+/// device work its exits bring (port and MMIO handlers: the console
+/// write, eventfds, MSI routing and ioeventfd ioctls, requests to a device
+/// process over its channel, locks, allocation), nothing that makes
+/// threads, eventfds or files, or reads or writes disks.
+const VCPU: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_clock_gettime,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_sched_yield,
+    libc::SYS_getrandom,
+    libc::SYS_restart_syscall,
+];
+
+/// virtio-blk's process: its image chain (positioned reads and writes,
+/// flush, hole punching, growth). No ioctl, no socket calls, no threads.
+const BLOCK: &[i64] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+    libc::SYS_fallocate,
+    libc::SYS_ftruncate,
+];
+
+/// virtio-scsi's process: reads of its ISO image only.
+const SCSI: &[i64] = &[libc::SYS_pread64, libc::SYS_preadv, libc::SYS_preadv2];
+
+/// ioctl requests virtio-net's process makes on its TAP: offloads the
+/// guest asked for, the interface's name and MAC (DHCP answers from it).
+const NET_IOCTLS: &[u64] = &[
+    libc::FIONBIO,
+    libc::TUNSETOFFLOAD,
+    libc::TUNGETIFF,
+    libc::TUNGETVNETHDRSZ,
+    libc::SIOCGIFHWADDR,
+];
+
 /// control: its listening socket, clients, the parent's channel.
 const CONTROL: &[i64] = &[
     libc::SYS_accept4,
@@ -183,6 +253,29 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
     match role {
         Role::Vmm => {
             map.extend(any(VMM));
+            // Guest RAM, shared with the device processes.
+            map.extend(any(&[libc::SYS_memfd_create]));
+            // The channel to virtio-rng's backend thread: a connected
+            // pair of unix sockets, reaching nothing outside.
+            map.insert(
+                libc::SYS_socketpair,
+                vec![SeccompRule::new(vec![cond(
+                    0,
+                    SeccompCmpOp::Eq,
+                    libc::AF_UNIX as u64,
+                )?])?],
+            );
+            // vCPU threads add their narrower filter (filters only ever
+            // narrow): no_new_privs is set already; seccomp without TSYNC.
+            let seccomp = vec![SeccompRule::new(vec![
+                cond(
+                    0,
+                    SeccompCmpOp::Eq,
+                    u64::from(libc::SECCOMP_SET_MODE_FILTER),
+                )?,
+                cond(1, SeccompCmpOp::Eq, 0)?,
+            ])?];
+            map.insert(libc::SYS_seccomp, seccomp);
             // Threads only, never a new process.
             let thread = libc::CLONE_THREAD as u64;
             map.insert(
@@ -203,15 +296,56 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 ioctl.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, req)?])?);
             }
             map.insert(libc::SYS_ioctl, ioctl);
-            // Naming vCPU threads, nothing else prctl can do.
+            // Naming threads, and no_new_privs (already set) on the way
+            // to a vCPU's filter; nothing else prctl can do.
             map.insert(
                 libc::SYS_prctl,
+                vec![
+                    SeccompRule::new(vec![cond(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)?])?,
+                    SeccompRule::new(vec![cond(
+                        0,
+                        SeccompCmpOp::Eq,
+                        libc::PR_SET_NO_NEW_PRIVS as u64,
+                    )?])?,
+                ],
+            );
+            map.insert(libc::SYS_fcntl, fcntl_rules()?);
+        }
+        Role::Vcpu => {
+            map = any(VCPU).collect();
+            // Closing an fd checks it first in debug builds.
+            map.insert(
+                libc::SYS_fcntl,
                 vec![SeccompRule::new(vec![cond(
-                    0,
+                    1,
                     SeccompCmpOp::Eq,
-                    libc::PR_SET_NAME as u64,
+                    libc::F_GETFD as u64,
                 )?])?],
             );
+            // KVM's ioctls only: KVM_RUN, MSI routing, ioeventfds.
+            map.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![cond(
+                    1,
+                    SeccompCmpOp::MaskedEq(0xff00),
+                    KVMIO << 8,
+                )?])?],
+            );
+        }
+        Role::Block => {
+            map.extend(any(BLOCK));
+            map.insert(libc::SYS_fcntl, fcntl_rules()?);
+        }
+        Role::Scsi => {
+            map.extend(any(SCSI));
+            map.insert(libc::SYS_fcntl, fcntl_rules()?);
+        }
+        Role::Net => {
+            let ioctl = NET_IOCTLS
+                .iter()
+                .map(|&req| SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, req)?]))
+                .collect::<Result<_, _>>()?;
+            map.insert(libc::SYS_ioctl, ioctl);
             map.insert(libc::SYS_fcntl, fcntl_rules()?);
         }
         Role::Control => {
@@ -277,4 +411,11 @@ pub fn apply_seccomp(role: Role) -> Result<(), SandboxError> {
         install(&clone3)?;
     }
     install(&filter_for(role, action)?)
+}
+
+/// Installs `role`'s filter on the calling thread only, on top of the
+/// process's (a vCPU thread narrows itself with `Role::Vcpu`).
+pub fn apply_thread_seccomp(role: Role) -> Result<(), SandboxError> {
+    seccompiler::apply_filter(&filter_for(role, seccomp_action())?)
+        .map_err(|source| SandboxError::Seccomp { role, source })
 }

@@ -49,6 +49,7 @@ fn main() {
         Role::Priv => "priv",
         Role::Control => "control",
         Role::Vmm => "vmm",
+        Role::Device => "device",
     };
     // `vmd -n` is a foreground check: its words belong on the terminal.
     logger::init(role_name, opts.foreground || opts.check_only, opts.verbose);
@@ -64,6 +65,7 @@ fn main() {
                 Role::Priv => vmd_priv::run(chan),
                 Role::Control => control::run(&opts, chan),
                 Role::Vmm => vmd_vmm::run(chan),
+                Role::Device => vmd_vmm::device::run(chan),
                 Role::Parent => unreachable!("handled above"),
             },
         }

@@ -14,6 +14,8 @@ pub enum Role {
     Priv,
     Control,
     Vmm,
+    /// A virtio device process of a VM.
+    Device,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +75,7 @@ impl Options {
                         "priv" => Role::Priv,
                         "control" => Role::Control,
                         "vmm" => Role::Vmm,
+                        "device" => Role::Device,
                         other => return Err(format!("unknown role {other:?}")),
                     }
                 }
@@ -87,6 +90,10 @@ impl Options {
                 // Only for `ps`: names the VM a vmm process runs.
                 "--vm" => {
                     value("--vm")?;
+                }
+                // Only for `ps`: names a device process's device.
+                "--device" => {
+                    value("--device")?;
                 }
                 "-s" => opts.socket = PathBuf::from(value("-s")?),
                 "-f" => {

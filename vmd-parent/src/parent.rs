@@ -18,15 +18,15 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use vmd_proto::msg::ResetWhat;
 use vmd_proto::msg::{Creds, Reply, Request};
 use vmd_proto::vm::{
-    validate_name, DhcpLease, DiskParams, ExitReason, NicParams, OpenKind, StartRequest, VmState,
-    VmmParams,
+    validate_name, DevKind, DevParams, DhcpLease, DiskParams, ExitReason, NicParams, OpenKind,
+    StartRequest, VmState, VmmParams,
 };
 use vmd_proto::{ChannelError, Msg};
 
 use crate::console::Console;
 use crate::options::Options;
-use crate::spawn::{spawn_role, ChildProc};
-use crate::vms::{Vm, VmOwner, VmProc, VmSpec, VmTable};
+use crate::spawn::{spawn_role, spawn_titled, ChildProc};
+use crate::vms::{DevProc, Vm, VmOwner, VmProc, VmSpec, VmTable};
 
 mod reconfig;
 mod requests;
@@ -50,6 +50,25 @@ enum StopHow {
     Terminate,
     /// SIGKILL at once (`vmctl stop -f`, reset).
     Kill,
+}
+
+/// Why a device process's end stops its VM, if it does: "blk0: killed by
+/// signal 9". None for a device that exited 0 (its VM closed its channel).
+fn device_failure(name: &str, status: WaitStatus) -> Option<String> {
+    match status {
+        WaitStatus::Exited(_, 0) => None,
+        WaitStatus::Exited(_, code) => Some(format!("{name}: exited with status {code}")),
+        WaitStatus::Signaled(_, sig, _) => Some(format!("{name}: killed by signal {}", sig as i32)),
+        other => Some(format!("{name}: ended ({other:?})")),
+    }
+}
+
+/// Whether child `pid` has exited (a zombie not reaped yet), without
+/// reaping it.
+fn has_exited(pid: nix::unistd::Pid) -> bool {
+    use nix::sys::wait::{waitid, Id};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    matches!(waitid(Id::Pid(pid), flags), Ok(s) if s != WaitStatus::StillAlive)
 }
 
 /// Sends `VmmTerminate` (SIGKILL if it cannot be sent) and arms the kill.
@@ -591,6 +610,10 @@ impl Parent {
                 }
                 continue;
             }
+            if let Some((id, index)) = self.vms.by_device_pid(pid) {
+                self.device_ended(id, index, status);
+                continue;
+            }
             match self.vms.by_pid(pid) {
                 Some(id) => self.vm_ended(id, status),
                 None => debug!("reaped unknown child {pid}"),
@@ -682,6 +705,58 @@ impl Parent {
         }
     }
 
+    /// A device process ended. While its VM process runs that is a
+    /// failure: the VM stops with the device's reason ("blk0: killed by
+    /// signal 9"). A device that exits 0 does so because its VM process
+    /// closed its channel: the VM is ending anyway.
+    fn device_ended(&mut self, id: u32, index: usize, status: WaitStatus) {
+        // The VM process may have said why it ends just before.
+        self.vm_chan_readable(id);
+        let Some(vm) = self.vms.vms.get_mut(&id) else {
+            return;
+        };
+        let name = vm.name.clone();
+        let Some(p) = vm.proc.as_mut() else { return };
+        let Some(dev) = p.devices.get_mut(index) else {
+            return;
+        };
+        dev.alive = false;
+        let failure = device_failure(&dev.name, status);
+        let vmm_gone = p.exit_msg.is_some() || has_exited(p.pid);
+        match failure {
+            Some(reason) if !vmm_gone && p.device_failure.is_none() && !p.stop_requested => {
+                warn!("vm {name}: device process {reason}; stopping the VM");
+                p.device_failure = Some(reason);
+                terminate(&name, id, p);
+            }
+            Some(reason) => debug!("vm {name}: device process {reason}"),
+            None => debug!("vm {name}: device process {} exited", dev.name),
+        }
+    }
+
+    /// Makes sure none of a VM's device processes outlives it: each holds
+    /// an image lock or a TAP that a restart needs. They exit by
+    /// themselves once the VM process has closed their channels; one that
+    /// has not is killed. A device that died on its own, which the VM
+    /// process reported, gives the VM its reason.
+    fn end_devices(p: &mut VmProc) {
+        for d in p.devices.iter_mut().filter(|d| d.alive) {
+            d.alive = false;
+            let status = match waitpid(d.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = kill(d.pid, Signal::SIGKILL);
+                    let _ = waitpid(d.pid, None);
+                    continue;
+                }
+                Ok(status) => status,
+                Err(_) => continue,
+            };
+            if matches!(p.exit_msg, Some(ExitReason::Device(_))) && p.device_failure.is_none() {
+                p.device_failure = device_failure(&d.name, status);
+            }
+        }
+    }
+
     fn vm_ended(&mut self, id: u32, status: WaitStatus) {
         // Read what the process said before it died: the exit message may
         // still be queued behind the SIGCHLD.
@@ -689,10 +764,14 @@ impl Parent {
         let Some(vm) = self.vms.vms.get_mut(&id) else {
             return;
         };
-        let Some(p) = vm.proc.take() else { return };
+        let Some(mut p) = vm.proc.take() else { return };
         vm.console.master_readable();
+        Self::end_devices(&mut p);
         let reason = p
-            .exit_msg
+            .device_failure
+            .clone()
+            .map(ExitReason::Device)
+            .or(p.exit_msg.clone())
             .or_else(|| p.stop_requested.then_some(ExitReason::Stopped))
             .unwrap_or(match status {
                 WaitStatus::Signaled(_, sig, _) => ExitReason::Signal(sig as i32),

@@ -21,9 +21,20 @@ pub struct ChildProc {
 
 /// Re-executes /proc/self/exe as `role`, passing on the logging flags.
 pub fn spawn_role(role: &str, opts: &Options, extra: &[String]) -> io::Result<ChildProc> {
+    spawn_titled(role, &format!("vmd: {role}"), opts, extra)
+}
+
+/// As [`spawn_role`], with `title` as the process's argv[0] (what `ps`
+/// shows: `vmd: vm web blk0`).
+pub fn spawn_titled(
+    role: &str,
+    title: &str,
+    opts: &Options,
+    extra: &[String],
+) -> io::Result<ChildProc> {
     let (ours, theirs) = Channel::pair()?;
     let mut cmd = Command::new("/proc/self/exe");
-    cmd.arg0(format!("vmd: {role}"))
+    cmd.arg0(title)
         .args(["--role", role])
         .args(opts.child_args())
         .args(extra)

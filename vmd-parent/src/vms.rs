@@ -164,6 +164,20 @@ pub struct VmProc {
     pub terminate_at: Option<Instant>,
     /// When a graceful stop turns into SIGKILL.
     pub kill_at: Option<Instant>,
+    /// The VM's device processes (one per disk, CD-ROM and nic).
+    pub devices: Vec<DevProc>,
+    /// Why a device process died while the VM ran: the VM's stop reason.
+    pub device_failure: Option<String>,
+}
+
+/// A device process of a VM (`vmd: vm NAME blk0`).
+#[derive(Debug)]
+pub struct DevProc {
+    /// `blk0`, `cdrom`, `net1`.
+    pub name: String,
+    pub pid: Pid,
+    /// Not reaped yet.
+    pub alive: bool,
 }
 
 /// Who may manage a VM besides root.
@@ -324,6 +338,15 @@ impl VmTable {
             .values()
             .find(|vm| vm.proc.as_ref().is_some_and(|p| p.pid == pid))
             .map(|vm| vm.id)
+    }
+
+    /// The VM and the index of its device process `pid`.
+    pub fn by_device_pid(&self, pid: Pid) -> Option<(u32, usize)> {
+        self.vms.values().find_map(|vm| {
+            let p = vm.proc.as_ref()?;
+            let i = p.devices.iter().position(|d| d.pid == pid)?;
+            Some((vm.id, i))
+        })
     }
 }
 

@@ -20,6 +20,7 @@
 pub mod acpi;
 pub mod arch;
 pub mod bus;
+pub mod device;
 pub mod devices;
 pub mod lifecycle;
 pub mod memory;
@@ -57,13 +58,7 @@ pub fn run(chan: Channel) -> i32 {
         log::set_max_level(log::LevelFilter::Debug);
     }
     let id = params.id;
-    let files = match VmFiles::from_fds(
-        frame.fds,
-        params.has_initrd,
-        &params.disks,
-        params.cdrom,
-        params.boot_rom(),
-    ) {
+    let files = match VmFiles::from_fds(frame.fds, &params) {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };
@@ -84,7 +79,9 @@ fn sandbox(uid: u32, gid: u32) -> Result<(), vmd_sandbox::SandboxError> {
     // vCPU fds, disk chains, virtio eventfds: far below this.
     vmd_sandbox::limit_resources(1024)?;
     vmd_sandbox::landlock_no_fs()?;
-    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Vmm)
+    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Vmm)?;
+    vcpu::narrow_vcpu_threads();
+    Ok(())
 }
 
 fn report(chan: &Channel, id: u32, reason: ExitReason) -> i32 {

@@ -1,6 +1,11 @@
-//! Guest RAM: anonymous, MAP_NORESERVE mappings (vm-memory's default), so
-//! memory the guest never touches costs the host nothing. RAM past
-//! [`MMIO_GAP_START`] is moved above 4 GiB to leave room for devices.
+//! Guest RAM: one memfd (shared memory no path names), mapped
+//! MAP_SHARED | MAP_NORESERVE here and, for their DMA, in the VM's device
+//! processes, so memory the guest never touches costs the host nothing.
+//! RAM past [`MMIO_GAP_START`] is moved above 4 GiB to leave room for
+//! devices; both ranges are consecutive pieces of the one memfd.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
@@ -21,6 +26,10 @@ pub enum MemoryError {
     Unaligned(u64),
     #[error("cannot map guest RAM: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    #[error("guest RAM memfd: {0}")]
+    Memfd(std::io::Error),
+    #[error("guest RAM regions {0:x?} do not fit the memfd of {1} bytes")]
+    Regions(Vec<(u64, u64, u64)>, u64),
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot}: {err}")]
     Register { slot: u32, err: kvm_ioctls::Error },
 }
@@ -59,14 +68,71 @@ impl RamLayout {
     }
 }
 
-/// Maps guest RAM in this process.
-pub fn create(layout: &RamLayout) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout
-        .ranges()
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
+/// Guest RAM and the memfd behind it.
+pub struct GuestRam {
+    pub mem: GuestMemoryMmap,
+    pub memfd: File,
+    /// (guest address, length, offset in the memfd) of each range.
+    pub regions: Vec<(u64, u64, u64)>,
+}
+
+/// Creates the memfd for `layout` and maps guest RAM from it.
+pub fn create(layout: &RamLayout) -> Result<GuestRam, MemoryError> {
+    let name = c"vmd-guest-ram";
+    // SAFETY: a valid C string; the fd returned is ours alone.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this fd to us.
+    let memfd = unsafe { File::from_raw_fd(fd) };
+    let size: u64 = layout.ranges().iter().map(|r| r.1).sum();
+    memfd.set_len(size).map_err(MemoryError::Memfd)?;
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (start, len) in layout.ranges() {
+        regions.push((start, len, offset));
+        offset += len;
+    }
+    let mem = map_shared(&memfd, &regions)?;
+    Ok(GuestRam {
+        mem,
+        memfd,
+        regions,
+    })
+}
+
+/// Maps `regions` of the guest RAM memfd shared (a device process does
+/// this with the memfd its VM process sends). Regions must lie inside the
+/// memfd and not overlap in guest addresses.
+pub fn map_shared(
+    memfd: &File,
+    regions: &[(u64, u64, u64)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let size = memfd.metadata().map_err(MemoryError::Memfd)?.len();
+    let fits = regions.iter().all(|&(start, len, off)| {
+        len > 0
+            && len % PAGE == 0
+            && off % PAGE == 0
+            && start.checked_add(len).is_some()
+            && off.checked_add(len).is_some_and(|end| end <= size)
+            && usize::try_from(len).is_ok()
+    });
+    if !fits || regions.is_empty() {
+        return Err(MemoryError::Regions(regions.to_vec(), size));
+    }
+    let ranges = regions
+        .iter()
+        .map(|&(start, len, off)| {
+            let file = memfd.try_clone().map_err(MemoryError::Memfd)?;
+            Ok((
+                GuestAddress(start),
+                len as usize,
+                Some(vm_memory::FileOffset::new(file, off)),
+            ))
+        })
+        .collect::<Result<Vec<_>, MemoryError>>()?;
+    Ok(GuestMemoryMmap::from_ranges_with_files(&ranges)?)
 }
 
 /// Hands every region of `mem` to KVM, one memory slot each.

@@ -12,6 +12,7 @@
 //! kicked: stopping, or pausing (it then parks, see [`ExitSignal::park`]).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -272,6 +273,16 @@ pub struct Vcpu {
     pub exit: Arc<ExitSignal>,
 }
 
+/// Whether vCPU threads put the `Vcpu` seccomp filter on themselves (the
+/// daemon's VM process; not vmd-vmm's in-process tests).
+static NARROW_FILTER: AtomicBool = AtomicBool::new(false);
+
+/// From now on every vCPU thread narrows itself to the `Vcpu` filter as
+/// it starts, on top of the process's.
+pub fn narrow_vcpu_threads() {
+    NARROW_FILTER.store(true, Ordering::SeqCst);
+}
+
 impl Vcpu {
     /// Starts the vCPU's thread. Whatever ends the guest on this vCPU is
     /// reported through the exit signal.
@@ -280,6 +291,12 @@ impl Vcpu {
             .name(format!("vcpu{}", self.id))
             .spawn(move || {
                 let exit = self.exit.clone();
+                if NARROW_FILTER.load(Ordering::SeqCst) {
+                    if let Err(e) = vmd_sandbox::apply_thread_seccomp(vmd_sandbox::Role::Vcpu) {
+                        exit.request(ExitReason::VmmError(format!("vCPU {}: {e}", self.id)));
+                        return;
+                    }
+                }
                 if let Some(reason) = self.run() {
                     exit.request(reason);
                 }

@@ -8,15 +8,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::devices::virtio::net::dhcp::DhcpServer;
 use kvm_bindings::{kvm_clock_data, kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vm_memory::GuestMemoryMmap;
-use vmd_disk::open_disk;
-use vmd_proto::net::{format_mac, generated_mac};
-use vmd_proto::vm::{DiskParams, ExitReason, VmmParams, MAX_VCPUS};
+use vmd_proto::vm::{DevKind, ExitReason, VmmParams, MAX_VCPUS};
 use vmd_proto::{Channel, ChannelError, Msg};
 use vmd_tap::tap_info;
 use vmm_sys_util::eventfd::EventFd;
@@ -37,13 +34,14 @@ use crate::devices::legacy::fw_cfg::{self, FwCfg, FwCfgError, FwCfgItems, FW_CFG
 use crate::devices::legacy::i8042::{ResetControl, I8042};
 use crate::devices::legacy::power::{Pm1aControl, Pm1aEvent, PWRBTN_STS};
 use crate::devices::legacy::serial::{RoomNotifier, SerialDevice, SerialError};
-use crate::devices::virtio::block::{self as virtio_blk, VirtioBlk};
-use crate::devices::virtio::net::VirtioNet;
+use crate::devices::virtio::backend;
+use crate::devices::virtio::model::{self, ModelError};
 use crate::devices::virtio::pci::{
-    spawn_worker, TransportError, VirtioPci, Worker, VIRTIO_PCI_DEVICE_BASE, VIRTIO_PCI_VENDOR,
+    spawn_worker, SharedRam, TransportError, VirtioPci, Worker, VIRTIO_PCI_DEVICE_BASE,
+    VIRTIO_PCI_VENDOR,
 };
+use crate::devices::virtio::remote::{DeviceLink, INFO_TIMEOUT};
 use crate::devices::virtio::rng::VirtioRng;
-use crate::devices::virtio::scsi::VirtioScsi;
 use crate::devices::virtio::{VirtioDevice, TYPE_NET};
 use crate::devices::Sink;
 use crate::lifecycle::ExitSignal;
@@ -96,6 +94,10 @@ pub enum VmError {
     DiskCount(usize, usize),
     #[error("{0} interfaces, but {1} TAP fds")]
     NicCount(usize, usize),
+    #[error("{0} devices, but {1} device channels")]
+    DeviceCount(usize, usize),
+    #[error("{name}: {err}")]
+    Model { name: String, err: ModelError },
     #[error("interface {index}: {err}")]
     Nic { index: usize, err: io::Error },
     #[error("PCI: {0}")]
@@ -121,6 +123,11 @@ pub struct VmFiles {
     pub cdrom: Option<OwnedFd>,
     /// One TAP per `VmmParams::nics`, in guest order.
     pub taps: Vec<TapFiles>,
+    /// Channels to the device processes, one per disk, CD-ROM and nic in
+    /// that order (`VmmParams::device_count`). Without them (tests), the
+    /// backends for `disks`, `cdrom` and `taps` run on threads of this
+    /// process instead, served the same way.
+    pub devices: Vec<Channel>,
     /// The network boot ROM (iPXE), read-only, when a nic has `boot_rom`.
     pub option_rom: Option<OwnedFd>,
 }
@@ -156,46 +163,41 @@ pub struct DiskFiles {
 
 impl VmFiles {
     /// Splits the fds that came with `VmmStart` (see
-    /// `VmmParams::fd_count` for their order). The fds after the disks'
-    /// are the TAPs (and with `option_rom`, the ROM last); `Vm::new` checks
-    /// their number against the NICs.
-    pub fn from_fds(
-        mut fds: Vec<OwnedFd>,
-        has_initrd: bool,
-        disks: &[DiskParams],
-        cdrom: bool,
-        option_rom: bool,
-    ) -> Result<VmFiles, VmError> {
-        let disk_fds =
-            disks.iter().map(|d| 1 + d.backing as usize).sum::<usize>() + usize::from(cdrom);
-        let expected = 3 + usize::from(has_initrd) + disk_fds + usize::from(option_rom);
+    /// `VmmParams::fd_count` for their order): the images and TAPs are
+    /// with the device processes; here come the channels to them.
+    pub fn from_fds(fds: Vec<OwnedFd>, params: &VmmParams) -> Result<VmFiles, VmError> {
+        let expected = params.fd_count();
         let got = fds.len();
-        if got < expected {
+        if got != expected {
             return Err(VmError::FdCount { expected, got });
         }
-        let option_rom = if option_rom { fds.pop() } else { None };
         let mut it = fds.into_iter();
         let mut next = || it.next().ok_or(VmError::FdCount { expected, got });
         let kvm = next()?;
         let tty = next()?;
         let kernel = next()?;
-        let initrd = if has_initrd { Some(next()?) } else { None };
-        let mut files = Vec::with_capacity(disks.len());
-        for d in disks {
-            let top = next()?;
-            let backing = (0..d.backing).map(|_| next()).collect::<Result<_, _>>()?;
-            files.push(DiskFiles { top, backing });
-        }
-        let cdrom = if cdrom { Some(next()?) } else { None };
-        let taps = it.map(TapFiles::new).collect();
+        let initrd = if params.has_initrd {
+            Some(next()?)
+        } else {
+            None
+        };
+        let devices = (0..params.device_count())
+            .map(|_| next().map(Channel::from_fd))
+            .collect::<Result<_, _>>()?;
+        let option_rom = if params.boot_rom() {
+            Some(next()?)
+        } else {
+            None
+        };
         Ok(VmFiles {
             kvm,
             tty,
             kernel,
             initrd,
-            disks: files,
-            cdrom,
-            taps,
+            disks: Vec::new(),
+            cdrom: None,
+            taps: Vec::new(),
+            devices,
             option_rom,
         })
     }
@@ -281,7 +283,8 @@ impl Vm {
         vm.create_pit2(pit).map_err(kvm_io("KVM_CREATE_PIT2"))?;
 
         let ram = RamLayout::new(params.memory)?;
-        let mem = memory::create(&ram)?;
+        let guest_ram = memory::create(&ram)?;
+        let mem = guest_ram.mem;
         memory::register(&vm, &mem)?;
         let vm = Arc::new(vm);
 
@@ -389,16 +392,14 @@ impl Vm {
             Some(_) => HostBridge::i440fx(),
             None => HostBridge::new(),
         };
+        let backends = backends(params, files.devices, files.disks, files.cdrom, files.taps)?;
+        let ram_share = SharedRam {
+            mem: mem.clone(),
+            memfd: &guest_ram.memfd,
+            regions: &guest_ram.regions,
+        };
         let (io_workers, net_slot, drive_slot) = add_pci_devices(
-            params,
-            files.disks,
-            files.cdrom.map(File::from),
-            files.taps,
-            bridge,
-            &vm,
-            &mem,
-            &pio,
-            &mmio,
+            params, backends, bridge, &vm, &ram_share, &exit, &pio, &mmio,
         )?;
         if let Some(mut items) = fw_items {
             if let (Some(rom), Some(slot)) = (option_rom, net_slot) {
@@ -490,27 +491,108 @@ fn shared<D: crate::bus::BusDevice + 'static>(d: D) -> SharedDevice {
     Arc::new(Mutex::new(d))
 }
 
-/// PCI bus 0 on the port bus, one virtio-blk function per disk, a
-/// virtio-scsi CD-ROM when there is an image, one virtio-net per interface
-/// and a virtio-rng, each with its I/O thread.
+/// Every virtio device's backend, in PCI slot order (disks, CD-ROM, nics,
+/// then rng): its name and the transport's end of its channel. With
+/// `devices` (the daemon) those are the device processes' channels;
+/// without (vmd-vmm's tests) the backends for the local files run on
+/// threads here. virtio-rng always runs on a thread here: it parses
+/// nothing.
+fn backends(
+    params: &VmmParams,
+    devices: Vec<Channel>,
+    disks: Vec<DiskFiles>,
+    cdrom: Option<OwnedFd>,
+    taps: Vec<TapFiles>,
+) -> Result<Vec<(String, Channel)>, VmError> {
+    let names = device_names(params);
+    let mut out = Vec::new();
+    if !devices.is_empty() {
+        if devices.len() != names.len() {
+            return Err(VmError::DeviceCount(names.len(), devices.len()));
+        }
+        out.extend(names.into_iter().zip(devices));
+    } else {
+        if disks.len() != params.disks.len() {
+            return Err(VmError::DiskCount(params.disks.len(), disks.len()));
+        }
+        if taps.len() != params.nics.len() {
+            return Err(VmError::NicCount(params.nics.len(), taps.len()));
+        }
+        let mut local = Vec::new();
+        for (index, (d, f)) in params.disks.iter().zip(disks).enumerate() {
+            let kind = DevKind::Block {
+                index: index as u32,
+                disk: d.clone(),
+            };
+            local.push((kind, std::iter::once(f.top).chain(f.backing).collect()));
+        }
+        if let Some(fd) = cdrom {
+            local.push((DevKind::Scsi, vec![fd]));
+        }
+        for (index, (n, t)) in params.nics.iter().zip(taps).enumerate() {
+            let kind = DevKind::Net {
+                index: index as u32,
+                nic: n.clone(),
+            };
+            local.push((kind, vec![t.fd]));
+        }
+        for (name, (kind, fds)) in names.into_iter().zip(local) {
+            let m = model::open(&params.name, &kind, fds).map_err(|err| VmError::Model {
+                name: name.clone(),
+                err,
+            })?;
+            out.push((name, spawn_backend(&name_of(&kind, &params.name), m)?));
+        }
+    }
+    out.push((
+        "rng".into(),
+        spawn_backend("rng", Box::new(VirtioRng::new()))?,
+    ));
+    Ok(out)
+}
+
+fn name_of(kind: &DevKind, _vm: &str) -> String {
+    match kind {
+        DevKind::Block { index, .. } => format!("blk{index}"),
+        DevKind::Scsi => "cdrom".into(),
+        DevKind::Net { index, .. } => format!("net{index}"),
+    }
+}
+
+/// A backend on a thread of this process; the thread ends with the
+/// channel.
+fn spawn_backend(name: &str, model: Box<dyn VirtioDevice>) -> Result<Channel, VmError> {
+    let (chan, _thread) =
+        backend::spawn_local(name, model).map_err(|e| VmError::Io("virtio backend thread", e))?;
+    Ok(chan)
+}
+
+/// The names of a VM's device processes, in the order of their channels:
+/// `blk0`.., `cdrom`, `net0`.. (also their process titles).
+pub fn device_names(params: &VmmParams) -> Vec<String> {
+    let mut names: Vec<String> = (0..params.disks.len()).map(|i| format!("blk{i}")).collect();
+    if params.cdrom {
+        names.push("cdrom".into());
+    }
+    names.extend((0..params.nics.len()).map(|i| format!("net{i}")));
+    names
+}
+
+/// PCI bus 0 on the port bus and one virtio function per backend, each
+/// with its transport's I/O thread. Every backend describes itself first:
+/// the device processes started together, so this waits for the slowest
+/// one only.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 fn add_pci_devices(
     params: &VmmParams,
-    disks: Vec<DiskFiles>,
-    cdrom: Option<File>,
-    taps: Vec<TapFiles>,
+    backends: Vec<(String, Channel)>,
     bridge: HostBridge,
     vm: &Arc<VmFd>,
-    mem: &Arc<GuestMemoryMmap>,
+    ram: &SharedRam<'_>,
+    exit: &Arc<ExitSignal>,
     pio: &Bus,
     mmio: &Arc<Bus>,
 ) -> Result<(Vec<Worker>, Option<usize>, Option<usize>), VmError> {
-    if disks.len() != params.disks.len() {
-        return Err(VmError::DiskCount(params.disks.len(), disks.len()));
-    }
-    if taps.len() != params.nics.len() {
-        return Err(VmError::NicCount(params.nics.len(), taps.len()));
-    }
     let root = Arc::new(Mutex::new(PciRoot::with_bridge(mmio.clone(), bridge)));
     pio.insert(
         u64::from(PORT_PCI_CONFIG_ADDRESS),
@@ -523,53 +605,6 @@ fn add_pci_devices(
         shared(ConfigData(root.clone())),
     )?;
     let router = GsiRouter::new(vm.clone());
-    let mut models: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
-    for (index, (p, f)) in params.disks.iter().zip(disks).enumerate() {
-        let backing = f.backing.into_iter().map(File::from).collect();
-        let disk = open_disk(File::from(f.top), backing, p.read_only, p.format)
-            .map_err(|err| VmError::Disk { index, err })?;
-        log::info!(
-            "disk {index}: {} bytes{}",
-            disk.size(),
-            if p.read_only { ", read-only" } else { "" }
-        );
-        let id = virtio_blk::serial(&params.name, index);
-        models.push((
-            format!("blk{index}"),
-            Box::new(VirtioBlk::new(disk, id, p.read_only)),
-        ));
-    }
-    if let Some(image) = cdrom {
-        let size = image
-            .metadata()
-            .map_err(|e| VmError::Io("cdrom image", e))?
-            .len();
-        log::info!("cdrom: {size} bytes, read-only");
-        models.push(("cdrom".into(), Box::new(VirtioScsi::new(image, size))));
-    }
-    for (index, (p, tap)) in params.nics.iter().zip(taps).enumerate() {
-        let dhcp = p.dhcp.clone().map(|lease| {
-            // Without the TAP's MAC, answer from a stable local one.
-            let server_mac = tap
-                .host_mac
-                .unwrap_or_else(|| generated_mac(&params.name, 0x80 | index as u8));
-            DhcpServer::new(p.mac, server_mac, lease, Some(params.name.clone()))
-        });
-        let net = VirtioNet::new(File::from(tap.fd), p.mac, p.locked, dhcp)
-            .map_err(|err| VmError::Nic { index, err })?;
-        log::info!(
-            "interface {index}: {}{}{}",
-            format_mac(&p.mac),
-            if p.locked { ", locked" } else { "" },
-            if p.dhcp.is_some() {
-                ", local (dhcp)"
-            } else {
-                ""
-            }
-        );
-        models.push((format!("net{index}"), Box::new(net)));
-    }
-    models.push(("rng".into(), Box::new(VirtioRng::new())));
     // The interface the VM boots from, if any.
     let boot_nic = params
         .nics
@@ -585,7 +620,13 @@ fn add_pci_devices(
     };
     let mut drive_slot = None;
     let mut workers = Vec::new();
-    for (name, model) in models {
+    for (name, chan) in backends {
+        let verr = |err| VmError::Virtio {
+            name: name.clone(),
+            err,
+        };
+        let link = DeviceLink::connect(&name, chan, INFO_TIMEOUT)
+            .map_err(|e| verr(TransportError::Link(e)))?;
         let mut r = lock(&root);
         let slot = r.next_slot().ok_or(PciError::BusFull)?;
         if boot_nic.as_ref() == Some(&name) {
@@ -594,12 +635,7 @@ fn add_pci_devices(
         if boot_drive == Some(name.as_str()) {
             drive_slot = Some(slot);
         }
-        let verr = |err| VmError::Virtio {
-            name: name.clone(),
-            err,
-        };
-        let dev = VirtioPci::new(name.clone(), model, mem.clone(), &router, intx_gsi(slot))
-            .map_err(verr)?;
+        let dev = VirtioPci::new(link, ram, &router, intx_gsi(slot), exit.clone()).map_err(verr)?;
         let dev = Arc::new(Mutex::new(dev));
         r.add(dev.clone(), dev.clone())?;
         drop(r);

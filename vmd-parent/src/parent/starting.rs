@@ -381,26 +381,71 @@ impl Parent {
                 Err(e) => return self.start_failed(id, e),
             },
         };
+        // One device process per disk, CD-ROM and nic, all started now
+        // (they open and check their images while the VM process builds
+        // the VM); each gets its image or TAP and one end of a channel to
+        // the VM process, which gets the other end.
+        let mut backend_fds: Vec<(DevKind, Vec<BorrowedFd<'_>>)> = Vec::new();
+        for (index, (disk, fds)) in params.disks.iter().zip(&p.disks).enumerate() {
+            let kind = DevKind::Block {
+                index: index as u32,
+                disk: disk.clone(),
+            };
+            backend_fds.push((kind, fds.iter().flatten().map(|f| f.as_fd()).collect()));
+        }
+        if let Some(iso) = &p.cdrom {
+            backend_fds.push((DevKind::Scsi, vec![iso.as_fd()]));
+        }
+        for (index, (nic, tap)) in params.nics.iter().zip(&p.taps).enumerate() {
+            let kind = DevKind::Net {
+                index: index as u32,
+                nic: nic.clone(),
+            };
+            backend_fds.push((kind, tap.iter().map(|t| t.fd.as_fd()).collect()));
+        }
+        let mut devices = Vec::new();
+        let mut vm_ends = Vec::new();
+        for (kind, fds) in backend_fds {
+            match self.spawn_device(vm, &params, kind, &fds) {
+                Ok((dev, vm_end)) => {
+                    devices.push(dev);
+                    vm_ends.push(vm_end);
+                }
+                Err(e) => {
+                    for d in &devices {
+                        let _ = kill(d.pid, Signal::SIGKILL);
+                    }
+                    return self.start_failed(id, e);
+                }
+            }
+        }
         let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
         if let Some(initrd) = &p.initrd {
             fds.push(initrd.as_fd());
         }
-        fds.extend(p.disks.iter().flatten().flatten().map(|f| f.as_fd()));
-        // The CD-ROM's image after the disks' (VmmParams::fd_count).
-        fds.extend(p.cdrom.iter().map(|f| f.as_fd()));
-        // Ours close when `p` drops, so each TAP lives exactly as long as
-        // the VM process holds it.
-        fds.extend(p.taps.iter().flatten().map(|t| t.fd.as_fd()));
+        fds.extend(vm_ends.iter().map(|c| c.as_fd()));
         fds.extend(p.option_rom.as_ref().map(|f| f.as_fd()));
         let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
             Ok(child) => child,
-            Err(e) => return self.start_failed(id, format!("starting vm process: {e}")),
+            Err(e) => {
+                for d in &devices {
+                    let _ = kill(d.pid, Signal::SIGKILL);
+                }
+                return self.start_failed(id, format!("starting vm process: {e}"));
+            }
         };
         if let Err(e) = child.chan.send(&Msg::VmmStart(params), id, &fds) {
             let _ = kill(child.pid, Signal::SIGKILL);
-            // Reaped by the SIGCHLD path as an unknown child.
+            for d in &devices {
+                let _ = kill(d.pid, Signal::SIGKILL);
+            }
+            // Reaped by the SIGCHLD path as unknown children.
             return self.start_failed(id, format!("sending vm parameters: {e}"));
         }
+        // Ours of the images, TAPs and channels close when `p` and
+        // `vm_ends` drop: each TAP lives exactly as long as its device
+        // process holds it.
+        drop(vm_ends);
         if let Err(e) = child.chan.set_nonblocking(true) {
             warn!("vm {}: {e}", vm.name);
         }
@@ -414,8 +459,64 @@ impl Parent {
                 exit_msg: None,
                 terminate_at: None,
                 kill_at: None,
+                devices,
+                device_failure: None,
             });
         }
+    }
+
+    /// Starts the device process for `kind` of `vm` and sends it its
+    /// backend's `fds`; returns it and the VM process's end of its channel.
+    fn spawn_device(
+        &self,
+        vm: &Vm,
+        params: &VmmParams,
+        kind: DevKind,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(DevProc, vmd_proto::Channel), String> {
+        let name = match &kind {
+            DevKind::Block { index, .. } => format!("blk{index}"),
+            DevKind::Scsi => "cdrom".to_string(),
+            DevKind::Net { index, .. } => format!("net{index}"),
+        };
+        let (vm_end, dev_end) =
+            vmd_proto::Channel::pair().map_err(|e| format!("{name}: channel: {e}"))?;
+        let title = format!("vmd: vm {} {name}", vm.name);
+        let extra = [
+            "--vm".to_string(),
+            vm.name.clone(),
+            "--device".into(),
+            name.clone(),
+        ];
+        let child = spawn_titled("device", &title, &self.opts, &extra)
+            .map_err(|e| format!("starting device process {name}: {e}"))?;
+        let dev = DevParams {
+            vm_id: params.id,
+            vm_name: vm.name.clone(),
+            name: name.clone(),
+            kind,
+            uid: params.uid,
+            gid: params.gid,
+            verbose: params.verbose,
+        };
+        let mut all = vec![dev_end.as_fd()];
+        all.extend_from_slice(fds);
+        if let Err(e) = child.chan.send(&Msg::DevStart(dev), params.id, &all) {
+            let _ = kill(child.pid, Signal::SIGKILL);
+            return Err(format!("{name}: sending its parameters: {e}"));
+        }
+        debug!(
+            "vm {}: device process {name} started ({})",
+            vm.name, child.pid
+        );
+        Ok((
+            DevProc {
+                name,
+                pid: child.pid,
+                alive: true,
+            },
+            vm_end,
+        ))
     }
 
     /// A start failed before the VM ran: tell the client; a VM that never

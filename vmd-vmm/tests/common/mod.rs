@@ -158,6 +158,7 @@ pub fn files(kvm: OwnedFd, tty: OwnedFd, kernel: &Path) -> VmFiles {
         disks: Vec::new(),
         cdrom: None,
         taps: Vec::new(),
+        devices: Vec::new(),
         option_rom: None,
     }
 }

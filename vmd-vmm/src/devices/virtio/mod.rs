@@ -2,9 +2,12 @@
 //! implement, descriptor-chain handling shared by them, and the modern
 //! PCI transport ([`pci`]).
 
+pub mod backend;
 pub mod block;
+pub mod model;
 pub mod net;
 pub mod pci;
+pub mod remote;
 pub mod rng;
 pub mod scsi;
 

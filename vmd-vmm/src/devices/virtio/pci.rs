@@ -12,19 +12,25 @@
 //! | 0x3800       | MSI-X pending-bit array                     |
 //!
 //! Each queue's notification address is an ioeventfd registered with KVM
-//! (any write, any width), so a notify wakes the device's I/O thread
-//! without a userspace exit; should a write still arrive here (no
-//! ioeventfd yet, or KVM refused it) the same eventfd is signalled. The
-//! I/O thread ([`spawn_worker`]) runs the device model; vCPUs only touch
-//! registers. Interrupts: MSI-X vectors through irqfds when the driver
-//! enabled MSI-X, otherwise INTx (pin A, level) with the ISR byte.
+//! (any write, any width), so a notify wakes the device's backend (in its
+//! device process, see [`super::backend`]) without a userspace exit;
+//! should a write still arrive here (no ioeventfd yet, or KVM refused it)
+//! the same eventfd is signalled. This process keeps the registers,
+//! feature negotiation and interrupts; the lifecycle (FEATURES_OK,
+//! DRIVER_OK with the queues, reset, configuration writes) goes to the
+//! backend as requests over its channel ([`super::remote`]); the data path
+//! never runs here. Interrupts: the backend writes a queue's call eventfd,
+//! the I/O thread ([`spawn_worker`]) raises the queue's MSI-X vector
+//! through its irqfd when the driver enabled MSI-X, otherwise INTx (pin A,
+//! level) with the ISR byte.
 //!
 //! A driver that breaks the rules gets DEVICE_NEEDS_RESET (status bit
 //! 0x40, a configuration-change interrupt) and a device that does nothing
 //! until it is reset; register writes that make no sense are ignored.
 
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -32,14 +38,18 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
+use vmd_proto::vm::{ExitReason, QueueSetup};
+use vmd_proto::Msg;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::remote::{DeviceLink, LinkError};
 use super::{
-    VirtioDevice, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
+    STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET,
     VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use crate::bus::BusDevice;
+use crate::lifecycle::ExitSignal;
 use crate::pci::config::{self, ConfigError, PciConfig, PciIds};
 use crate::pci::irq::{GsiRouter, IntxLine, IrqError};
 use crate::pci::msix::Msix;
@@ -53,7 +63,8 @@ const COMMON_LEN: u64 = 0x38;
 pub const ISR_OFFSET: u64 = 0x0800;
 const ISR_LEN: u64 = 1;
 pub const DEVICE_OFFSET: u64 = 0x1000;
-const DEVICE_LEN: u64 = 0x800;
+/// Room for the device-specific configuration.
+pub const DEVICE_LEN: u64 = 0x800;
 pub const NOTIFY_OFFSET: u64 = 0x2000;
 /// queue_notify_off is the queue index; this spaces them 4 bytes apart.
 pub const NOTIFY_MULTIPLIER: u32 = 4;
@@ -86,13 +97,20 @@ pub enum TransportError {
     EventFd(io::Error),
     #[error("{0} queues are more than the transport supports")]
     TooManyQueues(usize),
+    #[error("device process: {0}")]
+    Link(#[from] LinkError),
 }
 
 pub struct VirtioPci {
     name: String,
     config: PciConfig,
-    dev: Box<dyn VirtioDevice>,
+    /// The backend, at the other end of its channel.
+    link: DeviceLink,
+    /// The device configuration as the backend last said it reads.
+    device_config: Vec<u8>,
     mem: Arc<GuestMemoryMmap>,
+    /// Told when the backend dies or stops answering.
+    exit: Arc<ExitSignal>,
     vm: Arc<VmFd>,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -103,12 +121,22 @@ pub struct VirtioPci {
     queues: Vec<Queue>,
     queue_vectors: Vec<u16>,
     notify: Vec<EventFd>,
+    /// The backend writes queue n's when it used buffers.
+    calls: Vec<EventFd>,
+    /// The backend writes this when the driver broke the rules.
+    error: EventFd,
     /// BAR 0 base the ioeventfds are registered at.
     ioevents_at: Option<u64>,
     isr: u8,
     msix: Msix,
     msix_cap: usize,
     intx: IntxLine,
+}
+
+/// An eventfd as a borrowed fd (vmm-sys-util's EventFd has no `AsFd`).
+fn borrow_evt(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the fd lives as long as `e`, which the borrow is tied to.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
 /// A vendor-specific virtio capability pointing into BAR 0.
@@ -124,27 +152,43 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, multiplier: Option<u32>) -
 }
 
 impl VirtioPci {
-    /// A transport for `dev`, with INTx on `intx_gsi`.
+    /// A transport for the backend at the other end of `link`, with INTx
+    /// on `intx_gsi`: hands the backend guest RAM (`ram`) and its queue
+    /// eventfds.
     pub fn new(
-        name: String,
-        dev: Box<dyn VirtioDevice>,
-        mem: Arc<GuestMemoryMmap>,
+        link: DeviceLink,
+        ram: &SharedRam<'_>,
         router: &Arc<GsiRouter>,
         intx_gsi: u32,
+        exit: Arc<ExitSignal>,
     ) -> Result<VirtioPci, TransportError> {
         let vm = router.vm().clone();
-        let sizes = dev.queue_max_sizes().to_vec();
+        let sizes = link.info.queue_sizes.clone();
         if sizes.len() * NOTIFY_MULTIPLIER as usize > NOTIFY_LEN as usize || sizes.len() > 127 {
             return Err(TransportError::TooManyQueues(sizes.len()));
         }
         let mut queues = Vec::new();
         let mut notify = Vec::new();
+        let mut calls = Vec::new();
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(TransportError::EventFd);
         for s in &sizes {
             queues.push(Queue::new(*s).map_err(|e| TransportError::Queue(*s, e))?);
-            notify.push(EventFd::new(EFD_NONBLOCK).map_err(TransportError::EventFd)?);
+            notify.push(evt()?);
+            calls.push(evt()?);
         }
+        let error = evt()?;
+        let mut fds = vec![ram.memfd.as_fd()];
+        fds.extend(notify.iter().map(borrow_evt));
+        fds.extend(calls.iter().map(borrow_evt));
+        fds.push(borrow_evt(&error));
+        let attach = Msg::DevAttach {
+            regions: ram.regions.to_vec(),
+            queues: sizes.len() as u8,
+        };
+        let device_config = link.request(&attach, &fds)?;
+        let name = link.name.clone();
         let msix = Msix::new(sizes.len() as u16 + 1, router.clone())?;
-        let ty = dev.device_type();
+        let ty = link.info.device_type;
         let mut config = PciConfig::new(PciIds {
             vendor: VIRTIO_PCI_VENDOR,
             device: VIRTIO_PCI_DEVICE_BASE + ty,
@@ -179,8 +223,10 @@ impl VirtioPci {
         Ok(VirtioPci {
             name,
             config,
-            dev,
-            mem,
+            link,
+            device_config,
+            mem: ram.mem.clone(),
+            exit,
             vm,
             device_feature_select: 0,
             driver_feature_select: 0,
@@ -191,6 +237,8 @@ impl VirtioPci {
             queue_vectors: vec![NO_VECTOR; queues.len()],
             queues,
             notify,
+            calls,
+            error,
             ioevents_at: None,
             isr: 0,
             msix,
@@ -204,7 +252,53 @@ impl VirtioPci {
     }
 
     fn device_features(&self) -> u64 {
-        self.dev.features() | VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC
+        self.link.info.features | VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC
+    }
+
+    /// Sends a lifecycle request to the backend. A backend that is gone
+    /// or does not answer stops the VM: its guest could not go on anyway.
+    fn request(&mut self, msg: &Msg) -> bool {
+        match self.link.request(msg, &[]) {
+            Ok(config) => {
+                self.device_config = config;
+                true
+            }
+            Err(e) => {
+                self.backend_failed(&e.to_string());
+                false
+            }
+        }
+    }
+
+    fn backend_failed(&mut self, why: &str) {
+        log::error!("{}: {why}", self.name);
+        self.status |= STATUS_FAILED;
+        self.exit
+            .request(ExitReason::Device(format!("{}: {why}", self.name)));
+    }
+
+    /// The queues as the driver set them up, for the backend.
+    fn queue_setups(&self) -> Vec<QueueSetup> {
+        self.queues
+            .iter()
+            .map(|q| QueueSetup {
+                size: q.size(),
+                ready: q.ready(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+            })
+            .collect()
+    }
+
+    fn read_device_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| self.device_config.get(o.checked_add(i)?))
+                .copied()
+                .unwrap_or(0);
+        }
     }
 
     /// The common configuration structure as the driver would read it.
@@ -368,7 +462,10 @@ impl VirtioPci {
         // NEEDS_RESET is the device's to set; only a reset clears it.
         self.status = (v & !STATUS_NEEDS_RESET) | (old & STATUS_NEEDS_RESET);
         if v & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            self.dev.features_ok(self.driver_features);
+            let features = self.driver_features;
+            if !self.request(&Msg::DevFeaturesOk { features }) {
+                return;
+            }
         }
         if v & STATUS_DRIVER_OK != 0 && old & STATUS_DRIVER_OK == 0 {
             log::debug!(
@@ -376,6 +473,10 @@ impl VirtioPci {
                 self.name,
                 self.driver_features
             );
+            let queues = self.queue_setups();
+            if !self.request(&Msg::DevActivate { queues }) {
+                return;
+            }
             // Serve whatever was queued before DRIVER_OK.
             for n in &self.notify {
                 let _ = n.write(1);
@@ -395,7 +496,9 @@ impl VirtioPci {
         self.driver_feature_select = 0;
         self.queue_select = 0;
         self.isr = 0;
-        self.dev.reset();
+        // The backend stops using the old queues before the driver hears
+        // the reset is done (it reads status 0 after this write).
+        self.request(&Msg::DevReset);
     }
 
     fn set_needs_reset(&mut self) {
@@ -428,56 +531,6 @@ impl VirtioPci {
     fn resample(&mut self) {
         if !self.msix.enabled() && self.isr != 0 {
             self.intx.assert();
-        }
-    }
-
-    /// Serves queue `index` (I/O thread), then any queue the device
-    /// made work for (a reply to inject), a bounded number of times.
-    fn process(&mut self, index: usize) {
-        let mut next = Some(index);
-        for _ in 0..=self.queues.len() {
-            let Some(i) = next else { break };
-            self.process_one(i);
-            next = self.dev.take_pending();
-        }
-    }
-
-    /// The device's input fd and its queue, when it should be polled now.
-    fn input_armed(&self) -> Option<usize> {
-        let (_, q) = self.dev.input_fd()?;
-        let ok = self.status & STATUS_DRIVER_OK != 0
-            && self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
-            && self.queues.get(q).is_some_and(|q| q.ready())
-            && self.dev.input_wanted();
-        ok.then_some(q)
-    }
-
-    fn process_one(&mut self, index: usize) {
-        if self.status & STATUS_DRIVER_OK == 0
-            || self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0
-        {
-            return;
-        }
-        let mem = self.mem.clone();
-        let Some(queue) = self.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        match self.dev.process_queue(index, queue, &mem) {
-            Ok(0) => {}
-            Ok(_) => {
-                // VRING_AVAIL_F_NO_INTERRUPT: the driver polls.
-                let flags: u16 = mem.read_obj(GuestAddress(queue.avail_ring())).unwrap_or(0);
-                if flags & 1 == 0 {
-                    self.signal(self.queue_vectors[index], ISR_QUEUE);
-                }
-            }
-            Err(e) => {
-                log::warn!("{}: queue {index}: {e}; device needs reset", self.name);
-                self.set_needs_reset();
-            }
         }
     }
 
@@ -527,7 +580,7 @@ impl BusDevice for VirtioPci {
         } else if in_range(offset, n, ISR_OFFSET, ISR_LEN).is_some() {
             data[0] = std::mem::take(&mut self.isr);
         } else if let Some(o) = in_range(offset, n, DEVICE_OFFSET, DEVICE_LEN) {
-            self.dev.read_config(o, data);
+            self.read_device_config(o, data);
         } else if let Some(o) = in_range(offset, n, MSIX_TABLE_OFFSET, self.msix.table_len()) {
             self.msix.read_table(o, data);
         } else if let Some(o) = in_range(offset, n, MSIX_PBA_OFFSET, self.msix.pba_len()) {
@@ -540,7 +593,11 @@ impl BusDevice for VirtioPci {
         if let Some(o) = in_range(offset, n, COMMON_OFFSET, COMMON_LEN) {
             self.write_common(o, data);
         } else if let Some(o) = in_range(offset, n, DEVICE_OFFSET, DEVICE_LEN) {
-            self.dev.write_config(o, data);
+            let msg = Msg::DevConfigWrite {
+                offset: o,
+                data: data.to_vec(),
+            };
+            self.request(&msg);
         } else if let Some(o) = in_range(offset, n, NOTIFY_OFFSET, NOTIFY_LEN) {
             // No ioeventfd caught it: wake the I/O thread ourselves.
             if let Some(fd) = self.notify.get((o / 4) as usize) {
@@ -601,24 +658,39 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts `dev`'s I/O thread: it sleeps in poll(2) on the queues'
-/// notification eventfds and the INTx resample eventfd.
+/// Guest RAM as a backend receives it.
+pub struct SharedRam<'a> {
+    pub mem: Arc<GuestMemoryMmap>,
+    pub memfd: &'a File,
+    /// (guest address, length, offset in the memfd).
+    pub regions: &'a [(u64, u64, u64)],
+}
+
+/// Starts `dev`'s I/O thread: it sleeps in poll(2) on the backend's call
+/// and error eventfds, the INTx resample eventfd and the backend's channel
+/// (for hang-up: the device process died).
 pub fn spawn_worker(dev: Arc<Mutex<VirtioPci>>) -> io::Result<Worker> {
     let stop = EventFd::new(EFD_NONBLOCK)?;
-    let (name, notify, resample, input) = {
+    let (name, calls, error, resample, chan) = {
         let d = lock(&dev);
-        let notify = d
-            .notify
+        let calls = d
+            .calls
             .iter()
             .map(EventFd::try_clone)
             .collect::<io::Result<Vec<_>>>()?;
-        let input = d.dev.input_fd().map(|(fd, _)| fd);
-        (d.name.clone(), notify, d.intx.resample.try_clone()?, input)
+        let chan = d.link.chan_fd().try_clone_to_owned()?;
+        (
+            d.name.clone(),
+            calls,
+            d.error.try_clone()?,
+            d.intx.resample.try_clone()?,
+            chan,
+        )
     };
     let stop2 = stop.try_clone()?;
     let thread = std::thread::Builder::new()
         .name(format!("io-{name}"))
-        .spawn(move || worker_loop(&dev, &stop2, &resample, &notify, input))?;
+        .spawn(move || worker_loop(&dev, &stop2, &resample, &error, &calls, chan.as_fd()))?;
     Ok(Worker {
         stop,
         thread: Some(thread),
@@ -629,45 +701,27 @@ fn worker_loop(
     dev: &Mutex<VirtioPci>,
     stop: &EventFd,
     resample: &EventFd,
-    notify: &[EventFd],
-    input: Option<RawFd>,
+    error: &EventFd,
+    calls: &[EventFd],
+    chan: BorrowedFd<'_>,
 ) {
-    let borrow = |fd: &EventFd| {
-        // SAFETY: the eventfds outlive this function's polls.
-        unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
-    };
-    // Built once: poll(2) rewrites only the returned events.
+    let borrow = borrow_evt;
+    // Built once: poll(2) rewrites only the returned events. The channel
+    // is watched for hang-up only; its requests and answers belong to the
+    // transport.
     let mut fds = vec![
         PollFd::new(borrow(stop), PollFlags::POLLIN),
         PollFd::new(borrow(resample), PollFlags::POLLIN),
+        PollFd::new(borrow(error), PollFlags::POLLIN),
+        PollFd::new(chan, PollFlags::empty()),
     ];
     fds.extend(
-        notify
+        calls
             .iter()
             .map(|n| PollFd::new(borrow(n), PollFlags::POLLIN)),
     );
-    let first_input = fds.len();
-    if let Some(fd) = input {
-        // SAFETY: the device owns this fd and outlives the thread (`dev`).
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-        fds.push(PollFd::new(fd, PollFlags::empty()));
-    }
     let ready = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
     loop {
-        // Poll the input only while the device can take what it reads:
-        // a guest without receive buffers leaves frames queued in the TAP.
-        let armed = if input.is_some() {
-            lock(dev).input_armed()
-        } else {
-            None
-        };
-        if let Some(f) = fds.get_mut(first_input) {
-            f.set_events(if armed.is_some() {
-                PollFlags::POLLIN
-            } else {
-                PollFlags::empty()
-            });
-        }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(Errno::EINTR) => continue,
@@ -683,20 +737,24 @@ fn worker_loop(
             let _ = resample.read();
             lock(dev).resample();
         }
-        for (q, n) in notify.iter().enumerate() {
-            if ready(&fds[2 + q]) {
+        if ready(&fds[2]) {
+            let _ = error.read();
+            lock(dev).set_needs_reset();
+        }
+        for (q, n) in calls.iter().enumerate() {
+            if ready(&fds[4 + q]) {
                 let _ = n.read();
-                lock(dev).process(q);
+                let mut d = lock(dev);
+                let vector = d.queue_vectors[q];
+                d.signal(vector, ISR_QUEUE);
             }
         }
-        if let (Some(q), Some(f)) = (armed, fds.get(first_input)) {
-            if f.revents()
-                .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLERR))
-            {
-                let mut d = lock(dev);
-                d.dev.input_ready();
-                d.process(q);
-            }
+        if fds[3]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+        {
+            lock(dev).backend_failed("device process gone");
+            return;
         }
     }
 }

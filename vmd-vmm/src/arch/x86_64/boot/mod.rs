@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn cmdline_limits() {
         let ram = RamLayout::new(4 << 20).unwrap();
-        let mem = crate::memory::create(&ram).unwrap();
+        let mem = crate::memory::create(&ram).unwrap().mem;
         assert_eq!(write_cmdline(&mem, "console=ttyS0", 2047).unwrap(), 13);
         assert!(matches!(
             write_cmdline(&mem, &"x".repeat(2048), 2047),
