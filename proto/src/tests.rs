@@ -16,8 +16,8 @@ use crate::frame::{
 use crate::msg::{Creds, Msg, Reply, Request, ResetWhat, SwitchParams};
 use crate::vm::DiskFormat as Format;
 use crate::vm::{
-    BootDevice, DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams, NicSpec, OpenKind,
-    StartRequest, VmInfo, VmState, VmmParams,
+    BootDevice, DevKind, DevParams, DhcpLease, DiskParams, DiskSpec, ExitReason, NicParams,
+    NicSpec, OpenKind, QueueSetup, StartRequest, VmInfo, VmState, VmmParams,
 };
 
 // ---- helpers ----
@@ -475,11 +475,51 @@ fn type_codes_are_unique_and_covered() {
             name: "tap0".into(),
         },
         Msg::PrivCleanup,
+        Msg::DevStart(DevParams {
+            vm_id: 1,
+            vm_name: "vm1".into(),
+            name: "cdrom".into(),
+            kind: DevKind::Scsi,
+            uid: 1,
+            gid: 1,
+            verbose: true,
+        }),
+        Msg::DevInfo {
+            device_type: 2,
+            features: 1 << 9,
+            queue_sizes: vec![256],
+            config: vec![1, 2, 3],
+        },
+        Msg::DevAttach {
+            regions: vec![(0, 1 << 20, 0)],
+            queues: 2,
+        },
+        Msg::DevFeaturesOk { features: 1 << 32 },
+        Msg::DevActivate {
+            queues: vec![QueueSetup {
+                size: 256,
+                ready: true,
+                desc: 0x1000,
+                avail: 0x2000,
+                used: 0x3000,
+            }],
+        },
+        Msg::DevReset,
+        Msg::DevConfigWrite {
+            offset: 4,
+            data: vec![9],
+        },
+        Msg::DevAck { config: vec![] },
     ];
     let mut seen: Vec<u16> = samples.iter().map(Msg::type_code).collect();
     seen.sort_unstable();
     assert_eq!(seen, codes);
-    assert_eq!(samples[samples.len() - 4].fd_count(), 1, "PrivOpenedTap");
+    assert_eq!(samples[samples.len() - 12].fd_count(), 1, "PrivOpenedTap");
+    assert_eq!(
+        samples[samples.len() - 6].fd_count(),
+        2 + 2 * 2,
+        "DevAttach"
+    );
     for m in &samples {
         let bytes = encode(m, 0, 0, m.fd_count()).unwrap();
         let f = decode(&bytes, dev_null_fds(m.fd_count())).unwrap();
@@ -497,21 +537,23 @@ fn vmm_params_fd_count_counts_the_cdrom() {
     });
     p.cdrom = true;
     p.boot_device = Some(BootDevice::Cdrom);
-    assert_eq!(p.fd_count(), 3 + 2 + 1);
+    // One device channel each for the disk and the CD-ROM: the images
+    // themselves go to the device processes.
+    assert_eq!(p.fd_count(), 3 + 1 + 1);
     let msg = Msg::VmmStart(p);
-    let bytes = encode(&msg, 0, 0, 6).unwrap();
-    assert_eq!(decode(&bytes, dev_null_fds(6)).unwrap().msg, msg);
+    let bytes = encode(&msg, 0, 0, 5).unwrap();
+    assert_eq!(decode(&bytes, dev_null_fds(5)).unwrap().msg, msg);
 }
 
 #[test]
-fn vmm_params_fd_count_counts_one_tap_per_nic() {
+fn vmm_params_fd_count_counts_one_device_channel_per_nic() {
     let mut p = vmm_params(true);
     p.disks.push(DiskParams {
         format: None,
         read_only: false,
         backing: 2,
     });
-    assert_eq!(p.fd_count(), 4 + 3);
+    assert_eq!(p.fd_count(), 4 + 1);
     let nic = NicParams {
         mac: crate::net::generated_mac("vm1", 0),
         locked: true,
@@ -524,15 +566,34 @@ fn vmm_params_fd_count_counts_one_tap_per_nic() {
         }),
         boot_rom: false,
     };
-    p.nics = vec![nic.clone(), nic];
-    assert_eq!(p.fd_count(), 4 + 3 + 2);
+    p.nics = vec![nic.clone(), nic.clone()];
+    assert_eq!(p.fd_count(), 4 + 1 + 2);
     let msg = Msg::VmmStart(p.clone());
-    let bytes = encode(&msg, 0, 0, 9).unwrap();
-    assert_eq!(decode(&bytes, dev_null_fds(9)).unwrap().msg, msg);
+    let bytes = encode(&msg, 0, 0, 7).unwrap();
+    assert_eq!(decode(&bytes, dev_null_fds(7)).unwrap().msg, msg);
     // A net-booting VM's option ROM comes last.
     p.nics[1].boot_rom = true;
     assert!(p.boot_rom());
-    assert_eq!(p.fd_count(), 4 + 3 + 2 + 1);
+    assert_eq!(p.fd_count(), 4 + 1 + 2 + 1);
+    // Each device process gets its channel and its image chain or TAP.
+    let blk = DevParams {
+        vm_id: 1,
+        vm_name: "vm1".into(),
+        name: "blk0".into(),
+        kind: DevKind::Block {
+            index: 0,
+            disk: p.disks[0].clone(),
+        },
+        uid: 1,
+        gid: 1,
+        verbose: false,
+    };
+    assert_eq!(blk.fd_count(), 1 + 3);
+    let net = DevParams {
+        kind: DevKind::Net { index: 1, nic },
+        ..blk.clone()
+    };
+    assert_eq!(net.fd_count(), 2);
 }
 
 #[test]
