@@ -517,3 +517,76 @@ fn vmd_raises_its_open_file_limit() {
         "vmd's open-file limit is {soft} (hard {hard}), not {want}"
     );
 }
+
+/// The console pty of VM `name`, as `vmctl status --json` shows it.
+fn tty_of(d: &Daemon, name: &str) -> String {
+    let show = d.ok(&["status", "--json", name]);
+    show.split("\"tty\": \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("no tty in {show}"))
+        .to_string()
+}
+
+#[test]
+fn a_reload_is_all_or_nothing_and_the_pty_follows_the_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let (d, _ns) = setup("hu-reload");
+    users::group("vmdhostileo");
+    let conf_path = Daemon::dir_for("hu-reload").join("vm.conf");
+    let conf = std::fs::read_to_string(&conf_path).unwrap();
+    let group_of = |name: &str| {
+        nix::unistd::Group::from_name(name)
+            .unwrap()
+            .expect("test group")
+            .gid
+            .as_raw()
+    };
+    d.ok(&["start", "owned"]);
+    d.wait_state("owned", "running", T);
+    let tty = tty_of(&d, "owned");
+    let meta = std::fs::metadata(&tty).unwrap();
+    assert_eq!(meta.uid(), uid(OWNER), "{tty}");
+    assert_eq!(meta.mode() & 0o077, 0, "{tty} is open to others");
+    assert_eq!(std::fs::metadata(&d.socket).unwrap().gid(), group_of(GROUP));
+
+    // A reload that fails changes nothing, the socket's owner included.
+    std::fs::write(
+        &conf_path,
+        format!(
+            "{}vm bad {{\n    memory 32M\n    owner vmd-no-such-user\n}}\n",
+            conf.replace(
+                &format!("socket owner root:{GROUP}"),
+                "socket owner root:vmdhostileo"
+            )
+        ),
+    )
+    .unwrap();
+    let out = d.vmctl(&["reload"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("vmd-no-such-user"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::metadata(&d.socket).unwrap().gid(),
+        group_of(GROUP),
+        "a failed reload changed the socket's owner"
+    );
+    assert!(d.status("bad").is_none());
+
+    // The owner goes: the running VM's pty is root's alone at once.
+    std::fs::write(
+        &conf_path,
+        conf.replace(&format!("    owner {OWNER}\n"), ""),
+    )
+    .unwrap();
+    d.ok(&["reload"]);
+    let meta = std::fs::metadata(&tty).unwrap();
+    assert_eq!(meta.uid(), 0, "{tty} still belongs to the former owner");
+    assert_eq!(meta.mode() & 0o077, 0);
+    let out = d.vmctl_as(OWNER, &["console", "owned"]);
+    assert_eq!(stderr(&out), "vmctl: permission denied");
+    d.ok(&["stop", "-f", "-w", "owned"]);
+}

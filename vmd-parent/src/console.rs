@@ -73,13 +73,6 @@ impl Console {
         let tty = nix::unistd::ttyname(&pty.slave)
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        if !tty.is_empty() {
-            let _ = nix::unistd::chown(
-                Path::new(&tty),
-                Some(nix::unistd::Uid::from_raw(owner_uid)),
-                None,
-            );
-        }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -92,14 +85,30 @@ impl Console {
             })?;
         // SAFETY: openpty handed us this fd and nothing else owns it.
         let master = unsafe { File::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(pty.master)) };
-        Ok(Console {
+        let console = Console {
             master,
             slave: pty.slave,
             tty,
             replay: VecDeque::with_capacity(REPLAY_BYTES),
             log,
             clients: Vec::new(),
-        })
+        };
+        console.set_owner(owner_uid);
+        Ok(console)
+    }
+
+    /// Gives the pty to `uid` (root and that user only: mode 0600, not
+    /// the tty group's 0620), as when the VM's owner changes at a reload.
+    /// Without it the former owner could still open the pty, read what
+    /// root types at `vmctl console` and write as the guest.
+    pub fn set_owner(&self, uid: u32) {
+        use nix::sys::stat::{fchmod, Mode};
+        if let Err(e) =
+            nix::unistd::fchown(&self.slave, Some(nix::unistd::Uid::from_raw(uid)), None)
+                .and_then(|()| fchmod(&self.slave, Mode::S_IRUSR | Mode::S_IWUSR))
+        {
+            warn!("console {}: giving it to uid {uid}: {e}", self.tty);
+        }
     }
 
     pub fn tty(&self) -> &str {

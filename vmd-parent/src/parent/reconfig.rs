@@ -114,6 +114,11 @@ impl Parent {
                 if !vm.is_active() {
                     vm.spec = def.spec.clone();
                 }
+                if vm.owner != def.owner {
+                    // A running VM keeps its pty: only its new owner (and
+                    // root) may open it from now on.
+                    vm.console.set_owner(def.owner.uid.unwrap_or(0));
+                }
                 vm.defined = Some(def.spec);
                 vm.enabled = def.enabled;
                 vm.owner = def.owner;
