@@ -24,14 +24,14 @@ use serde::{Deserialize, Serialize};
 
 pub use parser::{parse_file, parse_str};
 
-/// Most disks a VM may have.
-pub const MAX_DISKS: usize = 4;
-/// Most network interfaces a VM may have.
-pub const MAX_INTERFACES: usize = 4;
+/// Most disks a VM may have (the protocol's limit, defined there once).
+pub use vmd_proto::vm::MAX_DISKS;
+/// Most network interfaces a VM may have (the protocol's limit).
+pub use vmd_proto::vm::MAX_NICS as MAX_INTERFACES;
 /// Deepest include nesting.
 pub const MAX_INCLUDE_DEPTH: usize = 16;
 /// Longest network interface name (Linux IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = 15;
+pub use vmd_proto::net::MAX_IFNAME_LEN;
 /// Default seconds between staggered start batches.
 pub const DEFAULT_STAGGER_DELAY: u32 = 30;
 

@@ -1102,11 +1102,8 @@ fn check_ifname(s: &str, at: Location) -> Result<()> {
             format!("interface name \"{s}\" is longer than {MAX_IFNAME_LEN} characters"),
         ));
     }
-    if s.is_empty()
-        || !s
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
+    // The same rule priv applies when it creates the interface.
+    if !vmd_proto::net::valid_ifname(s) {
         return Err(err(at, format!("invalid interface name \"{s}\"")));
     }
     Ok(())

@@ -88,6 +88,21 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// Longest interface name (Linux's IFNAMSIZ - 1).
+pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
+
+/// An interface name we accept: 1..=15 bytes of letters, digits, '-', '_',
+/// '.', and not "." or "..". Narrower than the kernel's rule on purpose:
+/// no '/', ':', '%' or whitespace to trip up sysfs, aliases or templates.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=MAX_IFNAME_LEN).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +201,25 @@ mod tests {
         }
         // The index is not just appended text: "vm1"+1 differs from "vm11"+0.
         assert_ne!(generated_mac("vm1", 1), generated_mac("vm11", 0));
+    }
+
+    #[test]
+    fn interface_names() {
+        for ok in ["tap0", "br-vms", "a", "vm_1.x", "abcdefghijklmno"] {
+            assert!(valid_ifname(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "abcdefghijklmnop",
+            "a/b",
+            "a:b",
+            "tap%d",
+            "a b",
+            "é",
+        ] {
+            assert!(!valid_ifname(bad), "{bad}");
+        }
     }
 }

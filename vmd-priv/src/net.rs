@@ -15,12 +15,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use log::{debug, warn};
 use vmd_proto::msg::SwitchParams;
+use vmd_proto::net::{valid_ifname, MAX_IFNAME_LEN};
 use vmd_tap::ifreq;
 
 use crate::netlink::{self, NlError};
-
-/// Longest interface name (IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = libc::IFNAMSIZ - 1;
 
 // Bridge ioctls, from linux/sockios.h (libc does not carry them).
 const SIOCBRADDBR: libc::c_ulong = 0x89a0;
@@ -72,18 +70,6 @@ fn nl<'a>(name: &'a str, op: &'static str) -> impl FnOnce(NlError) -> NetError +
         op,
         source,
     }
-}
-
-/// An interface name we accept: 1..=15 bytes of letters, digits, '-', '_',
-/// '.', and not "." or "..". Narrower than the kernel's rule on purpose:
-/// no '/', ':', '%' or whitespace to trip up sysfs, aliases or templates.
-pub fn valid_ifname(name: &str) -> bool {
-    (1..=MAX_IFNAME_LEN).contains(&name.len())
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 fn check_name(name: &str) -> Result<(), NetError> {
@@ -375,26 +361,6 @@ impl NetState {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn interface_names() {
-        for ok in ["tap0", "br-vms", "a", "vm_1.x", "abcdefghijklmno"] {
-            assert!(valid_ifname(ok), "{ok}");
-        }
-        for bad in [
-            "",
-            ".",
-            "..",
-            "abcdefghijklmnop",
-            "a/b",
-            "a:b",
-            "tap%d",
-            "a b",
-            "é",
-        ] {
-            assert!(!valid_ifname(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn bad_names_are_refused_before_any_syscall() {
