@@ -94,6 +94,10 @@ pub struct Config {
     pub vms: Vec<VmDef>,
     pub switches: Vec<SwitchDef>,
     pub warnings: Vec<Warning>,
+    /// Every `group` name and where it is, so the daemon can warn about
+    /// names the host has no interface group number for.
+    #[serde(default)]
+    pub group_refs: Vec<(String, Location)>,
 }
 
 impl Config {
@@ -406,6 +410,7 @@ pub fn to_start_request(vm: &VmDef) -> vmd_proto::vm::StartRequest {
                 lladdr: i.lladdr.map(|m| m.0),
                 locked: i.locked,
                 up: i.up,
+                rdomain: i.rdomain,
             })
             .collect(),
         template: None,

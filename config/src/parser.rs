@@ -835,6 +835,7 @@ impl FileParser<'_> {
             return Ok(ifd);
         }
         let mut seen = HashSet::new();
+        let mut rdomain_at = None;
         self.block("interface block", |p, kw, at| {
             let mut once = |key: &'static str| {
                 if seen.insert(key) {
@@ -853,7 +854,8 @@ impl FileParser<'_> {
                 "group" => {
                     once("group")?;
                     let (s, gat) = p.value("group name")?;
-                    check_group(&s, gat)?;
+                    check_group(&s, gat.clone())?;
+                    p.st.cfg.group_refs.push((s.clone(), gat));
                     ifd.group = Some(s);
                 }
                 "locked" | "lladdr" => {
@@ -867,6 +869,7 @@ impl FileParser<'_> {
                 "rdomain" => {
                     once("rdomain")?;
                     ifd.rdomain = Some(p.number("rdomain", 0, 255)?);
+                    rdomain_at = Some(at.clone());
                 }
                 "up" => ifd.up = true,
                 "down" => ifd.up = false,
@@ -874,6 +877,14 @@ impl FileParser<'_> {
             }
             Ok(())
         })?;
+        if let (Some(at), Some(_)) = (rdomain_at, &ifd.switch) {
+            // A bridge port cannot be in a VRF of its own on Linux.
+            self.warn(
+                at,
+                "rdomain of an interface on a switch is ignored: on Linux the \
+                 switch's bridge is in a VRF, with all its ports (give the switch the rdomain)",
+            );
+        }
         Ok(ifd)
     }
 
@@ -976,7 +987,8 @@ impl FileParser<'_> {
                 "group" => {
                     once("group")?;
                     let (s, gat) = p.value("group name")?;
-                    check_group(&s, gat)?;
+                    check_group(&s, gat.clone())?;
+                    p.st.cfg.group_refs.push((s.clone(), gat));
                     sw.group = Some(s);
                 }
                 "locked" => {

@@ -92,6 +92,15 @@ pub struct SwitchParams {
     pub group: Option<String>,
     /// Bring the bridge up (or down).
     pub up: bool,
+    /// `rdomain N`: the bridge goes into the Linux VRF of routing table N
+    /// (created when missing).
+    #[serde(default)]
+    pub rdomain: Option<u32>,
+    /// The switch's group as a Linux interface group number (what
+    /// `nft ... iifgroup` and `ip link ... group` match), when the name is
+    /// in iproute2's group file.
+    #[serde(default)]
+    pub ifgroup: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +163,12 @@ pub enum Msg {
         up: bool,
         host_addr: Option<(Ipv4Addr, u8)>,
         host_addr6: Option<(Ipv6Addr, u8)>,
+        /// `rdomain N` of an interface on no switch: the TAP goes into the
+        /// VRF of routing table N.
+        rdomain: Option<u32>,
+        /// The interface's group (or else its switch's) as a Linux
+        /// interface group number.
+        ifgroup: Option<u32>,
     },
     /// priv -> parent: `PrivIfConfig` of `name` (or `PrivCleanup`, with an
     /// empty name) is done.
@@ -291,6 +306,8 @@ wire_table! {
         up: bool,
         host_addr: Option<(Ipv4Addr, u8)>,
         host_addr6: Option<(Ipv6Addr, u8)>,
+        rdomain: Option<u32>,
+        ifgroup: Option<u32>,
     },
     26 => PrivIfDone { name: String },
     27 => PrivCleanup {},

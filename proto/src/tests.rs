@@ -465,11 +465,15 @@ fn type_codes_are_unique_and_covered() {
                 bridge: "br0".into(),
                 group: Some("uplink".into()),
                 up: true,
+                rdomain: Some(3),
+                ifgroup: Some(42),
             }),
             group: Some("vms".into()),
             up: true,
             host_addr: Some(("100.64.0.8".parse().unwrap(), 31)),
             host_addr6: None,
+            rdomain: None,
+            ifgroup: Some(42),
         },
         Msg::PrivIfDone {
             name: "tap0".into(),
@@ -844,8 +848,20 @@ fn arb_nic() -> impl Strategy<Value = NicParams> {
 }
 
 fn arb_switch() -> impl Strategy<Value = SwitchParams> {
-    (text(), proptest::option::of(text()), any::<bool>())
-        .prop_map(|(bridge, group, up)| SwitchParams { bridge, group, up })
+    (
+        text(),
+        proptest::option::of(text()),
+        any::<bool>(),
+        proptest::option::of(any::<u32>()),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(|(bridge, group, up, rdomain, ifgroup)| SwitchParams {
+            bridge,
+            group,
+            up,
+            rdomain,
+            ifgroup,
+        })
 }
 
 fn arb_format() -> impl Strategy<Value = Option<Format>> {
@@ -861,16 +877,20 @@ fn arb_nic_spec() -> impl Strategy<Value = NicSpec> {
         proptest::option::of(any::<[u8; 6]>()),
         any::<bool>(),
         any::<bool>(),
+        proptest::option::of(any::<u32>()),
     )
-        .prop_map(|(tap, local, switch, group, lladdr, locked, up)| NicSpec {
-            tap,
-            local,
-            switch,
-            group,
-            lladdr,
-            locked,
-            up,
-        })
+        .prop_map(
+            |(tap, local, switch, group, lladdr, locked, up, rdomain)| NicSpec {
+                tap,
+                local,
+                switch,
+                group,
+                lladdr,
+                locked,
+                up,
+                rdomain,
+            },
+        )
 }
 
 fn arb_disk_spec() -> impl Strategy<Value = DiskSpec> {
@@ -1100,17 +1120,23 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
             any::<bool>(),
             proptest::option::of((arb_ipv4(), any::<u8>())),
             proptest::option::of((any::<u128>(), any::<u8>())),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u32>()),
         )
-            .prop_map(|(name, switch, group, up, host_addr, host_addr6)| {
-                Msg::PrivIfConfig {
-                    name,
-                    switch,
-                    group,
-                    up,
-                    host_addr,
-                    host_addr6: host_addr6.map(|(a, l)| (std::net::Ipv6Addr::from(a), l)),
+            .prop_map(
+                |(name, switch, group, up, host_addr, host_addr6, rdomain, ifgroup)| {
+                    Msg::PrivIfConfig {
+                        name,
+                        switch,
+                        group,
+                        up,
+                        host_addr,
+                        host_addr6: host_addr6.map(|(a, l)| (std::net::Ipv6Addr::from(a), l)),
+                        rdomain,
+                        ifgroup,
+                    }
                 }
-            }),
+            ),
         text().prop_map(|name| Msg::PrivIfDone { name }),
         Just(Msg::PrivCleanup),
     ]

@@ -146,6 +146,9 @@ pub struct NicSpec {
     /// Drop guest frames with another source MAC.
     pub locked: bool,
     pub up: bool,
+    /// vm.conf `rdomain N`: the TAP's Linux VRF (routing table N).
+    #[serde(default)]
+    pub rdomain: Option<u32>,
 }
 
 /// Why a VM is not running (or why it last stopped).

@@ -673,6 +673,30 @@ pub mod users {
             .unwrap_or_else(|(_, e)| panic!("flock users lock: {e}"))
     }
 
+    /// An iproute2 interface group name (`NUM NAME` in
+    /// /etc/iproute2/group), added if missing, under the same lock: what
+    /// vm.conf `group NAME` needs to become an interface group filters
+    /// can match.
+    pub fn iproute2_group(num: u32, name: &str) {
+        locked(|| {
+            let path = std::path::Path::new("/etc/iproute2/group");
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if text
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(name))
+            {
+                return;
+            }
+            std::fs::create_dir_all("/etc/iproute2").expect("mkdir /etc/iproute2");
+            let mut text = text;
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(&format!("{num}\t{name}\n"));
+            std::fs::write(path, text).expect("writing /etc/iproute2/group");
+        })
+    }
+
     /// A system group, created if missing.
     pub fn group(name: &str) {
         locked(|| {

@@ -260,3 +260,68 @@ fn local_interfaces_get_openbsds_addresses_v4_and_v6() {
         d.ok(&["stop", "-f", "-w", "loc"]);
     }
 }
+
+/// vm.conf `group` becomes a Linux interface group (nftables `iifgroup`,
+/// `ip link show group`) when iproute2's group file names it, and a group
+/// it does not name is a warning with its place; `rdomain N` puts the
+/// interface in the VRF of table N (on kernels with VRF support).
+#[test]
+fn groups_are_interface_groups_and_rdomains_are_vrfs() {
+    vmd_e2e::users::iproute2_group(4243, "vmdtestgrp");
+    let ns = NetNs::new("group");
+    let dir = Daemon::dir_for("group");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("vm.conf");
+    let kernel = guest("net.elf");
+    std::fs::write(
+        &conf,
+        format!(
+            "switch \"sw\" {{\n    interface vmdbrg0\n    group \"vmdtestgrp\"\n}}\n\
+             vm \"g\" {{\n    boot \"{k}\"\n    memory 32M\n    cmdline \"net.ip=10.78.0.2/24 net.timeout=120\"\n    disable\n    interface {{ switch \"sw\" }}\n    local interface {{ group \"vmdnosuch\" }}\n}}\n\
+             vm \"r\" {{\n    boot \"{k}\"\n    memory 32M\n    disable\n    local interface {{ rdomain 5 }}\n}}\n",
+            k = kernel.display()
+        ),
+    )
+    .unwrap();
+    // vmd -n: the group the host has no number for is a warning there.
+    let out = std::process::Command::new(vmd_e2e::bin("vmd"))
+        .args(["-n", "-f"])
+        .arg(&conf)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let at = format!("{}:11:29: warning: group \"vmdnosuch\"", conf.display());
+    assert!(err.contains(&at), "no {at} in:\n{err}");
+    assert!(!err.contains("\"vmdtestgrp\" has no number"), "{err}");
+
+    let mut d = Daemon::start_in("group", Some(&ns), &["-f", conf.to_str().unwrap()]);
+    d.ok(&["start", "g"]);
+    d.wait_state("g", "running", T);
+    // The switch's TAP and its bridge are in the group, by name.
+    let members = ns.run(&["ip", "-o", "link", "show", "group", "vmdtestgrp"]);
+    assert_eq!(members.lines().count(), 2, "{members}");
+    assert!(members.contains("vmdbrg0"), "{members}");
+    assert!(members.contains(": tap"), "{members}");
+
+    // rdomain 5: a VRF for table 5, or a clear refusal where the kernel
+    // has none.
+    let out = d.vmctl(&["start", "r"]);
+    if out.status.success() {
+        d.wait_state("r", "running", T);
+        let v = ns.run(&["ip", "-d", "link", "show", "vrf5"]);
+        assert!(v.contains("vrf table 5"), "{v}");
+        let r = ns.run(&["ip", "-4", "route", "show", "table", "5"]);
+        assert!(r.contains("100.64."), "{r}");
+        d.ok(&["stop", "-a", "-f", "-w"]);
+        assert_eq!(d.terminate(), Some(0));
+        assert!(!ns.links().iter().any(|l| l == "vrf5"), "VRF left behind");
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no VRF support"), "{err}");
+        vmd_e2e::skipped(
+            "rdomain half of groups_are_interface_groups_and_rdomains_are_vrfs",
+            "this kernel has no VRF support (CONFIG_NET_VRF)",
+        );
+    }
+}

@@ -11,11 +11,57 @@ use crate::vms::{VmOwner, VmSpec};
 /// Reads and parses a configuration file; the error is one line naming
 /// `file:line:column`.
 pub fn load(path: &Path) -> Result<Config, String> {
-    let config = vmd_config::parse_file(path).map_err(|e| e.to_string())?;
+    let mut config = vmd_config::parse_file(path).map_err(|e| e.to_string())?;
+    // A group the host has no number for would only be an alias, which no
+    // filter matches: say so where it is written.
+    for (name, at) in &config.group_refs {
+        if ifgroup_id(name).is_none() {
+            config.warnings.push(vmd_config::Warning {
+                at: at.clone(),
+                message: format!(
+                    "group \"{name}\" has no number in {}: the interfaces get it only \
+                     as their alias, which filters cannot match (add a line \"NUMBER {name}\")",
+                    IFGROUP_FILES[0]
+                ),
+            });
+        }
+    }
     for w in &config.warnings {
         log::warn!("{w}");
     }
     Ok(config)
+}
+
+/// iproute2's interface group names (`NUMBER NAME` lines), where Linux
+/// filters (nftables `iifgroup "NAME"`, `ip link show group NAME`) look
+/// them up; the first file that names a group wins.
+pub const IFGROUP_FILES: [&str; 3] = [
+    "/etc/iproute2/group",
+    "/usr/share/iproute2/group",
+    "/usr/lib/iproute2/group",
+];
+
+/// The Linux interface group number of vm.conf group `name`.
+pub fn ifgroup_id(name: &str) -> Option<u32> {
+    IFGROUP_FILES.iter().find_map(|path| {
+        let text = std::fs::read_to_string(path).ok()?;
+        ifgroup_in(&text, name)
+    })
+}
+
+/// `name`'s number in the text of an iproute2 group file.
+fn ifgroup_in(text: &str, name: &str) -> Option<u32> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or(""))
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (num, n) = (f.next()?, f.next()?);
+            let num = match num.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16).ok()?,
+                None => num.parse().ok()?,
+            };
+            (n == name).then_some(num)
+        })
 }
 
 /// The spec a definition starts with.
@@ -74,5 +120,20 @@ pub fn stagger(config: &Config) -> (usize, Duration) {
             std::thread::available_parallelism().map_or(1, |n| n.get()),
             Duration::from_secs(30),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifgroup_names_come_from_iproute2s_file() {
+        let text = "# device group names\n0\tdefault\n42 vms # ours\n0x10 hexed\nbad line\n";
+        assert_eq!(ifgroup_in(text, "default"), Some(0));
+        assert_eq!(ifgroup_in(text, "vms"), Some(42));
+        assert_eq!(ifgroup_in(text, "hexed"), Some(16));
+        assert_eq!(ifgroup_in(text, "ours"), None);
+        assert_eq!(ifgroup_in(text, "line"), None);
     }
 }

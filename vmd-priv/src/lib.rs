@@ -201,20 +201,22 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
             up,
             host_addr,
             host_addr6,
+            rdomain,
+            ifgroup,
         } => {
-            let done = net
-                .configure(
-                    &name,
-                    switch.as_ref(),
-                    group.as_deref(),
-                    up,
-                    host_addr,
-                    host_addr6,
-                )
-                .map(|()| {
-                    debug!("vm {vm}: configured {name}");
-                    (Msg::PrivIfDone { name: name.clone() }, Vec::new())
-                });
+            let cfg = net::IfConfig {
+                switch: switch.as_ref(),
+                group: group.as_deref(),
+                ifgroup,
+                rdomain,
+                up,
+                host_addr,
+                host_addr6,
+            };
+            let done = net.configure(&name, &cfg).map(|()| {
+                debug!("vm {vm}: configured {name}");
+                (Msg::PrivIfDone { name: name.clone() }, Vec::new())
+            });
             (OpenKind::Interface, name, done.map_err(|e| e.to_string()))
         }
         Msg::PrivCleanup => {

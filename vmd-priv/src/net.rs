@@ -227,8 +227,8 @@ pub fn add_to_bridge(bridge: &str, port: &str) -> Result<(), NetError> {
 }
 
 /// Sets the interface's alias (`ip link show` prints it); an empty string
-/// clears it. vm.conf groups land here: Linux has no interface groups by
-/// name.
+/// clears it. vm.conf groups land here by name, and as an interface group
+/// number (`set_group`) when iproute2's group file names them.
 pub fn set_alias(name: &str, alias: &str) -> Result<(), NetError> {
     if alias.len() > netlink::MAX_ALIAS_LEN || alias.contains('\0') {
         return Err(NetError::BadGroup {
@@ -266,11 +266,47 @@ pub fn set_ipv6(name: &str, addr: Ipv6Addr, prefix_len: u8) -> Result<(), NetErr
     netlink::add_ipv6(index, addr, prefix_len).map_err(nl(name, "set IPv6 address"))
 }
 
+/// Puts the interface in Linux interface group `group` (what nftables'
+/// `iifgroup`/`oifgroup`, iptables' `devgroup` and `ip link ... group`
+/// match; names come from iproute2's group file).
+pub fn set_group(name: &str, group: u32) -> Result<(), NetError> {
+    let index = ifindex(name)?;
+    netlink::set_group(index, group).map_err(nl(name, "set group"))
+}
+
+/// The VRF device of routing table `table`, as vmd names it.
+pub fn vrf_name(table: u32) -> String {
+    format!("vrf{table}")
+}
+
+/// Linux's own routing tables (default, main, local), which a VRF may not
+/// take.
+const RESERVED_TABLES: [u32; 3] = [253, 254, 255];
+
+/// How one TAP is set up: everything `PrivIfConfig` says about it.
+#[derive(Debug, Default, Clone)]
+pub struct IfConfig<'a> {
+    /// The switch whose bridge the TAP joins.
+    pub switch: Option<&'a SwitchParams>,
+    /// The vm.conf group, as the interface's alias.
+    pub group: Option<&'a str>,
+    /// The group as a Linux interface group number.
+    pub ifgroup: Option<u32>,
+    /// `rdomain N` of a TAP on no switch: its VRF's table.
+    pub rdomain: Option<u32>,
+    pub up: bool,
+    pub host_addr: Option<(Ipv4Addr, u8)>,
+    pub host_addr6: Option<(Ipv6Addr, u8)>,
+}
+
 /// What priv remembers about the interfaces it made.
 #[derive(Debug, Default)]
 pub struct NetState {
     /// Bridges priv created (not those it found), deleted at cleanup.
     bridges: Vec<String>,
+    /// VRF devices priv created (not those it found), deleted at cleanup
+    /// after the bridges.
+    vrfs: Vec<String>,
     /// TAPs priv created, to report any still present at cleanup.
     taps: Vec<String>,
 }
@@ -294,41 +330,90 @@ impl NetState {
         Ok((file, name))
     }
 
-    /// Configures a VM's TAP `name`: joins `switch` (its bridge created when
-    /// missing, given the switch's group as alias and brought up or down),
-    /// takes `group` as alias, gets `host_addr` (and `host_addr6`), and goes up or down last,
-    /// when everything else is in place.
-    pub fn configure(
-        &mut self,
-        name: &str,
-        switch: Option<&SwitchParams>,
-        group: Option<&str>,
-        up: bool,
-        host_addr: Option<(Ipv4Addr, u8)>,
-        host_addr6: Option<(Ipv6Addr, u8)>,
-    ) -> Result<(), NetError> {
+    /// Configures a VM's TAP `name`: joins its switch (the bridge created
+    /// when missing, put in the switch's VRF, given the switch's group as
+    /// alias and interface group, brought up or down), or else goes into
+    /// its own VRF (`rdomain`); takes its group as alias and interface
+    /// group, gets its host addresses, and goes up or down last, when
+    /// everything else is in place. VRFs come before addresses: joining
+    /// one moves the interface's routes into the VRF's table.
+    pub fn configure(&mut self, name: &str, cfg: &IfConfig<'_>) -> Result<(), NetError> {
         check_name(name)?;
-        if let Some(sw) = switch {
+        if let Some(sw) = cfg.switch {
             if ensure_bridge(&sw.bridge)? {
                 debug!("created bridge {}", sw.bridge);
                 self.bridges.push(sw.bridge.clone());
             }
+            if let Some(table) = sw.rdomain {
+                self.join_vrf(&sw.bridge, table)?;
+            }
             if let Some(g) = &sw.group {
                 set_alias(&sw.bridge, g)?;
             }
+            if let Some(id) = sw.ifgroup {
+                set_group(&sw.bridge, id)?;
+            }
             set_up(&sw.bridge, sw.up)?;
             add_to_bridge(&sw.bridge, name)?;
+        } else if let Some(table) = cfg.rdomain {
+            self.join_vrf(name, table)?;
         }
-        if let Some(g) = group {
+        if let Some(g) = cfg.group {
             set_alias(name, g)?;
         }
-        if let Some((addr, len)) = host_addr {
+        if let Some(id) = cfg.ifgroup {
+            set_group(name, id)?;
+        }
+        if let Some((addr, len)) = cfg.host_addr {
             set_ipv4(name, addr, len)?;
         }
-        if let Some((addr, len)) = host_addr6 {
+        if let Some((addr, len)) = cfg.host_addr6 {
             set_ipv6(name, addr, len)?;
         }
-        set_up(name, up)
+        set_up(name, cfg.up)
+    }
+
+    /// Puts interface `name` in the VRF of routing table `table` (OpenBSD's
+    /// rdomain), creating the VRF device when missing; rdomain 0 is the
+    /// main table, where every interface already is.
+    pub fn join_vrf(&mut self, name: &str, table: u32) -> Result<(), NetError> {
+        if table == 0 {
+            return Ok(());
+        }
+        let vrf = vrf_name(table);
+        if RESERVED_TABLES.contains(&table) {
+            return Err(NetError::Os {
+                name: name.into(),
+                op: "rdomain",
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("routing table {table} is Linux's own"),
+                ),
+            });
+        }
+        if !interface_exists(&vrf) {
+            netlink::new_vrf(&vrf, table).map_err(|e| match e {
+                NlError::Os(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => NetError::Os {
+                    name: vrf.clone(),
+                    op: "create VRF",
+                    source: io::Error::new(
+                        err.kind(),
+                        "this kernel has no VRF support (CONFIG_NET_VRF)",
+                    ),
+                },
+                e => nl(&vrf, "create VRF")(e),
+            })?;
+            debug!("created {vrf} for routing table {table}");
+            self.vrfs.push(vrf.clone());
+        }
+        set_up(&vrf, true)?;
+        let master = ifindex(&vrf)?;
+        netlink::set_master(ifindex(name)?, master).map_err(nl(name, "join VRF"))
+    }
+
+    /// The VRF devices priv created and has not deleted yet.
+    pub fn created_vrfs(&self) -> &[String] {
+        &self.vrfs
     }
 
     /// Deletes every bridge priv created; TAPs need nothing (each goes with
@@ -339,6 +424,14 @@ impl NetState {
         for bridge in std::mem::take(&mut self.bridges) {
             match delete_bridge(&bridge) {
                 Ok(()) => debug!("deleted bridge {bridge}"),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        for vrf in std::mem::take(&mut self.vrfs) {
+            let deleted =
+                ifindex(&vrf).and_then(|i| netlink::delete_link(i).map_err(nl(&vrf, "delete VRF")));
+            match deleted {
+                Ok(()) => debug!("deleted {vrf}"),
                 Err(e) => failed.push(e.to_string()),
             }
         }
@@ -369,17 +462,22 @@ mod tests {
             Err(NetError::BadName { .. })
         ));
         let mut st = NetState::new();
-        let e = st
-            .configure("../x", None, None, true, None, None)
-            .unwrap_err();
+        let e = st.configure("../x", &IfConfig::default()).unwrap_err();
         assert!(e.to_string().contains("../x"), "{e}");
         let sw = SwitchParams {
             bridge: "x".repeat(16),
             group: None,
             up: true,
+            rdomain: None,
+            ifgroup: None,
+        };
+        let cfg = IfConfig {
+            switch: Some(&sw),
+            up: true,
+            ..IfConfig::default()
         };
         assert!(matches!(
-            st.configure("tap0", Some(&sw), None, true, None, None),
+            st.configure("tap0", &cfg),
             Err(NetError::BadName { .. })
         ));
         assert!(st.created_bridges().is_empty());

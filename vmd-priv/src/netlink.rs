@@ -1,5 +1,6 @@
 //! Just enough rtnetlink for what ioctls cannot do: an interface alias
-//! (IFLA_IFALIAS) and an IPv4 address with any prefix length. One request,
+//! (IFLA_IFALIAS), its group and master, VRF devices, and IPv4 and IPv6
+//! addresses with any prefix length. One request,
 //! one acknowledgement; nothing is dumped or parsed beyond the ack.
 
 use std::io;
@@ -18,7 +19,17 @@ const NLM_F_REQUEST: u16 = 0x01;
 const NLM_F_ACK: u16 = 0x04;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
+const NLM_F_EXCL: u16 = 0x200;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
 const RTM_SETLINK: u16 = 19;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_GROUP: u16 = 27;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const IFLA_VRF_TABLE: u16 = 1;
 const RTM_NEWADDR: u16 = 20;
 const IFLA_IFALIAS: u16 = 20;
 const IFA_ADDRESS: u16 = 1;
@@ -68,6 +79,20 @@ impl Request {
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(data);
         self.pad();
+    }
+
+    /// Opens a nested attribute; `end_nested` with the returned offset
+    /// closes it.
+    fn begin_nested(&mut self, ty: u16) -> usize {
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&0u16.to_ne_bytes());
+        self.buf.extend_from_slice(&ty.to_ne_bytes());
+        at
+    }
+
+    fn end_nested(&mut self, at: usize) {
+        let len = (self.buf.len() - at) as u16;
+        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
 
     fn pad(&mut self) {
@@ -149,6 +174,61 @@ pub fn set_alias(index: u32, alias: &str) -> Result<(), NlError> {
     req.send()
 }
 
+/// struct ifinfomsg for interface `index` (0: none yet).
+fn ifinfo(index: u32) -> [u8; 16] {
+    // family, pad, type, index, flags, change.
+    let mut ifi = [0u8; 16];
+    ifi[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+    ifi
+}
+
+/// Puts interface `index` in interface group `group` (IFLA_GROUP), which
+/// nftables (`iifgroup`), iptables (`-m devgroup`) and `ip link ... group`
+/// match.
+pub fn set_group(index: u32, group: u32) -> Result<(), NlError> {
+    let mut req = Request::new(RTM_SETLINK, 0);
+    req.body(&ifinfo(index));
+    req.attr(IFLA_GROUP, &group.to_ne_bytes());
+    req.send()
+}
+
+/// Makes `master` (a bridge or a VRF) interface `index`'s master.
+pub fn set_master(index: u32, master: u32) -> Result<(), NlError> {
+    let mut req = Request::new(RTM_SETLINK, 0);
+    req.body(&ifinfo(index));
+    req.attr(IFLA_MASTER, &master.to_ne_bytes());
+    req.send()
+}
+
+/// The request creating VRF device `name` for routing table `table`.
+fn new_vrf_request(name: &str, table: u32) -> Request {
+    let mut req = Request::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL);
+    req.body(&ifinfo(0));
+    let mut ifname = name.as_bytes().to_vec();
+    ifname.push(0);
+    req.attr(IFLA_IFNAME, &ifname);
+    let info = req.begin_nested(IFLA_LINKINFO);
+    req.attr(IFLA_INFO_KIND, b"vrf");
+    let data = req.begin_nested(IFLA_INFO_DATA);
+    req.attr(IFLA_VRF_TABLE, &table.to_ne_bytes());
+    req.end_nested(data);
+    req.end_nested(info);
+    req
+}
+
+/// Creates VRF device `name` bound to routing table `table` (the kernel
+/// answers EOPNOTSUPP without CONFIG_NET_VRF).
+pub fn new_vrf(name: &str, table: u32) -> Result<(), NlError> {
+    new_vrf_request(name, table).send()
+}
+
+/// Deletes interface `index`.
+pub fn delete_link(index: u32) -> Result<(), NlError> {
+    let mut req = Request::new(RTM_DELLINK, 0);
+    req.body(&ifinfo(index));
+    req.send()
+}
+
 /// Adds (or replaces) `addr/prefix_len` on interface `index`.
 pub fn add_ipv4(index: u32, addr: Ipv4Addr, prefix_len: u8) -> Result<(), NlError> {
     let mut req = Request::new(RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE);
@@ -224,6 +304,30 @@ mod tests {
         let short = msg(NLMSG_ERROR, 7, &[]);
         assert!(matches!(find_ack(&short, 7), Err(NlError::Protocol(_))));
         assert!(matches!(find_ack(&[1, 2, 3], 7), Ok(None)));
+    }
+
+    #[test]
+    fn vrf_request_nests_kind_and_table() {
+        let req = new_vrf_request("vrf7", 7);
+        let b = &req.buf;
+        let u16_at = |o: usize| u16::from_ne_bytes([b[o], b[o + 1]]);
+        // Header, then the 16-byte ifinfomsg, then IFLA_IFNAME "vrf7\0"
+        // (padded to 8 + 4 header).
+        let mut o = NLMSG_HDRLEN + 16;
+        assert_eq!((u16_at(o), u16_at(o + 2)), (9, IFLA_IFNAME));
+        assert_eq!(&b[o + 4..o + 9], b"vrf7\0");
+        o += 12;
+        // IFLA_LINKINFO holds the kind and the data, whose table is 7.
+        assert_eq!(u16_at(o + 2), IFLA_LINKINFO);
+        assert_eq!(usize::from(u16_at(o)), b.len() - o);
+        let kind = o + 4;
+        assert_eq!((u16_at(kind), u16_at(kind + 2)), (7, IFLA_INFO_KIND));
+        assert_eq!(&b[kind + 4..kind + 7], b"vrf");
+        let data = kind + 8;
+        assert_eq!((u16_at(data), u16_at(data + 2)), (12, IFLA_INFO_DATA));
+        assert_eq!((u16_at(data + 4), u16_at(data + 6)), (8, IFLA_VRF_TABLE));
+        assert_eq!(&b[data + 8..data + 12], &7u32.to_ne_bytes());
+        assert_eq!(b.len(), data + 12);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vmd_priv::net::{self, NetError, NetState};
+use vmd_priv::net::{self, IfConfig, NetError, NetState};
 use vmd_proto::msg::SwitchParams;
 use vmd_tap::{set_tap_offloads, tap_info, TapOffloads, TAP_VNET_HDR_LEN};
 
@@ -70,6 +70,8 @@ fn switch(bridge: &str, group: Option<&str>, up: bool) -> SwitchParams {
         bridge: bridge.into(),
         group: group.map(Into::into),
         up,
+        rdomain: None,
+        ifgroup: None,
     }
 }
 
@@ -137,8 +139,16 @@ fn switch_creates_bridge_attaches_tap_sets_group_and_cleanup_removes_it() {
     let (_t1, tap1) = st.open_tap("vmdt1").unwrap();
     let (_t2, tap2) = st.open_tap("vmdt2").unwrap();
     let sw = switch("vmdbr0", Some("uplink"), true);
-    st.configure(&tap1, Some(&sw), Some("vms"), true, None, None)
-        .unwrap();
+    st.configure(
+        &tap1,
+        &IfConfig {
+            switch: Some(&sw),
+            group: Some("vms"),
+            up: true,
+            ..IfConfig::default()
+        },
+    )
+    .unwrap();
     let b = link("vmdbr0").expect("bridge created");
     assert!(b.contains("bridge forward_delay"), "{b}");
     assert!(b.contains("alias uplink"), "{b}");
@@ -150,8 +160,15 @@ fn switch_creates_bridge_attaches_tap_sets_group_and_cleanup_removes_it() {
     assert_eq!(st.created_bridges(), ["vmdbr0".to_string()]);
 
     // A second VM on the same switch: the bridge is reused, not re-made.
-    st.configure(&tap2, Some(&sw), None, false, None, None)
-        .unwrap();
+    st.configure(
+        &tap2,
+        &IfConfig {
+            switch: Some(&sw),
+            up: false,
+            ..IfConfig::default()
+        },
+    )
+    .unwrap();
     assert!(link(&tap2).unwrap().contains("master vmdbr0"));
     assert!(!is_admin_up(&tap2));
     assert_eq!(st.created_bridges().len(), 1);
@@ -161,11 +178,11 @@ fn switch_creates_bridge_attaches_tap_sets_group_and_cleanup_removes_it() {
     let (_t3, tap3) = st.open_tap("vmdt3").unwrap();
     st.configure(
         &tap3,
-        Some(&switch("hostbr", None, false)),
-        None,
-        true,
-        None,
-        None,
+        &IfConfig {
+            switch: Some(&switch("hostbr", None, false)),
+            up: true,
+            ..IfConfig::default()
+        },
     )
     .unwrap();
     assert!(link(&tap3).unwrap().contains("master hostbr"));
@@ -189,11 +206,12 @@ fn switch_down_and_group_cleared() {
     let (_t, tap) = st.open_tap("").unwrap();
     st.configure(
         &tap,
-        Some(&switch("vmdbr1", None, false)),
-        Some("g1"),
-        true,
-        None,
-        None,
+        &IfConfig {
+            switch: Some(&switch("vmdbr1", None, false)),
+            group: Some("g1"),
+            up: true,
+            ..IfConfig::default()
+        },
     )
     .unwrap();
     assert!(!is_admin_up("vmdbr1"));
@@ -219,13 +237,27 @@ fn local_interface_host_side_gets_its_slash_31() {
     let (mut tap_fd, tap) = st.open_tap("").unwrap();
     let (host, guest) =
         vmd_proto::net::local_pair((Ipv4Addr::new(100, 64, 0, 0), 10), 1, 0).unwrap();
-    st.configure(&tap, None, None, true, Some((host, 31)), None)
-        .unwrap();
+    st.configure(
+        &tap,
+        &IfConfig {
+            up: true,
+            host_addr: Some((host, 31)),
+            ..IfConfig::default()
+        },
+    )
+    .unwrap();
     let a = ip(&["-o", "-4", "addr", "show", "dev", &tap]);
     assert!(a.contains(&format!("inet {host}/31")), "{a}");
     // Configuring again (a VM restart) replaces rather than fails.
-    st.configure(&tap, None, None, true, Some((host, 31)), None)
-        .unwrap();
+    st.configure(
+        &tap,
+        &IfConfig {
+            up: true,
+            host_addr: Some((host, 31)),
+            ..IfConfig::default()
+        },
+    )
+    .unwrap();
     let a = ip(&["-o", "-4", "addr", "show", "dev", &tap]);
     assert_eq!(a.lines().count(), 1, "{a}");
     let r = ip(&["-4", "route", "show", "dev", &tap]);
@@ -290,7 +322,13 @@ fn errors_name_the_interface() {
     }
     let mut st = NetState::new();
     let e = st
-        .configure("nosuch0", None, None, true, None, None)
+        .configure(
+            "nosuch0",
+            &IfConfig {
+                up: true,
+                ..IfConfig::default()
+            },
+        )
         .unwrap_err();
     assert!(e.to_string().starts_with("nosuch0: "), "{e}");
     // A switch whose "bridge" is an existing non-bridge interface.
@@ -299,11 +337,11 @@ fn errors_name_the_interface() {
     let e = st
         .configure(
             &tap,
-            Some(&switch(&not_bridge, None, true)),
-            None,
-            true,
-            None,
-            None,
+            &IfConfig {
+                switch: Some(&switch(&not_bridge, None, true)),
+                up: true,
+                ..IfConfig::default()
+            },
         )
         .unwrap_err();
     let msg = e.to_string();
@@ -313,4 +351,92 @@ fn errors_name_the_interface() {
     assert!(matches!(e, NetError::BadPrefix { .. }), "{e}");
     let e = net::delete_bridge("nosuch1").unwrap_err();
     assert!(e.to_string().starts_with("nosuch1: "), "{e}");
+}
+
+/// vm.conf `group` becomes a Linux interface group (what nftables'
+/// iifgroup matches) on the TAP and on the switch's bridge.
+#[test]
+fn groups_become_interface_groups() {
+    if !fresh_netns() {
+        return;
+    }
+    let mut st = NetState::new();
+    let (_t, tap) = st.open_tap("").unwrap();
+    let mut sw = switch("vmdbrg", Some("uplink"), true);
+    sw.ifgroup = Some(77);
+    let cfg = IfConfig {
+        switch: Some(&sw),
+        group: Some("vms"),
+        ifgroup: Some(4242),
+        up: true,
+        ..IfConfig::default()
+    };
+    st.configure(&tap, &cfg).unwrap();
+    // `ip -d link` prints "group N" (or the name iproute2's file gives it).
+    let l = link(&tap).unwrap();
+    assert!(l.contains(" group 4242 "), "{l}");
+    assert!(l.contains("alias vms"), "{l}");
+    let b = link("vmdbrg").unwrap();
+    assert!(b.contains(" group 77 "), "{b}");
+    // Filters select by it.
+    let members = ip(&["-o", "link", "show", "group", "4242"]);
+    assert_eq!(members.lines().count(), 1, "{members}");
+    assert!(members.contains(&tap), "{members}");
+    st.cleanup().unwrap();
+}
+
+/// rdomain N: the TAP (or a switch's bridge) goes into the VRF of routing
+/// table N, created when missing and deleted at cleanup; one that was
+/// there already is used and left alone. Kernels without VRF support
+/// (CONFIG_NET_VRF) get a clear error, and this test says SKIPPED.
+#[test]
+fn rdomain_puts_the_interface_in_a_vrf() {
+    if !fresh_netns() {
+        return;
+    }
+    let mut st = NetState::new();
+    let (_t, tap) = st.open_tap("").unwrap();
+    let cfg = IfConfig {
+        rdomain: Some(7),
+        up: true,
+        host_addr: Some(("100.64.1.2".parse().unwrap(), 31)),
+        ..IfConfig::default()
+    };
+    if let Err(e) = st.configure(&tap, &cfg) {
+        let text = e.to_string();
+        assert!(text.contains("no VRF support"), "{text}");
+        assert!(st.created_vrfs().is_empty());
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(
+            b"\n*** SKIPPED rdomain_puts_the_interface_in_a_vrf: this kernel has no VRF support ***\n",
+        );
+        return;
+    }
+    let v = link("vrf7").expect("VRF created");
+    assert!(v.contains("vrf table 7"), "{v}");
+    assert!(link(&tap).unwrap().contains("master vrf7"));
+    // The host side's route lives in table 7, not main.
+    let r = ip(&["-4", "route", "show", "table", "7"]);
+    assert!(r.contains("100.64.1.2/31"), "{r}");
+    assert_eq!(st.created_vrfs(), ["vrf7".to_string()]);
+    // A switch's rdomain moves its bridge, with its ports.
+    let (_t2, tap2) = st.open_tap("").unwrap();
+    let mut sw = switch("vmdbrv", None, true);
+    sw.rdomain = Some(7);
+    let cfg = IfConfig {
+        switch: Some(&sw),
+        up: true,
+        ..IfConfig::default()
+    };
+    st.configure(&tap2, &cfg).unwrap();
+    assert!(link("vmdbrv").unwrap().contains("master vrf7"));
+    assert_eq!(st.created_vrfs().len(), 1);
+    // Linux's own tables are refused.
+    let cfg = IfConfig {
+        rdomain: Some(254),
+        ..IfConfig::default()
+    };
+    assert!(st.configure(&tap, &cfg).is_err());
+    st.cleanup().unwrap();
+    assert!(link("vrf7").is_none(), "created VRF left behind");
 }

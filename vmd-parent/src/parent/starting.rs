@@ -244,6 +244,8 @@ impl Parent {
                     bridge: def.interface.clone(),
                     group: def.group.clone(),
                     up: def.up,
+                    rdomain: def.rdomain,
+                    ifgroup: def.group.as_deref().and_then(crate::conf::ifgroup_id),
                 })
             }
         };
@@ -257,13 +259,23 @@ impl Parent {
                 .local_pair6(vm_id, index)?
                 .map(|(host, _)| (host, vmd_proto::net::LOCAL_PREFIX6_LEN)),
         };
+        // OpenBSD gives the TAP its own group and its switch's; Linux has
+        // one group per interface: its own, else the switch's.
+        let ifgroup = nic
+            .group
+            .as_deref()
+            .and_then(crate::conf::ifgroup_id)
+            .or(switch.as_ref().and_then(|sw| sw.ifgroup));
         Ok(Msg::PrivIfConfig {
             name: name.to_string(),
+            // A bridge port is in its bridge's VRF (a warning at load).
+            rdomain: nic.rdomain.filter(|_| switch.is_none()),
             switch,
             group: nic.group.clone(),
             up: nic.up,
             host_addr,
             host_addr6,
+            ifgroup,
         })
     }
 
