@@ -260,4 +260,84 @@ mod tests {
         });
         assert_eq!(fine, 0);
     }
+
+    #[test]
+    fn device_filters_are_narrower_than_the_vmms() {
+        // blk: no socket calls at all.
+        let killed = in_child(|| {
+            apply_seccomp(Role::Block).expect("seccomp");
+            let _ = std::os::unix::net::UnixDatagram::unbound();
+            true
+        });
+        assert_eq!(killed, 128 + libc::SIGSYS, "blk socket()");
+        // net: no file opens, even of an fd it could reach.
+        let killed = in_child(|| {
+            apply_seccomp(Role::Net).expect("seccomp");
+            let _ = std::fs::File::open("/dev/null");
+            true
+        });
+        assert_eq!(killed, 128 + libc::SIGSYS, "net open()");
+        // net: no positioned file I/O either; scsi: no writes to files.
+        let killed = in_child(|| {
+            let f = std::fs::File::open("/dev/null").expect("open");
+            apply_seccomp(Role::Net).expect("seccomp");
+            use std::os::unix::fs::FileExt;
+            let _ = f.read_at(&mut [0u8; 4], 0);
+            true
+        });
+        assert_eq!(killed, 128 + libc::SIGSYS, "net pread()");
+        let killed = in_child(|| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .expect("open");
+            apply_seccomp(Role::Scsi).expect("seccomp");
+            use std::os::unix::fs::FileExt;
+            let _ = f.write_at(b"x", 0);
+            true
+        });
+        assert_eq!(killed, 128 + libc::SIGSYS, "scsi pwrite()");
+        // No device may make a thread; blk still does its image I/O.
+        let killed = in_child(|| {
+            apply_seccomp(Role::Block).expect("seccomp");
+            let _ = std::thread::spawn(|| ()).join();
+            true
+        });
+        assert_eq!(killed, 128 + libc::SIGSYS, "blk clone()");
+        let fine = in_child(|| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .expect("open");
+            apply_seccomp(Role::Block).expect("seccomp");
+            use std::os::unix::fs::FileExt;
+            f.write_at(b"x", 0).is_ok() && f.read_at(&mut [0u8; 1], 0).is_ok()
+        });
+        assert_eq!(fine, 0, "blk image I/O");
+    }
+
+    #[test]
+    fn a_vcpu_thread_cannot_do_what_the_vmm_may() {
+        // Under the vmm's filter a thread may make an eventfd; a thread
+        // that added the vCPU filter is killed for it.
+        let fine = in_child(|| {
+            apply_seccomp(Role::Vmm).expect("vmm seccomp");
+            std::thread::spawn(|| unsafe { libc::eventfd(0, 0) } >= 0)
+                .join()
+                .unwrap_or(false)
+        });
+        assert_eq!(fine, 0, "vmm thread eventfd");
+        let killed = in_child(|| {
+            apply_seccomp(Role::Vmm).expect("vmm seccomp");
+            std::thread::spawn(|| {
+                apply_thread_seccomp(Role::Vcpu).expect("vcpu seccomp");
+                // SAFETY: a plain syscall; the filter kills us first.
+                unsafe { libc::eventfd(0, 0) };
+            })
+            .join()
+            .is_ok()
+        });
+        assert_eq!(killed, 128 + libc::SIGSYS, "vCPU thread eventfd");
+    }
 }

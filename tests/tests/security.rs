@@ -1,12 +1,27 @@
 //! The sandbox table in docs/SECURITY.md, checked against the live
-//! processes: every role's Uid, capability sets, no_new_privs and seccomp
-//! mode as /proc/PID/status shows them, with a VM running.
+//! processes: every role's and thread kind's Uid, capability sets,
+//! no_new_privs and seccomp mode as /proc/PID/status shows them, with a VM
+//! running that has a disk, a CD-ROM and an interface (so one process of
+//! each device kind); and each row's syscall count against the filter.
 
 use std::time::Duration;
 
-use vmd_e2e::{children_of, guest, proc_status, repo_root, Daemon};
+use vmd_e2e::{children_of, guest, proc_status, repo_root, Daemon, NetNs};
+use vmd_sandbox::Role;
 
 const BOOT: Duration = Duration::from_secs(60);
+
+/// The table's rows: the roles, and the vmm's vCPU threads.
+const ROWS: [&str; 8] = [
+    "parent",
+    "priv",
+    "control",
+    "vmm",
+    "vCPU thread",
+    "blk",
+    "scsi",
+    "net",
+];
 
 /// One row of the table: what /proc must show for a role.
 #[derive(Debug)]
@@ -17,6 +32,8 @@ struct Row {
     caps: String,
     no_new_privs: &'static str,
     seccomp: &'static str,
+    /// "kill, N syscalls": N.
+    syscalls: Option<usize>,
 }
 
 /// Reads the table's rows out of docs/SECURITY.md: columns role, uid,
@@ -28,7 +45,7 @@ fn table() -> Vec<Row> {
     for line in doc.lines() {
         let cells: Vec<&str> = line.split('|').map(str::trim).collect();
         // "| role | uid | caps | nnp | seccomp | fs | opens | talks |"
-        if cells.len() < 9 || !["parent", "priv", "control", "vmm"].contains(&cells[1]) {
+        if cells.len() < 9 || !ROWS.contains(&cells[1]) {
             continue;
         }
         let caps = if cells[3].starts_with("all") {
@@ -40,6 +57,10 @@ fn table() -> Vec<Row> {
                 .unwrap_or_else(|| panic!("no mask in {line}"))
                 .to_string()
         };
+        let syscalls = cells[5]
+            .strip_prefix("kill, ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok());
         rows.push(Row {
             role: cells[1].to_string(),
             uid_root: cells[2].starts_with("0 "),
@@ -54,18 +75,77 @@ fn table() -> Vec<Row> {
             } else {
                 "2"
             },
+            syscalls,
         });
     }
-    assert_eq!(rows.len(), 4, "one row per role in SECURITY.md: {rows:?}");
+    assert_eq!(
+        rows.len(),
+        ROWS.len(),
+        "one row per role in SECURITY.md: {rows:?}"
+    );
     rows
 }
 
+fn filter_of(row: &str) -> Option<Role> {
+    Some(match row {
+        "priv" => Role::Priv,
+        "control" => Role::Control,
+        "vmm" => Role::Vmm,
+        "vCPU thread" => Role::Vcpu,
+        "blk" => Role::Block,
+        "scsi" => Role::Scsi,
+        "net" => Role::Net,
+        _ => return None,
+    })
+}
+
+/// The table row a child process belongs to: its `--role`, or for a
+/// device process the kind its `--device` names.
 fn role_of(pid: u32) -> Option<String> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let at = args.iter().position(|a| *a == b"--role")?;
-    args.get(at + 1)
-        .map(|r| String::from_utf8_lossy(r).into_owned())
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let arg = |flag: &str| {
+        let at = args.iter().position(|a| a == flag)?;
+        args.get(at + 1).cloned()
+    };
+    let role = arg("--role")?;
+    if role != "device" {
+        return Some(role);
+    }
+    let dev = arg("--device")?;
+    Some(
+        match dev.trim_end_matches(|c: char| c.is_ascii_digit()) {
+            "cdrom" => "scsi",
+            kind => kind,
+        }
+        .to_string(),
+    )
+}
+
+/// (thread id, name, Seccomp, Seccomp_filters) of each thread of `pid`.
+fn threads(pid: u32) -> Vec<(String, String, String, u32)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        out.push((
+            task.file_name().to_string_lossy().into_owned(),
+            field("Name:"),
+            field("Seccomp:"),
+            field("Seccomp_filters:").parse().unwrap_or(0),
+        ));
+    }
+    out
 }
 
 fn check(pid: u32, row: &Row) {
@@ -98,27 +178,33 @@ fn check(pid: u32, row: &Row) {
         "{what} NoNewPrivs"
     );
     // Every thread (vCPUs, I/O workers) carries the filter, not just main.
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir");
-    for task in tasks.flatten() {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        let seccomp = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .map(str::trim);
-        assert_eq!(
-            seccomp,
-            Some(row.seccomp),
-            "{what} thread {:?} Seccomp",
-            task.file_name()
-        );
+    for (tid, name, seccomp, _) in threads(pid) {
+        assert_eq!(seccomp, row.seccomp, "{what} thread {tid} ({name}) Seccomp");
     }
 }
 
 #[test]
 fn every_role_runs_as_the_security_table_says() {
     let rows = table();
-    let d = Daemon::start("security");
+    for row in &rows {
+        if let Some(role) = filter_of(&row.role) {
+            assert_eq!(
+                row.syscalls,
+                Some(vmd_sandbox::syscall_count(role)),
+                "SECURITY.md's syscall count for {}",
+                row.role
+            );
+        }
+    }
+    let ns = NetNs::new("sec");
+    let d = Daemon::start_in("security", Some(&ns), &[]);
     let kernel = guest("spin.elf");
+    let disk = d.dir.join("sec.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk image");
+    let iso = d.dir.join("sec.iso");
+    std::fs::write(&iso, vec![0u8; 64 << 10]).expect("iso image");
     d.ok(&[
         "start",
         "-b",
@@ -127,6 +213,11 @@ fn every_role_runs_as_the_security_table_says() {
         "32M",
         "--vcpus",
         "2",
+        "-d",
+        disk.to_str().unwrap(),
+        "-r",
+        iso.to_str().unwrap(),
+        "-L",
         "sec1",
     ]);
     let console = d.console("sec1");
@@ -135,6 +226,9 @@ fn every_role_runs_as_the_security_table_says() {
 
     let mut seen = Vec::new();
     for row in &rows {
+        if row.role == "vCPU thread" {
+            continue;
+        }
         let pids: Vec<u32> = if row.role == "parent" {
             vec![d.pid()]
         } else {
@@ -144,28 +238,51 @@ fn every_role_runs_as_the_security_table_says() {
                 .collect()
         };
         assert_eq!(pids.len(), 1, "one {} process: {pids:?}", row.role);
+        let tasks = threads(pids[0]);
         if row.role == "vmm" {
             assert_eq!(pids[0], vm_pid);
-            // Main, two vCPUs at least: the filter reached them all.
-            let threads = std::fs::read_dir(format!("/proc/{vm_pid}/task"))
-                .map(|d| d.count())
-                .unwrap_or(0);
-            assert!(threads >= 3, "vmm threads: {threads}");
+            // Main, two vCPUs, I/O threads: the filter reached them all;
+            // the vCPU threads carry one filter more than the rest.
+            let main = tasks
+                .iter()
+                .find(|t| t.0 == vm_pid.to_string())
+                .map(|t| t.3)
+                .expect("main thread");
+            assert!(main >= 1, "vmm main thread filters: {main}");
+            let vcpus: Vec<_> = tasks.iter().filter(|t| t.1.starts_with("vcpu")).collect();
+            assert_eq!(vcpus.len(), 2, "vCPU threads: {tasks:?}");
+            // KVM's own worker (kvm-nx-lpage-recovery) lives in the
+            // process's thread group but runs only kernel code.
+            for t in tasks.iter().filter(|t| !t.1.starts_with("kvm-")) {
+                let want = if t.1.starts_with("vcpu") {
+                    main + 1
+                } else {
+                    main
+                };
+                assert_eq!(t.3, want, "vmm thread {t:?} Seccomp_filters");
+            }
+            // The vCPU row: same process, so the same uid and powers.
+            let vcpu_row = rows.iter().find(|r| r.role == "vCPU thread").expect("row");
+            check(pids[0], vcpu_row);
+            seen.push(vcpu_row.role.clone());
+        }
+        if ["blk", "scsi", "net"].contains(&row.role.as_str()) {
+            assert_eq!(tasks.len(), 1, "{} is single-threaded: {tasks:?}", row.role);
         }
         check(pids[0], row);
         seen.push(row.role.clone());
     }
-    // The guest still runs under its filter, and stops cleanly.
+    // The guest still runs under its filters, and stops cleanly.
     assert_eq!(d.status("sec1").map(|s| s.state), Some("running".into()));
     d.ok(&["stop", "-f", "-w", "sec1"]);
     let st = d.status("sec1").expect("status");
-    // SIGSYS (31) would be the vmm's seccomp filter killing it.
+    // SIGSYS (31) would be a filter killing a process.
     assert!(
         !st.last_exit.contains("signal 31") && !d.log().contains("signal 31"),
-        "vmm killed by its filter: {st:?}\n{}",
+        "killed by a filter: {st:?}\n{}",
         d.log()
     );
-    assert_eq!(seen.len(), 4);
+    assert_eq!(seen.len(), ROWS.len());
 }
 
 /// The vmm's filter allows what its devices do: virtio-blk on a raw disk
