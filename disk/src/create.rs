@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::qcow2::header::{self, Header};
 use super::qcow2::Qcow2Disk;
-use super::{
-    detect_format, open_path, pwrite_all, resolve_backing, Disk, Format, ImageError, RawDisk,
-};
+use super::{open_path, pwrite_all, resolve_backing, Disk, Format, ImageError, RawDisk};
 
 /// 64 KiB clusters, as qemu's default.
 pub const DEFAULT_CLUSTER_BITS: u32 = 16;
@@ -42,8 +40,8 @@ impl CreateSpec {
     }
 }
 
-/// Splits `raw:path` / `qcow2:path`; without a prefix a `.qcow2` extension
-/// (any case) means qcow2 and anything else raw, as OpenBSD's vmctl.
+/// Splits `raw:path` / `qcow2:path`; without a prefix the name decides
+/// ([`Format::of_name`]), as OpenBSD's vmctl; the content never does.
 pub fn parse_create_target(s: &str) -> (Format, PathBuf) {
     for f in [Format::Raw, Format::Qcow2] {
         if let Some(rest) = s.strip_prefix(f.name()).and_then(|r| r.strip_prefix(':')) {
@@ -51,11 +49,7 @@ pub fn parse_create_target(s: &str) -> (Format, PathBuf) {
         }
     }
     let path = PathBuf::from(s);
-    let is_qcow2 = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"));
-    (if is_qcow2 { Format::Qcow2 } else { Format::Raw }, path)
+    (Format::of_name(&path), path)
 }
 
 /// Creates a new image; never overwrites an existing file.
@@ -84,10 +78,9 @@ pub fn create(path: &Path, spec: CreateSpec) -> Result<(), ImageError> {
             ImageError::Invalid(format!("base name {} is not UTF-8", base.display()))
         })?;
         let real = resolve_backing(path, name);
-        let f = File::open(&real)
-            .map_err(|e| ImageError::io(format!("opening base image {}", real.display()), e))?;
-        let fmt = detect_format(&f)?;
-        drop(f);
+        // The format the overlay records for its base is the one its name
+        // implies, as a VM start would read it (never its content).
+        let fmt = Format::of_name(&real);
         let disk = open_path(&real, true, Some(fmt))?;
         default_size = Some(disk.size());
         backing = Some((name.to_string(), fmt));

@@ -140,40 +140,62 @@ pub(crate) fn file_len(file: &File) -> Result<u64, ImageError> {
     Ok(r as u64)
 }
 
-/// Detects the format from the qcow2 magic; anything else is raw.
-pub fn detect_format(file: &File) -> Result<Format, ImageError> {
-    let mut magic = [0u8; 4];
-    pread_zero_tail(file, &mut magic, 0, "image magic")?;
-    Ok(if magic == qcow2::header::MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+/// Which lock an image carries while a VM (or `vmctl create`) uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lock {
+    /// A writable top image: no other user of the file at all.
+    Exclusive,
+    /// A read-only image or a backing file: others may read it too, but
+    /// no one may open it writable (their exclusive lock fails).
+    Shared,
 }
 
-/// Takes an exclusive, non-blocking flock on the top image so two VMs (or a
-/// VM and `vmctl create -i`) never write one image.
-pub fn lock_exclusive(file: &File, path: &Path) -> Result<(), ImageError> {
+/// Takes a non-blocking flock on an image, so no VM (or `vmctl create -i`)
+/// writes a file another one uses: an image that is in use fails here with
+/// an error naming it.
+pub fn lock(file: &File, path: &Path, lock: Lock) -> Result<(), ImageError> {
+    let op = match lock {
+        Lock::Exclusive => libc::LOCK_EX,
+        Lock::Shared => libc::LOCK_SH,
+    };
     // SAFETY: flock on a valid fd has no memory effects.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let r = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
     if r < 0 {
         let e = io::Error::last_os_error();
+        let why = match lock {
+            Lock::Exclusive => "in use by another VM, or the backing file of one",
+            Lock::Shared => "open writable by another VM",
+        };
         return Err(ImageError::io(
-            format!("locking {} (is it in use by another VM?)", path.display()),
+            format!("locking {} ({why}?)", path.display()),
             e,
         ));
     }
     Ok(())
 }
 
+/// The format of the backing file a qcow2 `header` names, with its name:
+/// the header's backing-format extension, or else the name's
+/// ([`Format::of_name`]), never the backing file's content.
+pub fn backing_of(header: &qcow2::header::Header) -> Result<Option<(String, Format)>, ImageError> {
+    let Some(name) = &header.backing_file else {
+        return Ok(None);
+    };
+    let format = match header.backing_format_parsed()? {
+        Some(f) => f,
+        None => Format::of_name(Path::new(name)),
+    };
+    Ok(Some((name.clone(), format)))
+}
+
 /// Builds a disk from already-open files: `top` and its backing files in
 /// chain order (as [`backing_chain`] lists them), which are read-only.
-/// `format` is detected from the qcow2 magic when `None`.
+/// `format` is the top image's; each backing file's is [`backing_of`].
 pub fn open_disk(
     top: File,
     backing: Vec<File>,
     read_only: bool,
-    format: Option<Format>,
+    format: Format,
 ) -> Result<Box<dyn Disk>, ImageError> {
     let mut backing = backing.into_iter();
     let disk = open_layer(top, &mut backing, read_only, format, 0)?;
@@ -190,20 +212,16 @@ fn open_layer(
     file: File,
     backing: &mut std::vec::IntoIter<File>,
     read_only: bool,
-    format: Option<Format>,
+    format: Format,
     depth: usize,
 ) -> Result<Box<dyn Disk>, ImageError> {
-    let format = match format {
-        Some(f) => f,
-        None => detect_format(&file)?,
-    };
     match format {
         Format::Raw => Ok(Box::new(RawDisk::open(file, read_only)?)),
         Format::Qcow2 => {
             let header = qcow2::header::Header::read(&file)?;
-            let below = match &header.backing_file {
+            let below = match backing_of(&header)? {
                 None => None,
-                Some(name) => {
+                Some((name, fmt)) => {
                     if depth >= MAX_BACKING_DEPTH {
                         return Err(ImageError::Backing(format!(
                             "more than {MAX_BACKING_DEPTH} backing files (at {name:?})"
@@ -212,7 +230,6 @@ fn open_layer(
                     let f = backing.next().ok_or_else(|| {
                         ImageError::Backing(format!("backing file {name:?} was not passed"))
                     })?;
-                    let fmt = header.backing_format_parsed()?;
                     Some(open_layer(f, backing, true, fmt, depth + 1)?)
                 }
             };
@@ -221,14 +238,14 @@ fn open_layer(
     }
 }
 
-/// Reads a qcow2 image's backing file name, if any (raw images have none).
-fn backing_name(path: &Path) -> Result<Option<String>, ImageError> {
-    let file =
-        File::open(path).map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
-    if detect_format(&file)? != Format::Qcow2 {
+/// The backing file a qcow2 image names, if any (raw images have none).
+fn backing_name(path: &Path, format: Format) -> Result<Option<(String, Format)>, ImageError> {
+    if format != Format::Qcow2 {
         return Ok(None);
     }
-    Ok(qcow2::header::Header::read(&file)?.backing_file)
+    let file =
+        File::open(path).map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
+    backing_of(&qcow2::header::Header::read(&file)?)
 }
 
 /// Resolves a backing name as qemu does: relative names are relative to the
@@ -244,15 +261,17 @@ pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
     }
 }
 
-/// Lists the backing files below `path`, nearest first (not `path` itself),
-/// at most [`MAX_BACKING_DEPTH`] deep; a loop is an error.
-pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
+/// Lists the backing files below `path` (of `format`) with their formats,
+/// nearest first (not `path` itself), at most [`MAX_BACKING_DEPTH`] deep;
+/// a loop is an error. For `vmctl create`, which runs as its user; priv
+/// walks a VM's chain itself, opening each file as its namer.
+pub fn backing_chain(path: &Path, format: Format) -> Result<Vec<(PathBuf, Format)>, ImageError> {
     let mut seen = vec![std::fs::canonicalize(path)
         .map_err(|e| ImageError::io(format!("resolving {}", path.display()), e))?];
     let mut chain = Vec::new();
-    let mut cur = path.to_path_buf();
-    while let Some(name) = backing_name(&cur)? {
-        let next = resolve_backing(&cur, &name);
+    let mut cur = (path.to_path_buf(), format);
+    while let Some((name, fmt)) = backing_name(&cur.0, cur.1)? {
+        let next = resolve_backing(&cur.0, &name);
         if chain.len() >= MAX_BACKING_DEPTH {
             return Err(ImageError::Backing(format!(
                 "{} has more than {MAX_BACKING_DEPTH} backing files",
@@ -261,7 +280,7 @@ pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
         }
         let canon = std::fs::canonicalize(&next).map_err(|e| {
             ImageError::io(
-                format!("backing file {} of {}", next.display(), cur.display()),
+                format!("backing file {} of {}", next.display(), cur.0.display()),
                 e,
             )
         })?;
@@ -272,34 +291,42 @@ pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
             )));
         }
         seen.push(canon);
-        chain.push(next.clone());
-        cur = next;
+        chain.push((next.clone(), fmt));
+        cur = (next, fmt);
     }
     Ok(chain)
 }
 
-/// Opens an image and its backing chain by path, as priv and `vmctl
-/// create -i` do: the top read-write (locked) unless `read_only`, backing
-/// files read-only.
+/// Opens an image and its backing chain by path, as `vmctl create -b/-i`
+/// does: the top read-write (locked exclusively) unless `read_only`,
+/// backing files read-only (locked shared). `format: None` takes the
+/// name's ([`Format::of_name`]).
 pub fn open_path(
     path: &Path,
     read_only: bool,
     format: Option<Format>,
 ) -> Result<Box<dyn Disk>, ImageError> {
+    let format = Format::named_or_of(format, path);
     let top = OpenOptions::new()
         .read(true)
         .write(!read_only)
         .open(path)
         .map_err(|e| ImageError::io(format!("opening {}", path.display()), e))?;
-    if !read_only {
-        lock_exclusive(&top, path)?;
-    }
+    lock(
+        &top,
+        path,
+        if read_only {
+            Lock::Shared
+        } else {
+            Lock::Exclusive
+        },
+    )?;
     let mut files = Vec::new();
-    for p in backing_chain(path)? {
-        files.push(
-            File::open(&p)
-                .map_err(|e| ImageError::io(format!("opening backing file {}", p.display()), e))?,
-        );
+    for (p, _) in backing_chain(path, format)? {
+        let file = File::open(&p)
+            .map_err(|e| ImageError::io(format!("opening backing file {}", p.display()), e))?;
+        lock(&file, &p, Lock::Shared)?;
+        files.push(file);
     }
     open_disk(top, files, read_only, format)
 }

@@ -36,7 +36,10 @@ fn overlay_on_base() {
     .unwrap();
     assert_check_clean(&top);
     assert_eq!(qemu_info(&top), (2 << 20, "qcow2".to_string()));
-    assert_eq!(backing_chain(&top).unwrap(), vec![dir.path("base.qcow2")]);
+    assert_eq!(
+        backing_chain(&top, Format::Qcow2).unwrap(),
+        vec![(dir.path("base.qcow2"), Format::Qcow2)]
+    );
 
     // Priv's view: open the files, pass them down.
     let top_f = OpenOptions::new()
@@ -44,12 +47,12 @@ fn overlay_on_base() {
         .write(true)
         .open(&top)
         .unwrap();
-    let chain: Vec<File> = backing_chain(&top)
+    let chain: Vec<File> = backing_chain(&top, Format::Qcow2)
         .unwrap()
         .iter()
-        .map(|p| File::open(p).unwrap())
+        .map(|(p, _)| File::open(p).unwrap())
         .collect();
-    let mut d = open_disk(top_f, chain, false, None).unwrap();
+    let mut d = open_disk(top_f, chain, false, Format::Qcow2).unwrap();
     assert_eq!(read_all(d.as_mut()), content);
     let patch = vec![0xee; 70_000];
     d.write_at(&patch, 100_000).unwrap();
@@ -94,17 +97,22 @@ fn backing_chains_depth_and_loops() {
         .unwrap();
         prev = name;
     }
-    assert_eq!(backing_chain(&dir.path("l4.qcow2")).unwrap().len(), 4);
+    assert_eq!(
+        backing_chain(&dir.path("l4.qcow2"), Format::Qcow2)
+            .unwrap()
+            .len(),
+        4
+    );
     let mut d = open_path(&dir.path("l4.qcow2"), true, None).unwrap();
     assert_eq!(read_all(d.as_mut()), vec![7u8; 1 << 20]);
-    let e = backing_chain(&dir.path("l5.qcow2")).unwrap_err();
+    let e = backing_chain(&dir.path("l5.qcow2"), Format::Qcow2).unwrap_err();
     assert!(e.to_string().contains("more than 4"), "{e}");
     // Missing backing fd.
     let e = open_disk(
         File::open(dir.path("l1.qcow2")).unwrap(),
         vec![],
         true,
-        None,
+        Format::Qcow2,
     )
     .err()
     .unwrap();
@@ -141,7 +149,7 @@ fn backing_chains_depth_and_loops() {
             p(&dir.path("a.qcow2")),
         ],
     );
-    let e = backing_chain(&dir.path("a.qcow2")).unwrap_err();
+    let e = backing_chain(&dir.path("a.qcow2"), Format::Qcow2).unwrap_err();
     assert!(e.to_string().contains("loop"), "{e}");
 }
 

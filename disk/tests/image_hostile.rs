@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use vmd_disk::{create, open_disk, CreateSpec, Format, ImageError};
 
 fn open_err(path: &Path) -> String {
-    match open_disk(File::open(path).unwrap(), vec![], true, Some(Format::Qcow2)) {
+    match open_disk(File::open(path).unwrap(), vec![], true, Format::Qcow2) {
         Ok(_) => panic!("{} opened but should be refused", path.display()),
         Err(e) => e.to_string(),
     }
@@ -127,12 +127,12 @@ fn snapshots_are_read_only() {
         .write(true)
         .open(&path)
         .unwrap();
-    let e = open_disk(f, vec![], false, None).err().unwrap();
+    let e = open_disk(f, vec![], false, Format::Qcow2).err().unwrap();
     assert!(
         matches!(e, ImageError::Unsupported(_)) && e.to_string().contains("snapshot"),
         "{e}"
     );
-    let mut d = open_disk(File::open(&path).unwrap(), vec![], true, None).unwrap();
+    let mut d = open_disk(File::open(&path).unwrap(), vec![], true, Format::Qcow2).unwrap();
     let mut b = [0u8; 4096];
     d.read_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0x11));
@@ -181,7 +181,7 @@ fn exercise(path: &Path, writable: bool) {
         .write(writable)
         .open(path)
         .unwrap();
-    let Ok(mut d) = open_disk(f, vec![], !writable, Some(Format::Qcow2)) else {
+    let Ok(mut d) = open_disk(f, vec![], !writable, Format::Qcow2) else {
         return;
     };
     let size = d.size();
@@ -259,7 +259,7 @@ fn undescribed_header_cluster_is_an_error_not_a_hang() {
         .write(true)
         .open(&path)
         .unwrap();
-    match open_disk(file, vec![], false, Some(Format::Qcow2)) {
+    match open_disk(file, vec![], false, Format::Qcow2) {
         Err(e) => assert!(e.to_string().contains("refcount"), "{e}"),
         Ok(mut disk) => {
             let err = disk.write_at(&[1u8; 512], 0).expect_err("write must fail");

@@ -25,7 +25,7 @@ fn raw_disk(dir: &TempDir, size: u64, read_only: bool) -> (PathBuf, Box<dyn Disk
         .expect("open");
     (
         path,
-        open_disk(f, vec![], read_only, None).expect("open_disk"),
+        open_disk(f, vec![], read_only, Format::Raw).expect("open_disk"),
     )
 }
 
@@ -88,7 +88,7 @@ fn raw_out_of_range_and_read_only() {
     d.read_at(&mut b, 4094).unwrap();
     drop(d);
     let f = File::open(dir.path("disk.raw")).unwrap();
-    let mut ro = open_disk(f, vec![], true, Some(Format::Raw)).unwrap();
+    let mut ro = open_disk(f, vec![], true, Format::Raw).unwrap();
     assert!(ro.read_only());
     assert!(matches!(ro.write_at(&b, 0), Err(ImageError::ReadOnly)));
     assert!(matches!(ro.discard(0, 512), Err(ImageError::ReadOnly)));

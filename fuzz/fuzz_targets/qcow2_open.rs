@@ -1,11 +1,11 @@
 //! qcow2 metadata: the input's image bytes go into a memfd, are opened
-//! with `image::open_disk(.., Some(Qcow2))` (or format detection), and a
+//! with `image::open_disk(.., Qcow2)` (or as raw), and a
 //! few reads, writes, discards, write-zeroes and flushes run at offsets
 //! taken from the input.
 //!
 //! Input: 16 control bytes, then the image.
 //!   ctl[0] bit 0: read-only; bit 1: pass a 64 KiB raw backing file;
-//!          bit 2: detect the format instead of naming qcow2.
+//!          bit 2: open it as raw instead of qcow2.
 //!   ctl[1..16]: five ops of 3 bytes: kind (low 3 bits: 0/5/6/7 read,
 //!          1 write, 2 flush, 3 discard, 4 write-zeroes; high 5 bits:
 //!          length in 512-byte units - 1), then a big-endian u16 position
@@ -45,9 +45,9 @@ fuzz_target!(|data: &[u8]| {
         Vec::new()
     };
     let format = if ctl[0] & 4 != 0 {
-        None
+        Format::Raw
     } else {
-        Some(Format::Qcow2)
+        Format::Qcow2
     };
     let Ok(mut disk) = open_disk(memfd(image), backing, read_only, format) else {
         return;

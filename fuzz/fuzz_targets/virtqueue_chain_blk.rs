@@ -25,7 +25,7 @@ fn disk_file() -> File {
 
 fuzz_target!(|data: &[u8]| {
     let ro = data.first().is_some_and(|f| f & F_READ_ONLY != 0);
-    let disk = open_disk(disk_file(), Vec::new(), ro, Some(Format::Raw)).unwrap();
+    let disk = open_disk(disk_file(), Vec::new(), ro, Format::Raw).unwrap();
     let mut dev = VirtioBlk::new(disk, serial("fuzz", 0), ro);
     common::run(&mut dev, data);
 });

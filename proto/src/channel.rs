@@ -140,7 +140,9 @@ impl Channel {
         }
         Ok(frame::decode(&buf[..n], fds)?)
     }
-    /// The peer's credentials (SO_PEERCRED).
+    /// The peer's credentials: SO_PEERCRED and SO_PEERGROUPS, both what
+    /// the kernel recorded at connect(2), so nothing the client does later
+    /// (exec, setgroups) or a reused pid can change them.
     pub fn peer_creds(&self) -> io::Result<Creds> {
         let c = socket::getsockopt(&self.sock, sockopt::PeerCredentials)
             .map_err(|e| with_context(e.into(), "SO_PEERCRED"))?;
@@ -148,7 +150,31 @@ impl Channel {
             uid: c.uid(),
             gid: c.gid(),
             pid: c.pid(),
+            groups: self.peer_groups()?,
         })
+    }
+
+    /// SO_PEERGROUPS; more than [`crate::msg::MAX_GROUPS`] is an error
+    /// (ERANGE), never a truncated list.
+    fn peer_groups(&self) -> io::Result<Vec<u32>> {
+        let mut groups = vec![0u32; crate::msg::MAX_GROUPS];
+        let mut len = (groups.len() * std::mem::size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes of u32s we own; the kernel
+        // writes at most `len` bytes and stores the length it wrote.
+        let r = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(with_context(io::Error::last_os_error(), "SO_PEERGROUPS"));
+        }
+        groups.truncate(len as usize / std::mem::size_of::<u32>());
+        Ok(groups)
     }
     pub fn into_fd(self) -> OwnedFd {
         self.sock

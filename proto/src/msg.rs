@@ -72,12 +72,78 @@ pub enum Reply {
     },
 }
 
-/// A client's credentials as the control process read them (SO_PEERCRED).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A client's credentials as the control process read them from the
+/// kernel: SO_PEERCRED and SO_PEERGROUPS, both fixed when it connected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Creds {
     pub uid: u32,
     pub gid: u32,
     pub pid: i32,
+    /// Supplementary groups, at most [`MAX_GROUPS`].
+    pub groups: Vec<u32>,
+}
+
+/// Most supplementary groups a client may have; control refuses a client
+/// with more (dropping some could grant access: a file whose group bits
+/// deny what its other bits allow).
+pub const MAX_GROUPS: usize = 4096;
+
+/// Whose rights priv opens a path with: whoever named it (docs/SECURITY.md,
+/// "Who names a path"). The connecting user for paths in a vmctl request,
+/// root for vm.conf's, an image's owner for the backing file it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opener {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Opener {
+    /// vm.conf, vmd's own paths, and root's requests: root's rights.
+    pub fn root() -> Opener {
+        Opener {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
+    }
+
+    /// No one's rights (Debian's nobody and nogroup): what a path whose
+    /// namer is unknown opens with, never root's.
+    pub fn nobody() -> Opener {
+        Opener {
+            uid: 65534,
+            gid: 65534,
+            groups: Vec::new(),
+        }
+    }
+
+    /// A vmctl client's rights.
+    pub fn client(creds: &Creds) -> Opener {
+        Opener {
+            uid: creds.uid,
+            gid: creds.gid,
+            groups: creds.groups.clone(),
+        }
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// What priv's opener child found, sent with the open fd (`PrivChildOpened`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenedFile {
+    /// The file's owner and group (fstat): whose rights open the backing
+    /// file it names.
+    pub uid: u32,
+    pub gid: u32,
+    /// Device and inode, to find loops in a backing chain.
+    pub dev: u64,
+    pub ino: u64,
+    /// The backing file a qcow2 image names, and its format.
+    pub backing: Option<(String, crate::vm::DiskFormat)>,
 }
 
 /// The switch (a Linux bridge) a VM's TAP joins, from a vm.conf `switch`
@@ -112,8 +178,13 @@ pub enum Msg {
     ClientRequest { creds: Creds, req: Request },
     /// parent -> control -> client.
     Reply(Reply),
-    /// parent -> priv: open a file a VM needs; peer id is the VM id.
-    PrivOpen { kind: OpenKind, path: String },
+    /// parent -> priv: open a file a VM needs with `opener`'s rights (who
+    /// named it); peer id is the start's sequence number.
+    PrivOpen {
+        kind: OpenKind,
+        path: String,
+        opener: Opener,
+    },
     /// priv -> parent: the file is open; one fd follows.
     PrivOpened { kind: OpenKind },
     /// priv -> parent: a disk is open; its top image and `backing` backing
@@ -208,6 +279,9 @@ pub enum Msg {
     /// device -> VM process: the last request is done (`config` is the
     /// device configuration as it now reads).
     DevAck { config: Vec<u8> },
+    /// priv's short-lived opener child -> priv: the file is open (one fd
+    /// follows) and this is what it is; failures come as `PrivFailed`.
+    PrivChildOpened { file: OpenedFile },
 }
 
 /// Bincode settings for payloads. The limit caps what a decoder may
@@ -294,7 +368,7 @@ wire_table! {
     1 => Request(req: Request),
     2 => ClientRequest { creds: Creds, req: Request },
     3 => Reply(reply: Reply),
-    20 => PrivOpen { kind: OpenKind, path: String },
+    20 => PrivOpen { kind: OpenKind, path: String, opener: Opener },
     21 => PrivOpened { kind: OpenKind },
     22 => PrivFailed { kind: OpenKind, path: String, reason: String },
     23 => PrivOpenedDisk { index: u8, backing: u32 },
@@ -311,6 +385,7 @@ wire_table! {
     },
     26 => PrivIfDone { name: String },
     27 => PrivCleanup {},
+    28 => PrivChildOpened { file: OpenedFile },
     40 => VmmStart(params: VmmParams),
     41 => VmmRunning {},
     42 => VmmTerminate {},
@@ -338,6 +413,7 @@ impl Msg {
             Msg::Reply(Reply::Console { .. }) => 1,
             Msg::PrivOpened { .. } => 1,
             Msg::PrivOpenedTap { .. } => 1,
+            Msg::PrivChildOpened { .. } => 1,
             Msg::ControlSocket => 1,
             Msg::PrivOpenedDisk { backing, .. } => 1 + *backing as usize,
             Msg::VmmStart(p) => p.fd_count(),

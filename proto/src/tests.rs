@@ -425,6 +425,7 @@ fn type_codes_are_unique_and_covered() {
                 uid: 0,
                 gid: 0,
                 pid: 1,
+                groups: vec![0, 4],
             },
             req: Request::Console { name: "a".into() },
         },
@@ -432,6 +433,7 @@ fn type_codes_are_unique_and_covered() {
         Msg::PrivOpen {
             kind: OpenKind::Kvm,
             path: "/dev/kvm".into(),
+            opener: crate::msg::Opener::root(),
         },
         Msg::PrivOpened {
             kind: OpenKind::Kvm,
@@ -514,16 +516,26 @@ fn type_codes_are_unique_and_covered() {
             data: vec![9],
         },
         Msg::DevAck { config: vec![] },
+        Msg::PrivChildOpened {
+            file: crate::msg::OpenedFile {
+                uid: 1000,
+                gid: 1000,
+                dev: 2049,
+                ino: 12,
+                backing: Some(("base.img".into(), Format::Raw)),
+            },
+        },
     ];
     let mut seen: Vec<u16> = samples.iter().map(Msg::type_code).collect();
     seen.sort_unstable();
     assert_eq!(seen, codes);
-    assert_eq!(samples[samples.len() - 12].fd_count(), 1, "PrivOpenedTap");
+    assert_eq!(samples[samples.len() - 13].fd_count(), 1, "PrivOpenedTap");
     assert_eq!(
-        samples[samples.len() - 6].fd_count(),
+        samples[samples.len() - 7].fd_count(),
         2 + 2 * 2,
         "DevAttach"
     );
+    assert_eq!(samples[samples.len() - 1].fd_count(), 1, "PrivChildOpened");
     for m in &samples {
         let bytes = encode(m, 0, 0, m.fd_count()).unwrap();
         let f = decode(&bytes, dev_null_fds(m.fd_count())).unwrap();
@@ -535,7 +547,7 @@ fn type_codes_are_unique_and_covered() {
 fn vmm_params_fd_count_counts_the_cdrom() {
     let mut p = vmm_params(false);
     p.disks.push(DiskParams {
-        format: None,
+        format: crate::vm::DiskFormat::Qcow2,
         read_only: false,
         backing: 1,
     });
@@ -553,7 +565,7 @@ fn vmm_params_fd_count_counts_the_cdrom() {
 fn vmm_params_fd_count_counts_one_device_channel_per_nic() {
     let mut p = vmm_params(true);
     p.disks.push(DiskParams {
-        format: None,
+        format: crate::vm::DiskFormat::Qcow2,
         read_only: false,
         backing: 2,
     });
@@ -802,7 +814,7 @@ fn arb_kind() -> impl Strategy<Value = OpenKind> {
         Just(OpenKind::Initrd),
         Just(OpenKind::Cdrom),
         Just(OpenKind::OptionRom),
-        (any::<u8>(), any::<bool>(), arb_format()).prop_map(|(index, read_only, format)| {
+        (any::<u8>(), any::<bool>(), arb_some_format()).prop_map(|(index, read_only, format)| {
             OpenKind::Disk {
                 index,
                 read_only,
@@ -864,8 +876,21 @@ fn arb_switch() -> impl Strategy<Value = SwitchParams> {
         })
 }
 
+fn arb_some_format() -> impl Strategy<Value = Format> {
+    prop_oneof![Just(Format::Raw), Just(Format::Qcow2)]
+}
+
 fn arb_format() -> impl Strategy<Value = Option<Format>> {
-    proptest::option::of(prop_oneof![Just(Format::Raw), Just(Format::Qcow2)])
+    proptest::option::of(arb_some_format())
+}
+
+fn arb_opener() -> impl Strategy<Value = crate::msg::Opener> {
+    (
+        any::<u32>(),
+        any::<u32>(),
+        proptest::collection::vec(any::<u32>(), 0..8),
+    )
+        .prop_map(|(uid, gid, groups)| crate::msg::Opener { uid, gid, groups })
 }
 
 fn arb_nic_spec() -> impl Strategy<Value = NicSpec> {
@@ -1013,13 +1038,14 @@ fn arb_info() -> impl Strategy<Value = VmInfo> {
 }
 
 fn arb_params() -> impl Strategy<Value = VmmParams> {
-    let disk = (arb_format(), any::<bool>(), 0u32..3).prop_map(|(format, read_only, backing)| {
-        DiskParams {
-            format,
-            read_only,
-            backing,
-        }
-    });
+    let disk =
+        (arb_some_format(), any::<bool>(), 0u32..3).prop_map(|(format, read_only, backing)| {
+            DiskParams {
+                format,
+                read_only,
+                backing,
+            }
+        });
     (
         (any::<u32>(), text(), any::<u64>(), any::<u32>(), text()),
         (any::<bool>(), any::<u32>(), any::<u32>(), any::<bool>()),
@@ -1055,7 +1081,18 @@ fn arb_params() -> impl Strategy<Value = VmmParams> {
 }
 
 fn arb_creds() -> impl Strategy<Value = Creds> {
-    (any::<u32>(), any::<u32>(), any::<i32>()).prop_map(|(uid, gid, pid)| Creds { uid, gid, pid })
+    (
+        any::<u32>(),
+        any::<u32>(),
+        any::<i32>(),
+        proptest::collection::vec(any::<u32>(), 0..8),
+    )
+        .prop_map(|(uid, gid, pid, groups)| Creds {
+            uid,
+            gid,
+            pid,
+            groups,
+        })
 }
 
 fn arb_request() -> impl Strategy<Value = Request> {
@@ -1094,7 +1131,11 @@ fn arb_msg() -> impl Strategy<Value = Msg> {
         arb_request().prop_map(Msg::Request),
         (arb_creds(), arb_request()).prop_map(|(creds, req)| Msg::ClientRequest { creds, req }),
         arb_reply().prop_map(Msg::Reply),
-        (arb_kind(), text()).prop_map(|(kind, path)| Msg::PrivOpen { kind, path }),
+        (arb_kind(), text(), arb_opener()).prop_map(|(kind, path, opener)| Msg::PrivOpen {
+            kind,
+            path,
+            opener
+        }),
         arb_kind().prop_map(|kind| Msg::PrivOpened { kind }),
         (arb_kind(), text(), text()).prop_map(|(kind, path, reason)| Msg::PrivFailed {
             kind,

@@ -262,7 +262,8 @@ pub enum OpenKind {
     Disk {
         index: u8,
         read_only: bool,
-        format: Option<DiskFormat>,
+        /// The top image's format: named, or what its name implies.
+        format: DiskFormat,
     },
     /// The VM's CD-ROM image, read-only.
     Cdrom,
@@ -292,6 +293,28 @@ impl DiskFormat {
         }
     }
 
+    /// The format a path's name implies when nothing names one: qcow2 for
+    /// `*.qcow2` (any case), raw otherwise, as OpenBSD's vmctl. A disk's
+    /// content never decides its format: a guest writes its raw disk, and
+    /// a qcow2 header it wrote there would name a backing file to read
+    /// (QEMU's CVE-2008-2004).
+    pub fn of_name(path: &std::path::Path) -> DiskFormat {
+        let qcow2 = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("qcow2"));
+        if qcow2 {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        }
+    }
+
+    /// `named`, or else what the name implies ([`DiskFormat::of_name`]).
+    pub fn named_or_of(named: Option<DiskFormat>, path: &std::path::Path) -> DiskFormat {
+        named.unwrap_or_else(|| DiskFormat::of_name(path))
+    }
+
     pub fn from_name(s: &str) -> Option<DiskFormat> {
         match s {
             "raw" => Some(DiskFormat::Raw),
@@ -311,7 +334,7 @@ impl std::fmt::Display for DiskFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
     pub path: String,
-    /// `None`: detect from the qcow2 magic.
+    /// `None`: what the name implies (`*.qcow2`), never the content.
     pub format: Option<DiskFormat>,
     pub read_only: bool,
 }
@@ -350,8 +373,8 @@ pub struct VmmParams {
 /// then `backing` read-only fds for its backing chain, top down.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskParams {
-    /// The format the admin named, or `None` to detect it.
-    pub format: Option<DiskFormat>,
+    /// The top image's format, as priv opened it.
+    pub format: DiskFormat,
     pub read_only: bool,
     pub backing: u32,
 }

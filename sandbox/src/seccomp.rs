@@ -202,7 +202,33 @@ const PRIV: &[i64] = &[
     libc::SYS_bind,
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
+    // Opener children (vmd-priv's opener.rs): a socketpair to answer on,
+    // fork (clone, checked below), the child taking the namer's groups,
+    // gid and uid and keeping only its socket, and priv killing and
+    // reaping it. No execve: the child runs priv's own code only.
+    libc::SYS_socketpair,
+    // glibc's fork registers the child's robust futex list.
+    libc::SYS_set_robust_list,
+    libc::SYS_setgroups,
+    libc::SYS_setresgid,
+    libc::SYS_setresuid,
+    libc::SYS_dup2,
+    libc::SYS_close_range,
+    libc::SYS_kill,
+    libc::SYS_wait4,
 ];
+
+/// clone flags priv's fork may not carry: no thread, no shared memory, no
+/// new namespace (glibc's fork passes SIGCHLD and the CHILD_*TID flags).
+const PRIV_CLONE_FORBIDDEN: u64 = (libc::CLONE_THREAD
+    | libc::CLONE_VM
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP) as u64;
 
 /// ioctl request numbers the vmm may use besides KVM's: tty and socket
 /// basics, and TAP setup for virtio-net.
@@ -352,7 +378,17 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
             map.extend(any(CONTROL));
             map.insert(libc::SYS_fcntl, fcntl_rules()?);
         }
-        Role::Priv => map.extend(any(PRIV)),
+        Role::Priv => {
+            map.extend(any(PRIV));
+            map.insert(
+                libc::SYS_clone,
+                vec![SeccompRule::new(vec![cond(
+                    0,
+                    SeccompCmpOp::MaskedEq(PRIV_CLONE_FORBIDDEN),
+                    0,
+                )?])?],
+            );
+        }
     }
     Ok(map)
 }

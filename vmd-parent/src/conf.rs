@@ -66,8 +66,11 @@ fn ifgroup_in(text: &str, name: &str) -> Option<u32> {
 
 /// The spec a definition starts with.
 pub fn spec_of(def: &VmDef) -> Result<VmSpec, String> {
-    let mut spec = VmSpec::from_request(&vmd_config::to_start_request(def))
-        .map_err(|e| format!("{}: {e}", def.defined_at))?;
+    let mut spec = VmSpec::from_request(
+        &vmd_config::to_start_request(def),
+        &vmd_proto::msg::Opener::root(),
+    )
+    .map_err(|e| format!("{}: {e}", def.defined_at))?;
     spec.cdrom = def.cdrom.as_ref().map(|p| p.display().to_string());
     spec.boot_filename = def.boot_filename.clone();
     Ok(spec)

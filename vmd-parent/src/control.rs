@@ -341,7 +341,7 @@ fn client_readable(parent: &Channel, clients: &mut BTreeMap<u32, Client>, id: u3
             client.in_flight += 1;
             client.last_active = Instant::now();
             let msg = Msg::ClientRequest {
-                creds: client.creds,
+                creds: client.creds.clone(),
                 req,
             };
             if let Err(e) = parent.send(&msg, id, &[]) {

@@ -16,7 +16,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use vmd_proto::msg::ResetWhat;
-use vmd_proto::msg::{Creds, Reply, Request};
+use vmd_proto::msg::{Creds, Opener, Reply, Request};
 use vmd_proto::vm::{
     validate_name, DevKind, DevParams, DhcpLease, DiskParams, ExitReason, NicParams, OpenKind,
     StartRequest, VmState, VmmParams,

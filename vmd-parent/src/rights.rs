@@ -148,6 +148,9 @@ pub fn changes(base: &VmSpec, new: &VmSpec) -> Vec<Setting> {
         cdrom,
         boot_device,
         boot_filename,
+        // Not a setting: who named the paths, which opens them with their
+        // own rights (never more than root's for the definition's).
+        named_by: _,
     } = new;
     let mut out = Vec::new();
     if *kernel != base.kernel {
@@ -188,13 +191,16 @@ mod tests {
     use vmd_proto::vm::{BootDevice, DiskSpec, StartRequest};
 
     fn base() -> VmSpec {
-        let mut spec = VmSpec::from_request(&StartRequest {
-            name: "t".into(),
-            kernel: Some("/k".into()),
-            initrd: Some("/i".into()),
-            memory: Some(64 << 20),
-            ..Default::default()
-        })
+        let mut spec = VmSpec::from_request(
+            &StartRequest {
+                name: "t".into(),
+                kernel: Some("/k".into()),
+                initrd: Some("/i".into()),
+                memory: Some(64 << 20),
+                ..Default::default()
+            },
+            &vmd_proto::msg::Opener::root(),
+        )
         .unwrap();
         spec.nics = vec![NicSpec {
             switch: Some("sw".into()),
@@ -206,7 +212,7 @@ mod tests {
     }
 
     fn over(req: StartRequest) -> VmSpec {
-        VmSpec::merged(&base(), &req).unwrap()
+        VmSpec::merged(&base(), &req, &vmd_proto::msg::Opener::root()).unwrap()
     }
 
     fn req() -> StartRequest {

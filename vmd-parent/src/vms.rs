@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
+use vmd_proto::msg::Opener;
 use vmd_proto::vm::{
     BootDevice, DiskSpec, ExitReason, NicSpec, StartRequest, VmInfo, VmState, DEFAULT_MEMORY,
     MAX_CMDLINE, MAX_DISKS, MAX_NICS, MAX_VCPUS,
@@ -41,20 +42,46 @@ pub struct VmSpec {
     /// vm.conf `boot filename` (ours): the PXE boot file that the local
     /// interfaces' DHCP names when the VM boots from the network.
     pub boot_filename: Option<String>,
+    /// Who named each path above: priv opens it with their rights.
+    pub named_by: NamedBy,
+}
+
+/// Whose rights open each path of a [`VmSpec`]: whoever named it (root
+/// for vm.conf, the client for what its request names). A path vmd names
+/// itself (the firmware, the network boot ROM) is root's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedBy {
+    pub kernel: Opener,
+    pub initrd: Opener,
+    pub cdrom: Opener,
+    /// One per disk, in the same order.
+    pub disks: Vec<Opener>,
+}
+
+impl NamedBy {
+    fn all(by: &Opener, disks: usize) -> NamedBy {
+        NamedBy {
+            kernel: by.clone(),
+            initrd: by.clone(),
+            cdrom: by.clone(),
+            disks: vec![by.clone(); disks],
+        }
+    }
 }
 
 impl VmSpec {
-    /// Settles and checks a request on its own.
-    pub fn from_request(req: &StartRequest) -> Result<VmSpec, String> {
-        Self::checked(req, None)
+    /// Settles and checks a request on its own; `by` named its paths.
+    pub fn from_request(req: &StartRequest, by: &Opener) -> Result<VmSpec, String> {
+        Self::checked(req, None, by)
     }
 
-    /// The spec of `req` laid over `base` (a defined VM).
-    pub fn merged(base: &VmSpec, req: &StartRequest) -> Result<VmSpec, String> {
-        Self::checked(req, Some(base))
+    /// The spec of `req` (whose paths `by` named) laid over `base` (a
+    /// defined VM); paths it keeps from `base` keep their namers.
+    pub fn merged(base: &VmSpec, req: &StartRequest, by: &Opener) -> Result<VmSpec, String> {
+        Self::checked(req, Some(base), by)
     }
 
-    fn checked(req: &StartRequest, base: Option<&VmSpec>) -> Result<VmSpec, String> {
+    fn checked(req: &StartRequest, base: Option<&VmSpec>, by: &Opener) -> Result<VmSpec, String> {
         let name = &req.name;
         let memory = req
             .memory
@@ -107,6 +134,24 @@ impl VmSpec {
         };
         let cdrom = req.cdrom.clone().or(base.and_then(|b| b.cdrom.clone()));
         let boot_device = req.boot_device.or(base.and_then(|b| b.boot_device));
+        let named_by = match base {
+            None => NamedBy::all(by, disks.len()),
+            Some(b) => {
+                let pick = |from_req: bool, kept: &Opener| match from_req {
+                    true => by.clone(),
+                    false => kept.clone(),
+                };
+                NamedBy {
+                    kernel: pick(req.kernel.is_some(), &b.named_by.kernel),
+                    initrd: pick(req.initrd.is_some(), &b.named_by.initrd),
+                    cdrom: pick(req.cdrom.is_some(), &b.named_by.cdrom),
+                    disks: match req.disks.is_empty() {
+                        true => b.named_by.disks.clone(),
+                        false => vec![by.clone(); disks.len()],
+                    },
+                }
+            }
+        };
         Ok(VmSpec {
             kernel,
             initrd,
@@ -118,6 +163,7 @@ impl VmSpec {
             cdrom,
             boot_device,
             boot_filename: base.and_then(|b| b.boot_filename.clone()),
+            named_by,
         })
     }
 
@@ -364,25 +410,29 @@ mod tests {
 
     #[test]
     fn spec_defaults_and_limits() {
-        let spec = VmSpec::from_request(&req("a")).unwrap();
+        let spec = VmSpec::from_request(&req("a"), &Opener::root()).unwrap();
         assert_eq!(spec.memory, DEFAULT_MEMORY);
         assert_eq!(spec.vcpus, 1);
         assert_eq!(spec.unsupported(), None);
         // Without a kernel the VM boots the firmware.
         let mut r = req("a");
         r.kernel = None;
-        let spec = VmSpec::from_request(&r).unwrap();
+        let spec = VmSpec::from_request(&r, &Opener::root()).unwrap();
         assert_eq!(spec.unsupported(), None);
         assert_eq!(spec.boot_image(), FIRMWARE_PATH);
         let mut r = req("a");
         r.vcpus = Some(0);
-        assert!(VmSpec::from_request(&r).unwrap_err().contains("vcpus"));
+        assert!(VmSpec::from_request(&r, &Opener::root())
+            .unwrap_err()
+            .contains("vcpus"));
         let mut r = req("a");
         r.memory = Some(1000);
-        assert!(VmSpec::from_request(&r).unwrap_err().contains("memory"));
+        assert!(VmSpec::from_request(&r, &Opener::root())
+            .unwrap_err()
+            .contains("memory"));
         let mut r = req("a");
         r.cmdline = Some("x".repeat(5000));
-        assert!(VmSpec::from_request(&r)
+        assert!(VmSpec::from_request(&r, &Opener::root())
             .unwrap_err()
             .contains("command line"));
     }
@@ -392,31 +442,31 @@ mod tests {
         let mut r = req("a");
         r.kernel = None;
         r.boot_device = Some(BootDevice::Cdrom);
-        let spec = VmSpec::from_request(&r).unwrap();
+        let spec = VmSpec::from_request(&r, &Opener::root()).unwrap();
         assert_eq!(
             spec.unsupported().as_deref(),
             Some("boot device cdrom needs a cdrom")
         );
         r.cdrom = Some("/x.iso".into());
-        let spec = VmSpec::from_request(&r).unwrap();
+        let spec = VmSpec::from_request(&r, &Opener::root()).unwrap();
         assert_eq!(spec.unsupported(), None);
         r.boot_device = Some(BootDevice::Disk);
-        assert!(VmSpec::from_request(&r)
+        assert!(VmSpec::from_request(&r, &Opener::root())
             .unwrap()
             .unsupported()
             .unwrap()
             .contains("needs a disk"));
         // A definition's cdrom and boot device hold unless the request
         // names its own.
-        let base = VmSpec::from_request(&r).unwrap();
-        let m = VmSpec::merged(&base, &req("a")).unwrap();
+        let base = VmSpec::from_request(&r, &Opener::root()).unwrap();
+        let m = VmSpec::merged(&base, &req("a"), &Opener::root()).unwrap();
         assert_eq!(m.cdrom.as_deref(), Some("/x.iso"));
         assert_eq!(m.boot_device, Some(BootDevice::Disk));
     }
 
     #[test]
     fn request_overrides_definition() {
-        let mut base = VmSpec::from_request(&req("a")).unwrap();
+        let mut base = VmSpec::from_request(&req("a"), &Opener::root()).unwrap();
         base.memory = 64 << 20;
         base.initrd = Some("/i".into());
         base.cmdline = "def".into();
@@ -425,7 +475,7 @@ mod tests {
             vcpus: Some(2),
             ..Default::default()
         };
-        let m = VmSpec::merged(&base, &r).unwrap();
+        let m = VmSpec::merged(&base, &r, &Opener::root()).unwrap();
         assert_eq!(
             (m.memory, m.vcpus, m.cmdline.as_str()),
             (64 << 20, 2, "def")
@@ -437,6 +487,9 @@ mod tests {
             kernel: Some("/k2".into()),
             ..Default::default()
         };
-        assert_eq!(VmSpec::merged(&base, &r).unwrap().initrd, None);
+        assert_eq!(
+            VmSpec::merged(&base, &r, &Opener::root()).unwrap().initrd,
+            None
+        );
     }
 }

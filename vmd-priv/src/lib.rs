@@ -9,15 +9,19 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use log::{debug, error, info, warn};
-use vmd_disk::{self as image, Format, ImageError};
+use vmd_disk::{self as image, Format, Lock, MAX_BACKING_DEPTH};
+use vmd_proto::msg::Opener;
 use vmd_proto::vm::OpenKind;
 use vmd_proto::{Channel, ChannelError, Msg};
 
 pub mod net;
 mod netlink;
+pub mod opener;
+
+use opener::Want;
 
 use net::NetState;
 
@@ -42,20 +46,31 @@ pub enum OpenError {
     Image { path: String, reason: String },
     #[error("{path}: not a file (asked to open a network interface as one)")]
     NotAFile { path: String },
+    /// The opener child could not do its work (fork, timeout, a bad answer).
+    #[error("{path}: {reason}")]
+    Opener { path: String, reason: String },
+    /// The open failed with the namer's rights; `reason` names the path.
+    #[error("{reason}")]
+    Refused { reason: String },
 }
 
-/// Opens what `kind` names. Kernels and initrds are opened read-only and
-/// must be regular files; /dev/kvm must be the character device.
-pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
-    let io = |source| OpenError::Io {
-        path: path.to_string(),
-        source,
-    };
+/// Opens what `kind` names with `opener`'s rights (who named it, see
+/// [`opener`]). Kernels, initrds, BIOS and option ROMs and CD-ROM images
+/// are opened read-only and must be regular files; /dev/kvm, which vmd
+/// itself names, must be the character device.
+pub fn open_for_vm(kind: OpenKind, path: &str, opener: &Opener) -> Result<File, OpenError> {
     if !Path::new(path).is_absolute() {
         return Err(OpenError::NotAbsolute { path: path.into() });
     }
     match kind {
         OpenKind::Kvm => {
+            let io = |source| OpenError::Io {
+                path: path.to_string(),
+                source,
+            };
+            if path != KVM_PATH {
+                return Err(OpenError::NotCharDevice { path: path.into() });
+            }
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -68,87 +83,94 @@ pub fn open_for_vm(kind: OpenKind, path: &str) -> Result<File, OpenError> {
             Ok(file)
         }
         OpenKind::Disk { .. } => Err(OpenError::NotRegular { path: path.into() }),
-        // An ISO image: read-only, like a kernel.
-        OpenKind::Cdrom => open_for_vm(OpenKind::Kernel, path),
         OpenKind::Tap { .. } | OpenKind::Interface => {
             Err(OpenError::NotAFile { path: path.into() })
         }
-        OpenKind::Kernel | OpenKind::Initrd | OpenKind::OptionRom => {
-            // O_NONBLOCK so a FIFO planted at the path cannot hang us
-            // before the regular-file check.
-            let file = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
-                .open(path)
-                .map_err(io)?;
-            if !file.metadata().map_err(io)?.is_file() {
-                return Err(OpenError::NotRegular { path: path.into() });
-            }
-            Ok(file)
+        OpenKind::Kernel | OpenKind::Initrd | OpenKind::OptionRom | OpenKind::Cdrom => {
+            Ok(opener::open_as(opener, kind, path, Want::ReadOnly)?.0)
         }
     }
 }
 
-/// Opens a disk for a VM: the top image read-write (or read-only) and
-/// locked exclusively, so two VMs never write one image, then each file of
-/// its backing chain read-only. With `format` given as raw the image is
-/// never parsed for a backing chain.
+/// Opens a disk for a VM: the top image read-write (locked exclusively)
+/// or read-only (locked shared) with `opener`'s rights, then each file of
+/// its backing chain read-only, locked shared, with the rights of the
+/// owner of the image that names it. A raw image has no backing chain.
 pub fn open_disk(
     path: &str,
     read_only: bool,
-    format: Option<Format>,
+    format: Format,
+    opener: &Opener,
 ) -> Result<Vec<File>, OpenError> {
-    let image_err = |e: ImageError| OpenError::Image {
-        path: path.to_string(),
-        reason: e.to_string(),
-    };
-    let io = |source| OpenError::Io {
-        path: path.to_string(),
-        source,
-    };
     if !Path::new(path).is_absolute() {
         return Err(OpenError::NotAbsolute { path: path.into() });
     }
-    let top = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(io)?;
-    let meta = top.metadata().map_err(io)?;
-    if !(meta.is_file() || meta.file_type().is_block_device()) {
-        return Err(OpenError::NotRegular { path: path.into() });
-    }
-    if !read_only {
-        image::lock_exclusive(&top, Path::new(path)).map_err(image_err)?;
-    }
-    let format = match format {
-        Some(f) => f,
-        None => image::detect_format(&top).map_err(image_err)?,
+    let want = Want::Image {
+        write: !read_only,
+        lock: if read_only {
+            Lock::Shared
+        } else {
+            Lock::Exclusive
+        },
+        format,
     };
+    let kind = OpenKind::Disk {
+        index: 0,
+        read_only,
+        format,
+    };
+    let (top, mut found) = opener::open_as(opener, kind, path, want)?;
+    let mut seen = vec![(found.dev, found.ino)];
     let mut files = vec![top];
-    if format == Format::Qcow2 {
-        for backing in image::backing_chain(Path::new(path)).map_err(image_err)? {
-            let file = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
-                .open(&backing)
-                .map_err(|source| OpenError::Io {
-                    path: backing.display().to_string(),
-                    source,
-                })?;
-            files.push(file);
+    let mut cur = PathBuf::from(path);
+    while let Some((name, format)) = found.backing.take() {
+        let next = image::resolve_backing(&cur, &name);
+        let image_err = |reason: String| OpenError::Image {
+            path: cur.display().to_string(),
+            reason,
+        };
+        if files.len() > MAX_BACKING_DEPTH {
+            return Err(image_err(format!(
+                "more than {MAX_BACKING_DEPTH} backing files (at {name:?})"
+            )));
         }
+        let Some(next_str) = next.to_str() else {
+            return Err(image_err(format!("backing file {name:?} is not UTF-8")));
+        };
+        let owner = opener::owner_of(found.uid, found.gid);
+        let want = Want::Image {
+            write: false,
+            lock: Lock::Shared,
+            format,
+        };
+        let (file, below) = opener::open_as(&owner, kind, next_str, want)?;
+        if seen.contains(&(below.dev, below.ino)) {
+            return Err(image_err(format!(
+                "backing file loop: {} is already in the chain",
+                next.display()
+            )));
+        }
+        seen.push((below.dev, below.ino));
+        files.push(file);
+        found = below;
+        cur = next;
     }
     Ok(files)
 }
 
 /// priv stays root to open root-owned files, but keeps only
-/// CAP_DAC_OVERRIDE (open images and kernels whatever their mode) and
-/// CAP_NET_ADMIN (TAP devices and bridges), and only its syscalls.
+/// CAP_DAC_OVERRIDE (open what root names whatever its mode),
+/// CAP_SETUID and CAP_SETGID (its opener children take the rights of
+/// whoever named a path) and CAP_NET_ADMIN (TAP devices and bridges), and
+/// only its syscalls.
 fn sandbox() -> Result<(), vmd_sandbox::SandboxError> {
     use vmd_sandbox::Capability;
-    vmd_sandbox::keep_only_caps(&[Capability::CAP_DAC_OVERRIDE, Capability::CAP_NET_ADMIN])?;
+    vmd_sandbox::keep_only_caps(&[
+        Capability::CAP_DAC_OVERRIDE,
+        Capability::CAP_SETGID,
+        Capability::CAP_SETUID,
+        Capability::CAP_NET_ADMIN,
+    ])?;
     // One request at a time: a disk's backing chain at most.
     vmd_sandbox::limit_resources(256)?;
     vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Priv)
@@ -169,8 +191,9 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
                     format,
                 },
             path,
+            opener,
         } => {
-            let done = open_disk(&path, read_only, format).map(|files| {
+            let done = open_disk(&path, read_only, format, &opener).map(|files| {
                 let backing = (files.len() - 1) as u32;
                 debug!("vm {vm}: opened disk {index} {path} (+{backing} backing)");
                 (Msg::PrivOpenedDisk { index, backing }, files)
@@ -180,6 +203,7 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
         Msg::PrivOpen {
             kind: kind @ OpenKind::Tap { index },
             path,
+            opener: _,
         } => {
             let done = net.open_tap(&path).map(|(file, name)| {
                 debug!("vm {vm}: created TAP {name} for interface {index}");
@@ -187,8 +211,8 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
             });
             (kind, path, done.map_err(|e| e.to_string()))
         }
-        Msg::PrivOpen { kind, path } => {
-            let done = open_for_vm(kind, &path).map(|file| {
+        Msg::PrivOpen { kind, path, opener } => {
+            let done = open_for_vm(kind, &path, &opener).map(|file| {
                 debug!("vm {vm}: opened {kind:?} {path}");
                 (Msg::PrivOpened { kind }, vec![file])
             });

@@ -47,7 +47,7 @@ fn run_rng(data: &[u8]) {
 /// As the virtqueue_chain_blk target: a 1 MiB raw disk in a memfd.
 fn run_blk(data: &[u8]) {
     let ro = data.first().is_some_and(|f| f & F_READ_ONLY != 0);
-    let disk = open_disk(disk_file(), Vec::new(), ro, Some(Format::Raw)).unwrap();
+    let disk = open_disk(disk_file(), Vec::new(), ro, Format::Raw).unwrap();
     common::run(&mut VirtioBlk::new(disk, serial("fuzz", 0), ro), data);
 }
 

@@ -24,7 +24,7 @@ fn tmp(name: &str) -> PathBuf {
 struct Disk {
     path: PathBuf,
     read_only: bool,
-    format: Option<Format>,
+    format: Format,
 }
 
 fn raw(name: &str, data: &[u8]) -> Disk {
@@ -33,7 +33,7 @@ fn raw(name: &str, data: &[u8]) -> Disk {
     Disk {
         path,
         read_only: false,
-        format: Some(Format::Raw),
+        format: Format::Raw,
     }
 }
 
@@ -251,7 +251,7 @@ fn qcow2_written_by_the_guest_checks_clean() {
     let d = Disk {
         path: path.clone(),
         read_only: false,
-        format: None,
+        format: Format::Qcow2,
     };
     let Some(out) = run(
         &[d],

@@ -34,13 +34,13 @@ const MESSAGES: &[&str] = &[
     r#"{"Request":"Reload"}"#,
     r#"{"Request":{"Reset":{"what":"Switches"}}}"#,
     r#"{"Request":{"Log":{"verbose":true}}}"#,
-    r#"{"ClientRequest":{"creds":{"uid":1000,"gid":1000,"pid":4242},"req":{"Wait":{"name":"x"}}}}"#,
+    r#"{"ClientRequest":{"creds":{"uid":1000,"gid":1000,"pid":4242,"groups":[1000,27]},"req":{"Wait":{"name":"x"}}}}"#,
     r#"{"Reply":{"Ok":"started"}}"#,
     r#"{"Reply":{"Error":"no such vm"}}"#,
     r#"{"Reply":{"Console":{"tty":"/dev/pts/3"}}}"#,
     r#"{"Reply":{"Status":[{"id":1,"pid":77,"vcpus":1,"max_mem":1048576,"cur_mem":0,"tty":"","owner":"root","state":"Running","name":"a","last_exit":{"GuestCrash":"triple fault"},"restarts":0,"defined":true,"enabled":false,"disks":["/a"],"interfaces":1,"cdrom":null}]}}"#,
-    r#"{"PrivOpen":{"kind":{"Disk":{"index":1,"read_only":true,"format":null}},"path":"/var/vm/b.img"}}"#,
-    r#"{"PrivOpen":{"kind":{"Tap":{"index":0}},"path":""}}"#,
+    r#"{"PrivOpen":{"kind":{"Disk":{"index":1,"read_only":true,"format":"Raw"}},"path":"/var/vm/b.img","opener":{"uid":1000,"gid":1000,"groups":[1000]}}}"#,
+    r#"{"PrivOpen":{"kind":{"Tap":{"index":0}},"path":"","opener":{"uid":0,"gid":0,"groups":[]}}}"#,
     r#"{"PrivOpened":{"kind":"Kvm"}}"#,
     r#"{"PrivFailed":{"kind":"Kernel","path":"/bsd","reason":"ENOENT"}}"#,
     r#"{"PrivOpenedDisk":{"index":0,"backing":2}}"#,
@@ -48,6 +48,7 @@ const MESSAGES: &[&str] = &[
     r#"{"PrivIfConfig":{"name":"tap0","switch":{"bridge":"br0","group":"uplink","up":true},"group":null,"up":true,"host_addr":["100.64.0.1",31]}}"#,
     r#"{"PrivIfDone":{"name":"tap0"}}"#,
     r#""PrivCleanup""#,
+    r#"{"PrivChildOpened":{"file":{"uid":1000,"gid":1000,"dev":2049,"ino":12,"backing":["base.img","Raw"]}}}"#,
     r#"{"VmmStart":{"id":3,"name":"vm1","memory":536870912,"vcpus":2,"cmdline":"console=ttyS0","has_initrd":true,"uid":1000,"gid":1000,"verbose":false,"disks":[{"format":"Qcow2","read_only":false,"backing":1}],"nics":[{"mac":[254,225,186,208,0,1],"locked":true,"dhcp":{"guest":"100.64.0.2","host":"100.64.0.1","prefix_len":31,"dns":null,"boot_file":"pxe"}}]}}"#,
     r#"{"VmmStart":{"id":4,"name":"v","memory":1048576,"vcpus":1,"cmdline":"","has_initrd":false,"uid":0,"gid":0,"verbose":true,"disks":[],"nics":[]}}"#,
     r#""VmmRunning""#,
@@ -107,7 +108,7 @@ fn qcow2_seeds(tmp: &Path) {
         write("qcow2_open", &format!("own-{name}"), &qcow2_input(0, &p));
         // With data: clusters, L2 tables and refcounts allocated.
         let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        let mut d = open_disk(f, Vec::new(), false, Some(Format::Qcow2)).unwrap();
+        let mut d = open_disk(f, Vec::new(), false, Format::Qcow2).unwrap();
         d.write_at(&[0x5a; 1024], 0).unwrap();
         d.write_at(&[0xa5; 512], size / 2).unwrap();
         d.flush().unwrap();

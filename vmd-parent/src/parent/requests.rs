@@ -97,7 +97,7 @@ impl Parent {
             if creds.uid != 0 {
                 return self.error(client, "permission denied".into());
             }
-            let spec = match VmSpec::from_request(&req) {
+            let spec = match VmSpec::from_request(&req, &Opener::client(&creds)) {
                 Ok(spec) => spec,
                 Err(e) => return self.error(client, e),
             };
@@ -121,7 +121,7 @@ impl Parent {
         // A start lays its settings over the definition (or over what the
         // ad-hoc VM or instance last ran with).
         let base = vm.defined.clone().unwrap_or_else(|| vm.spec.clone());
-        let mut spec = match VmSpec::merged(&base, &req) {
+        let mut spec = match VmSpec::merged(&base, &req, &Opener::client(&creds)) {
             Ok(spec) => spec,
             Err(e) => return self.error(client, e),
         };
@@ -191,7 +191,7 @@ impl Parent {
             base: base.clone(),
             allow: allow.clone(),
         };
-        let mut spec = match VmSpec::merged(base, &req) {
+        let mut spec = match VmSpec::merged(base, &req, &Opener::client(&creds)) {
             Ok(spec) => spec,
             Err(e) => return self.error(client, e),
         };

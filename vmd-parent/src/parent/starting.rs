@@ -4,6 +4,10 @@
 
 use super::*;
 
+use std::path::Path;
+
+use vmd_proto::vm::DiskFormat as Format;
+
 /// A start in progress: the fds priv has opened for it so far.
 pub(super) struct PendingStart {
     pub(super) vm_id: u32,
@@ -61,33 +65,52 @@ impl Parent {
         info!("vm {}: starting", vm.name);
         self.next_seq = self.next_seq.wrapping_add(1);
         let seq = self.next_seq;
+        // Each path is opened with the rights of whoever named it; vmd's
+        // own (/dev/kvm, the firmware, the boot ROM) with root's.
+        let named = &vm.spec.named_by;
+        let kernel_by = match vm.spec.kernel {
+            Some(_) => named.kernel.clone(),
+            None => Opener::root(),
+        };
         let mut wants = vec![
-            (OpenKind::Kvm, vmd_priv::KVM_PATH.to_string()),
-            (OpenKind::Kernel, kernel),
+            (
+                OpenKind::Kvm,
+                vmd_priv::KVM_PATH.to_string(),
+                Opener::root(),
+            ),
+            (OpenKind::Kernel, kernel, kernel_by),
         ];
         if let Some(initrd) = &vm.spec.initrd {
-            wants.push((OpenKind::Initrd, initrd.clone()));
+            wants.push((OpenKind::Initrd, initrd.clone(), named.initrd.clone()));
         }
         if let Some(cdrom) = &vm.spec.cdrom {
-            wants.push((OpenKind::Cdrom, cdrom.clone()));
+            wants.push((OpenKind::Cdrom, cdrom.clone(), named.cdrom.clone()));
         }
         if vm.spec.boot_net() {
             wants.push((
                 OpenKind::OptionRom,
                 crate::vms::NET_BOOT_ROM_PATH.to_string(),
+                Opener::root(),
             ));
         }
         for (index, nic) in vm.spec.nics.iter().enumerate() {
             let kind = OpenKind::Tap { index: index as u8 };
-            wants.push((kind, nic.tap.clone().unwrap_or_default()));
+            wants.push((kind, nic.tap.clone().unwrap_or_default(), Opener::root()));
         }
         for (index, disk) in vm.spec.disks.iter().enumerate() {
             let kind = OpenKind::Disk {
                 index: index as u8,
                 read_only: disk.read_only,
-                format: disk.format,
+                format: Format::named_or_of(disk.format, Path::new(&disk.path)),
             };
-            wants.push((kind, disk.path.clone()));
+            // A spec has one namer per disk; were one missing, the disk
+            // opens with nobody's rights, never root's.
+            let by = named
+                .disks
+                .get(index)
+                .cloned()
+                .unwrap_or_else(Opener::nobody);
+            wants.push((kind, disk.path.clone(), by));
         }
         self.pending.insert(
             seq,
@@ -105,12 +128,9 @@ impl Parent {
                 taps: vm.spec.nics.iter().map(|_| None).collect(),
             },
         );
-        for (kind, path) in wants {
-            if let Err(e) = self
-                .privsep
-                .chan
-                .send(&Msg::PrivOpen { kind, path }, seq, &[])
-            {
+        for (kind, path, opener) in wants {
+            let msg = Msg::PrivOpen { kind, path, opener };
+            if let Err(e) = self.privsep.chan.send(&msg, seq, &[]) {
                 self.pending.remove(&seq);
                 self.start_failed(id, format!("asking priv to open files: {e}"));
                 return;
@@ -380,7 +400,7 @@ impl Parent {
                 .iter()
                 .zip(&p.disks)
                 .map(|(spec, fds)| DiskParams {
-                    format: spec.format,
+                    format: Format::named_or_of(spec.format, Path::new(&spec.path)),
                     read_only: spec.read_only,
                     backing: fds.as_ref().map_or(0, |f| f.len().saturating_sub(1)) as u32,
                 })
