@@ -308,7 +308,10 @@ pub fn guest(name: &str, src: &str) -> PathBuf {
     let dir = tmp_dir("asm-guests");
     let s = dir.join(format!("{name}.S"));
     let o = dir.join(format!("{name}.o"));
-    let ld = dir.join("link.ld");
+    // One linker script per guest: tests run in parallel, and a shared
+    // script rewritten (truncated) by one test while another's ld reads
+    // it links that guest at the wrong address.
+    let ld = dir.join(format!("{name}.ld"));
     let elf = dir.join(format!("{name}.elf"));
     fs::write(&s, src).unwrap();
     fs::write(&ld, LINKER_SCRIPT).unwrap();
