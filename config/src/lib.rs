@@ -22,7 +22,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use parser::{parse_file, parse_str};
+pub use parser::{parse_file, parse_file_with, parse_str};
 
 /// Most disks a VM may have (the protocol's limit, defined there once).
 pub use vmd_proto::vm::MAX_DISKS;

@@ -78,6 +78,13 @@ type Result<T> = std::result::Result<T, ConfigError>;
 
 /// Parses the file at `path`; includes are relative to its directory.
 pub fn parse_file(path: &Path) -> Result<Config> {
+    parse_file_with(path, &[])
+}
+
+/// Parses the file at `path` with macros defined beforehand (`vmd -D
+/// name=value`); as on OpenBSD, they override the file's definitions of
+/// the same names.
+pub fn parse_file_with(path: &Path, defines: &[(String, String)]) -> Result<Config> {
     let name = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| ConfigError::Read {
         file: name.clone(),
@@ -88,22 +95,33 @@ pub fn parse_file(path: &Path) -> Result<Config> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    parse_inner(&text, name, dir, std::fs::canonicalize(path).ok())
+    let key = std::fs::canonicalize(path).ok();
+    parse_inner(&text, name, dir, key, defines)
 }
 
 /// Parses `text`; `name` is the file name used in messages and locations,
 /// `base_dir` is where relative includes are found.
 pub fn parse_str(text: &str, name: &str, base_dir: &Path) -> Result<Config> {
     let key = std::fs::canonicalize(base_dir.join(name)).ok();
-    parse_inner(text, name.to_string(), base_dir.to_path_buf(), key)
+    parse_inner(text, name.to_string(), base_dir.to_path_buf(), key, &[])
 }
 
-fn parse_inner(text: &str, name: String, dir: PathBuf, key: Option<PathBuf>) -> Result<Config> {
+fn parse_inner(
+    text: &str,
+    name: String,
+    dir: PathBuf,
+    key: Option<PathBuf>,
+    defines: &[(String, String)],
+) -> Result<Config> {
     let toks = lex(text).map_err(|e| lex_error(&name, e))?;
     let mut st = State {
         chain: vec![(name.clone(), key)],
         ..State::default()
     };
+    for (k, v) in defines {
+        st.macros.insert(k.clone(), v.clone());
+        st.fixed_macros.insert(k.clone());
+    }
     FileParser {
         st: &mut st,
         file: name,
@@ -112,12 +130,13 @@ fn parse_inner(text: &str, name: String, dir: PathBuf, key: Option<PathBuf>) -> 
         pos: 0,
     }
     .top()?;
-    // Switches may be defined after the VMs that use them.
+    // Switches may be defined after the VMs that use them. As on OpenBSD,
+    // an interface naming no defined switch is a plain interface.
     for (sw, at) in &st.switch_refs {
         if !st.switch_at.contains_key(sw) {
-            return Err(ConfigError::At {
+            st.cfg.warnings.push(Warning {
                 at: at.clone(),
-                message: format!("switch \"{sw}\" is not defined"),
+                message: format!("switch \"{sw}\" is not defined: the interface joins no switch"),
             });
         }
     }
@@ -163,6 +182,9 @@ struct State {
     switch_at: HashMap<String, Location>,
     /// Switch names used by interfaces, checked once everything is read.
     switch_refs: Vec<(String, Location)>,
+    /// Macros from the command line (`vmd -D`): the file cannot redefine
+    /// them.
+    fixed_macros: HashSet<String>,
     /// Files being read: display name and canonical path (for loops).
     chain: Vec<(String, Option<PathBuf>)>,
 }
@@ -176,10 +198,9 @@ struct FileParser<'s> {
     pos: usize,
 }
 
-/// What an instance inherits permission for, from its parent.
+/// An instance being defined: whether its own disks and interfaces have
+/// replaced its parent's yet.
 struct InstanceCtx {
-    parent: String,
-    allow: AllowInstance,
     disks_replaced: bool,
     ifaces_replaced: bool,
 }
@@ -432,7 +453,9 @@ impl FileParser<'_> {
             ));
         }
         let (v, _) = self.value("macro value")?;
-        self.st.macros.insert(name.to_string(), v);
+        if !self.st.fixed_macros.contains(name) {
+            self.st.macros.insert(name.to_string(), v);
+        }
         Ok(())
     }
 
@@ -576,22 +599,9 @@ impl FileParser<'_> {
                     return Err(err(pat, format!("instance of undefined vm \"{pname}\"")));
                 };
                 let p = &self.st.cfg.vms[pi];
-                if let Some(gp) = &p.instance_of {
-                    let gp_allows = self
-                        .st
-                        .cfg
-                        .vm(gp)
-                        .and_then(|g| g.allow_instance.as_ref())
-                        .is_some_and(|a| a.instance);
-                    if !gp_allows {
-                        return Err(err(
-                            pat,
-                            format!(
-                                "vm \"{pname}\" is an instance of \"{gp}\", which does not allow instances of its instances"
-                            ),
-                        ));
-                    }
-                }
+                // vm.conf is root's, and root may make any instance, of an
+                // instance too, changing anything (OpenBSD's vm.conf(5)):
+                // `allow instance` binds only users' `vmctl start -t`.
                 let allow = p.allow_instance.clone().unwrap_or_default();
                 let mut vm = p.clone();
                 vm.name = name.clone();
@@ -599,13 +609,11 @@ impl FileParser<'_> {
                 vm.instance_of = Some(pname.clone());
                 // Not inherited: templates are often disabled themselves.
                 vm.enabled = true;
-                // An instance may be a parent only if its parent says so.
+                // Users may make instances of it only if its parent says so.
                 if !allow.instance {
                     vm.allow_instance = None;
                 }
                 inst = Some(InstanceCtx {
-                    parent: pname,
-                    allow,
                     disks_replaced: false,
                     ifaces_replaced: false,
                 });
@@ -629,38 +637,7 @@ impl FileParser<'_> {
         kw: &str,
         at: Location,
     ) -> Result<()> {
-        let perm = match kw {
-            "boot" | "initrd" | "cmdline" => Some("boot"),
-            "memory" => Some("memory"),
-            "vcpus" => Some("vcpus"),
-            "disk" => Some("disk"),
-            "interface" | "local" | "interfaces" => Some("interface"),
-            "cdrom" => Some("cdrom"),
-            "allow" => Some("instance"),
-            _ => None,
-        };
         let mut inst = inst;
-        if let (Some(ctx), Some(perm)) = (inst.as_deref(), perm) {
-            let a = &ctx.allow;
-            let ok = match perm {
-                "boot" => a.boot,
-                "memory" => a.memory,
-                "vcpus" => a.vcpus,
-                "disk" => a.disk,
-                "interface" => a.interface,
-                "cdrom" => a.cdrom,
-                _ => a.instance,
-            };
-            if !ok {
-                return Err(err(
-                    at,
-                    format!(
-                        "instances of vm \"{}\" may not set {kw}: \"{perm}\" is not in its allow instance list",
-                        ctx.parent
-                    ),
-                ));
-            }
-        }
         let mut once = |key: &'static str, at: &Location| {
             if seen.insert(key) {
                 Ok(())

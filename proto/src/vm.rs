@@ -438,6 +438,12 @@ impl VmmParams {
 }
 
 /// Checks a VM name: 1..=64 characters of letters, digits, '-', '_', '.'.
+/// Whether `s` is a VM id (`vmctl start 3`) rather than a name: digits
+/// only, which no name may be.
+pub fn is_vm_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
 pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("VM name is empty".into());
@@ -451,8 +457,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     {
         return Err(format!("VM name {name:?} contains invalid character {c:?}"));
     }
-    if name.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("VM name {name:?} is all digits (reserved for ids)"));
+    // OpenBSD's rule (vm.conf(5)): a name starts with a letter, which also
+    // keeps names apart from ids.
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(format!("VM name {name:?} must start with a letter"));
     }
     Ok(())
 }

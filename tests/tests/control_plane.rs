@@ -347,15 +347,94 @@ fn reload_starts_every_enabled_vm_on_time_and_reset_only_purges() {
     assert_eq!(d.ok(&["status"]).lines().count(), 1);
     d.ok(&["reload"]);
     d.wait_state("early", "running", T);
-    // reset switches forgets the switches: a VM on one no longer starts.
+}
+
+/// The small things an OpenBSD admin relies on: `vmd -D macro=value`
+/// overriding the file, `vmd -n` checking the files VMs name, names that
+/// start with a letter, `vmctl start ID`.
+#[test]
+fn openbsd_small_differences() {
+    let dir = Daemon::dir_for("small");
+    std::fs::create_dir_all(&dir).unwrap();
+    let idle = guest("idle.elf");
+    let idle = idle.to_str().unwrap();
+    let conf = dir.join("vm.conf");
     std::fs::write(
         &conf,
-        format!("{second}switch \"sw\" {{\n    interface vmdtbr0\n}}\n"),
+        "kernel = \"/nonexistent/bsd\"\nvm \"one\" {\n    boot $kernel\n    memory 32M\n    disable\n}\n",
     )
     .unwrap();
-    d.ok(&["reload"]);
-    d.ok(&["reset", "switches"]);
-    let out = d.vmctl(&["start", "-b", idle, "-m", "16M", "-n", "sw", "onsw"]);
+    let vmd_n = |extra: &[&str], file: &std::path::Path| {
+        let out = Command::new(bin("vmd"))
+            .args(extra)
+            .args(["-n", "-f"])
+            .arg(file)
+            .output()
+            .unwrap();
+        (out.status.code(), stderr(&out))
+    };
+    // vmd -n sees the missing kernel, naming the VM's place...
+    let (code, err) = vmd_n(&[], &conf);
+    assert_eq!(code, Some(1), "{err}");
+    let at = format!(
+        "{}:2:1: vm \"one\": boot /nonexistent/bsd: ",
+        conf.display()
+    );
+    assert!(err.contains(&at), "no {at} in {err}");
+    // ... and -D replaces the file's macro.
+    let define = format!("kernel={idle}");
+    let (code, err) = vmd_n(&["-D", &define], &conf);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("configuration OK"), "{err}");
+
+    // Wrong types: a directory as a disk, a FIFO as the cdrom.
+    let fifo = dir.join("fifo.iso");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let typed = dir.join("typed.conf");
+    std::fs::write(
+        &typed,
+        format!(
+            "vm \"two\" {{\n    boot \"{idle}\"\n    disk \"{}\"\n    cdrom \"{}\"\n}}\n",
+            dir.display(),
+            fifo.display()
+        ),
+    )
+    .unwrap();
+    let (code, err) = vmd_n(&[], &typed);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a regular file or block device"), "{err}");
+    assert!(
+        err.contains(&format!("cdrom {}: not a regular file", fifo.display())),
+        "{err}"
+    );
+
+    // Names start with a letter, as on OpenBSD.
+    let digit = dir.join("digit.conf");
+    std::fs::write(&digit, "vm \"9lives\" {\n    memory 32M\n}\n").unwrap();
+    let (code, err) = vmd_n(&[], &digit);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(":1:4: ") && err.contains("must start with a letter"),
+        "{err}"
+    );
+
+    let d = Daemon::start_with("small", &["-D", &define, "-f", conf.to_str().unwrap()]);
+    let out = d.vmctl(&["start", "-b", idle, "-m", "16M", "2fast"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no switch"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("must start with a letter"),
+        "{}",
+        stderr(&out)
+    );
+    // vmctl start ID: VM 1 is "one".
+    let id = d.ok(&["status", "one"]);
+    assert!(
+        id.lines().nth(1).unwrap().trim_start().starts_with("1 "),
+        "{id}"
+    );
+    d.ok(&["start", "1"]);
+    d.wait_state("one", "running", T);
+    let out = d.vmctl(&["start", "99"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("vm 99 not found"), "{}", stderr(&out));
 }

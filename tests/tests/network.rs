@@ -304,6 +304,30 @@ fn groups_are_interface_groups_and_rdomains_are_vrfs() {
     assert!(members.contains("vmdbrg0"), "{members}");
     assert!(members.contains(": tap"), "{members}");
 
+    // reset switches forgets the switches; as on OpenBSD an interface
+    // naming a switch that is not defined joins none, with a warning.
+    d.ok(&["reset", "switches"]);
+    let k = kernel.to_str().unwrap();
+    d.ok(&[
+        "start",
+        "-b",
+        k,
+        "-m",
+        "32M",
+        "-n",
+        "sw",
+        "--cmdline",
+        "net.ip=10.78.0.9/24",
+        "nosw",
+    ]);
+    d.wait_log(
+        "vm nosw: interface 0: switch sw not found, joining no switch",
+        T,
+    );
+    let bridged = ns.run(&["ip", "-o", "link", "show", "master", "vmdbrg0"]);
+    assert_eq!(bridged.lines().count(), 1, "only g's TAP: {bridged}");
+    d.ok(&["stop", "-f", "-w", "nosw"]);
+
     // rdomain 5: a VRF for table 5, or a clear refusal where the kernel
     // has none.
     let out = d.vmctl(&["start", "r"]);

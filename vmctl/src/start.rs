@@ -6,8 +6,8 @@ use vmd_proto::msg::Request;
 use vmd_proto::size::parse_size;
 use vmd_proto::vm::DiskFormat as Format;
 use vmd_proto::vm::{
-    check_memory, validate_name, BootDevice, DiskSpec, NicSpec, StartRequest, MAX_CMDLINE,
-    MAX_DISKS, MAX_NICS, MAX_VCPUS,
+    check_memory, is_vm_id, validate_name, BootDevice, DiskSpec, NicSpec, StartRequest,
+    MAX_CMDLINE, MAX_DISKS, MAX_NICS, MAX_VCPUS,
 };
 
 use crate::args::{Opt, Spec};
@@ -117,7 +117,10 @@ pub fn parse(args: &[String]) -> Result<StartArgs, Error> {
         [] => return Err(Error::usage(CMD, "needs a VM name")),
         [_, extra, ..] => return Err(Error::usage(CMD, format!("unexpected argument {extra:?}"))),
     };
-    validate_name(&out.req.name).map_err(|e| Error::usage(CMD, e))?;
+    // A number names an existing VM by id, as on OpenBSD.
+    if !is_vm_id(&out.req.name) || out.req.template.is_some() {
+        validate_name(&out.req.name).map_err(|e| Error::usage(CMD, e))?;
+    }
     Ok(out)
 }
 

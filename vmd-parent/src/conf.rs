@@ -8,10 +8,10 @@ use vmd_config::{Config, Owner, VmDef};
 
 use crate::vms::{VmOwner, VmSpec};
 
-/// Reads and parses a configuration file; the error is one line naming
-/// `file:line:column`.
-pub fn load(path: &Path) -> Result<Config, String> {
-    let mut config = vmd_config::parse_file(path).map_err(|e| e.to_string())?;
+/// Reads and parses a configuration file, with `vmd -D` macros; the error
+/// is one line naming `file:line:column`.
+pub fn load(path: &Path, defines: &[(String, String)]) -> Result<Config, String> {
+    let mut config = vmd_config::parse_file_with(path, defines).map_err(|e| e.to_string())?;
     // A group the host has no number for would only be an alias, which no
     // filter matches: say so where it is written.
     for (name, at) in &config.group_refs {
@@ -30,6 +30,48 @@ pub fn load(path: &Path) -> Result<Config, String> {
         log::warn!("{w}");
     }
     Ok(config)
+}
+
+/// `vmd -n`: the files each VM names exist and are of the right type, so
+/// a typo shows before the VM starts: boot (a kernel or BIOS image) and
+/// initrd regular files, disks regular files or block devices, the cdrom
+/// a regular file. Each problem is one line naming the VM's place.
+pub fn check_paths(config: &Config) -> Vec<String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut problems = Vec::new();
+    for vm in &config.vms {
+        let mut check = |what: &str, path: &Path, block_ok: bool| {
+            let wanted = if block_ok {
+                "a regular file or block device"
+            } else {
+                "a regular file"
+            };
+            let why = match std::fs::metadata(path) {
+                Err(e) => e.to_string(),
+                Ok(m) if m.is_file() || (block_ok && m.file_type().is_block_device()) => return,
+                Ok(_) => format!("not {wanted}"),
+            };
+            problems.push(format!(
+                "{}: vm \"{}\": {what} {}: {why}",
+                vm.defined_at,
+                vm.name,
+                path.display()
+            ));
+        };
+        if let Some(k) = &vm.kernel {
+            check("boot", k, false);
+        }
+        if let Some(i) = &vm.initrd {
+            check("initrd", i, false);
+        }
+        for d in &vm.disks {
+            check("disk", &d.path, true);
+        }
+        if let Some(c) = &vm.cdrom {
+            check("cdrom", c, false);
+        }
+    }
+    problems
 }
 
 /// iproute2's interface group names (`NUMBER NAME` lines), where Linux

@@ -40,13 +40,27 @@ pub struct Options {
     /// `--stop-grace`: how long `vmctl stop` waits for the guest to power
     /// off after the power button before stopping the VM itself.
     pub stop_grace: Duration,
+    /// `-D name=value`: vm.conf macros that override the file's.
+    pub defines: Vec<(String, String)>,
 }
 
 /// OpenBSD's vmd gives a guest 30 s to shut down through vmmci.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(30);
 
 pub const USAGE: &str =
-    "usage: vmd [-dnv] [-f file] [-s socket] [--state-dir dir] [--stop-grace secs]";
+    "usage: vmd [-dnv] [-D macro=value] [-f file] [-s socket] [--state-dir dir] [--stop-grace secs]";
+
+/// `-D name=value`, as OpenBSD's vmd takes it.
+fn define(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value))
+            if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+        {
+            Ok((name.to_string(), value.to_string()))
+        }
+        _ => Err(format!("bad -D {arg:?}: expected macro=value")),
+    }
+}
 
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options, String> {
@@ -61,6 +75,7 @@ impl Options {
             config_given: false,
             check_only: false,
             stop_grace: DEFAULT_STOP_GRACE,
+            defines: Vec::new(),
         };
         let mut it = args.iter();
         while let Some(arg) = it.next() {
@@ -95,6 +110,8 @@ impl Options {
                 "--device" => {
                     value("--device")?;
                 }
+                "-D" => opts.defines.push(define(&value("-D")?)?),
+                d if d.starts_with("-D") => opts.defines.push(define(&d[2..])?),
                 "-s" => opts.socket = PathBuf::from(value("-s")?),
                 "-f" => {
                     opts.config = PathBuf::from(value("-f")?);
@@ -174,6 +191,21 @@ mod tests {
         assert_eq!(c.user, Some((5, 6)));
         assert!(c.foreground);
         assert_eq!(c.socket, o.socket);
+    }
+
+    #[test]
+    fn defines_are_macro_value_pairs() {
+        let o = parse(&["-D", "disk=/a b", "-Dmem=64M"]).unwrap();
+        assert_eq!(
+            o.defines,
+            [
+                ("disk".to_string(), "/a b".to_string()),
+                ("mem".to_string(), "64M".to_string())
+            ]
+        );
+        assert!(parse(&["-D", "novalue"]).unwrap_err().contains("-D"));
+        assert!(parse(&["-D", "a-b=1"]).unwrap_err().contains("-D"));
+        assert!(parse(&["-D"]).unwrap_err().contains("-D"));
     }
 
     #[test]

@@ -18,8 +18,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use vmd_proto::msg::ResetWhat;
 use vmd_proto::msg::{Creds, Opener, Reply, Request};
 use vmd_proto::vm::{
-    validate_name, DevKind, DevParams, DhcpLease, DiskParams, ExitReason, NicParams, OpenKind,
-    StartRequest, VmState, VmmParams,
+    is_vm_id, validate_name, DevKind, DevParams, DhcpLease, DiskParams, ExitReason, NicParams,
+    OpenKind, StartRequest, VmState, VmmParams,
 };
 use vmd_proto::{ChannelError, Msg};
 
@@ -141,8 +141,15 @@ fn random_ula_prefix() -> std::net::Ipv6Addr {
 
 /// `vmd -n`: checks the configuration, says so, exits 0 or 1.
 fn check_config(opts: &Options) -> i32 {
-    match crate::conf::load(&opts.config) {
+    match crate::conf::load(&opts.config, &opts.defines) {
         Ok(config) => {
+            let problems = crate::conf::check_paths(&config);
+            if !problems.is_empty() {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                return 1;
+            }
             if opts.verbose > 0 {
                 print!("{}", config.dump());
             }
@@ -162,7 +169,7 @@ fn initial_config(opts: &Options) -> Result<vmd_config::Config, String> {
     if !opts.config_given && !opts.config.exists() {
         return Ok(vmd_config::Config::default());
     }
-    crate::conf::load(&opts.config)
+    crate::conf::load(&opts.config, &opts.defines)
 }
 
 pub fn run(opts: Options) -> i32 {

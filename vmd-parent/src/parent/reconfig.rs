@@ -78,7 +78,7 @@ impl Parent {
     /// start), and the switches vmd does not know yet; enabled VMs that
     /// are not running are queued.
     pub(super) fn load(&mut self, path: &std::path::Path) -> Result<(), String> {
-        let config = crate::conf::load(path)?;
+        let config = crate::conf::load(path, &self.opts.defines)?;
         let resolved = resolve(&config)?;
         for sw in config.switches {
             if self.config.switch(&sw.name).is_none() {

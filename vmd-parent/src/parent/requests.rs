@@ -84,7 +84,14 @@ impl Parent {
         }
     }
 
-    pub(super) fn start_request(&mut self, client: u32, creds: Creds, req: StartRequest) {
+    pub(super) fn start_request(&mut self, client: u32, creds: Creds, mut req: StartRequest) {
+        // `vmctl start ID`: a VM vmd knows, by number.
+        if is_vm_id(&req.name) && req.template.is_none() {
+            match req.name.parse().ok().and_then(|id| self.vms.vms.get(&id)) {
+                Some(vm) => req.name = vm.name.clone(),
+                None => return self.error(client, format!("vm {} not found", req.name)),
+            }
+        }
         if let Err(e) = validate_name(&req.name) {
             return self.error(client, e);
         }

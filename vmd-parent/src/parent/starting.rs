@@ -250,13 +250,22 @@ impl Parent {
             .nics
             .get(usize::from(index))
             .ok_or_else(|| format!("interface {index} unknown"))?;
-        let switch = match &nic.switch {
+        // As on OpenBSD, a switch that is not defined is ignored, with a
+        // warning: the interface is a plain one.
+        let def = nic.switch.as_ref().and_then(|sw| {
+            let def = self.config.switch(sw);
+            if def.is_none() {
+                warn!(
+                    "vm {}: interface {index}: switch {sw} not found, joining no switch",
+                    vm.name
+                );
+            }
+            def
+        });
+        let switch = match def {
             None => None,
-            Some(sw) => {
-                let def = self
-                    .config
-                    .switch(sw)
-                    .ok_or_else(|| format!("interface {index}: no switch {sw:?} in vm.conf"))?;
+            Some(def) => {
+                let sw = &def.name;
                 if !def.enabled {
                     return Err(format!("interface {index}: switch {sw} is disabled"));
                 }
