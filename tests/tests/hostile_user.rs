@@ -590,3 +590,40 @@ fn a_reload_is_all_or_nothing_and_the_pty_follows_the_owner() {
     assert_eq!(stderr(&out), "vmctl: permission denied");
     d.ok(&["stop", "-f", "-w", "owned"]);
 }
+
+#[test]
+fn a_later_vmd_removes_its_own_leftover_bridges_and_no_one_elses() {
+    let (mut d, ns) = setup("hu-bridge");
+    // An admin's bridge, made by hand: never vmd's to delete.
+    ns.run(&["ip", "link", "add", "adminbr0", "type", "bridge"]);
+    d.ok(&["start", "owned"]);
+    let vm_pid = d.wait_state("owned", "running", T).pid as u32;
+    let links = ns.links();
+    assert!(links.contains(&"bridge77".to_string()), "{links:?}");
+    // kill -9: no cleanup ran.
+    let child = d.child.as_mut().expect("vmd");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    d.child = None;
+    let deadline = std::time::Instant::now() + T;
+    while vmd_e2e::process_alive(vm_pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ns.links().contains(&"bridge77".to_string()), "left behind");
+    // The next vmd removes it, and only it.
+    let _d2 = Daemon::start_in("hu-bridge2", Some(&ns), &[]);
+    let deadline = std::time::Instant::now() + T;
+    while ns.links().contains(&"bridge77".to_string()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the next vmd left its predecessor's bridge: {:?}",
+            ns.links()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        ns.links().contains(&"adminbr0".to_string()),
+        "{:?}",
+        ns.links()
+    );
+}

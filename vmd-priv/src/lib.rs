@@ -268,12 +268,13 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
 
 /// Role entry point: serve the parent until it goes away.
 pub fn run(chan: Channel) -> i32 {
+    net::remove_leftover_bridges();
+    let mut net = NetState::new();
     if let Err(e) = sandbox() {
         error!("sandbox: {e}");
         return 1;
     }
     info!("ready");
-    let mut net = NetState::new();
     loop {
         let frame = match chan.recv() {
             Ok(frame) => frame,

@@ -13,7 +13,7 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vmd_proto::msg::SwitchParams;
 use vmd_proto::net::{valid_ifname, MAX_IFNAME_LEN};
 use vmd_tap::ifreq;
@@ -197,6 +197,46 @@ pub fn ensure_bridge(name: &str) -> Result<bool, NetError> {
     Ok(true)
 }
 
+/// The mark on a bridge vmd made: an alternative name naming the vmd
+/// (parent) process and the bridge, so that a later vmd can tell its own
+/// leftovers (their vmd is gone) from anyone else's bridges (unmarked) and
+/// from a live vmd's.
+fn bridge_mark(vmd_pid: u32, bridge: &str) -> String {
+    format!("vmd.{vmd_pid}.{bridge}")
+}
+
+/// Marks bridge `name` as made by vmd process `vmd_pid`.
+fn mark_bridge(name: &str, vmd_pid: u32) -> Result<(), NetError> {
+    let index = ifindex(name)?;
+    let mark = bridge_mark(vmd_pid, name);
+    netlink::add_altname(index, &mark).map_err(nl(name, "mark bridge"))
+}
+
+/// Deletes the bridges an earlier vmd made and left behind (it was killed
+/// before it could clean up): marked, and their vmd process is gone. Runs
+/// at priv's start, before the sandbox (a netlink dump may block).
+pub fn remove_leftover_bridges() {
+    let links = match netlink::links_with_altnames() {
+        Ok(links) => links,
+        Err(e) => return warn!("looking for leftover bridges: {e}"),
+    };
+    for (name, alts) in links {
+        let owner = alts.iter().find_map(|a| {
+            let (pid, bridge) = a.strip_prefix("vmd.")?.split_once('.')?;
+            (bridge == name).then(|| pid.parse::<u32>().ok()).flatten()
+        });
+        let Some(pid) = owner else { continue };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "vmd" {
+            continue;
+        }
+        match delete_bridge(&name) {
+            Ok(()) => info!("deleted bridge {name}, left behind by vmd process {pid}"),
+            Err(e) => warn!("leftover bridge {name}: {e}"),
+        }
+    }
+}
+
 /// Deletes bridge `name` (down first: the kernel refuses an up bridge).
 pub fn delete_bridge(name: &str) -> Result<(), NetError> {
     check_name(name)?;
@@ -309,11 +349,17 @@ pub struct NetState {
     vrfs: Vec<String>,
     /// TAPs priv created, to report any still present at cleanup.
     taps: Vec<String>,
+    /// The vmd (parent) process, named in the mark of each bridge we make;
+    /// read before the sandbox, which has no getppid.
+    vmd_pid: u32,
 }
 
 impl NetState {
     pub fn new() -> NetState {
-        NetState::default()
+        NetState {
+            vmd_pid: std::os::unix::process::parent_id(),
+            ..NetState::default()
+        }
     }
 
     /// The bridges priv created and has not deleted yet.
@@ -343,6 +389,11 @@ impl NetState {
             if ensure_bridge(&sw.bridge)? {
                 debug!("created bridge {}", sw.bridge);
                 self.bridges.push(sw.bridge.clone());
+                // Unmarked, a leftover is never deleted by a later vmd;
+                // the VM still runs.
+                if let Err(e) = mark_bridge(&sw.bridge, self.vmd_pid) {
+                    warn!("{e}");
+                }
             }
             if let Some(table) = sw.rdomain {
                 self.join_vrf(&sw.bridge, table)?;

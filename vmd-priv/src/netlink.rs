@@ -32,6 +32,14 @@ const IFLA_INFO_DATA: u16 = 2;
 const IFLA_VRF_TABLE: u16 = 1;
 const RTM_NEWADDR: u16 = 20;
 const IFLA_IFALIAS: u16 = 20;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWLINKPROP: u16 = 108;
+const IFLA_PROP_LIST: u16 = 52;
+const IFLA_ALT_IFNAME: u16 = 53;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 /// Longest alias the kernel keeps (IFALIASZ - 1).
@@ -161,6 +169,107 @@ fn find_ack(mut msgs: &[u8], seq: u32) -> Result<Option<Result<(), NlError>>, Nl
         msgs = msgs.get(next..).unwrap_or(&[]);
     }
     Ok(None)
+}
+
+/// Adds an alternative name (`ip link property add ... altname`) to
+/// interface `index`.
+pub fn add_altname(index: u32, altname: &str) -> Result<(), NlError> {
+    let mut req = Request::new(RTM_NEWLINKPROP, NLM_F_CREATE);
+    let mut ifi = [0u8; 16];
+    ifi[4..8].copy_from_slice(&(index as i32).to_ne_bytes());
+    req.body(&ifi);
+    let mut name = altname.as_bytes().to_vec();
+    name.push(0);
+    let mut inner = Vec::with_capacity(4 + name.len() + 3);
+    inner.extend_from_slice(&((4 + name.len()) as u16).to_ne_bytes());
+    inner.extend_from_slice(&IFLA_ALT_IFNAME.to_ne_bytes());
+    inner.extend_from_slice(&name);
+    inner.resize(inner.len().next_multiple_of(4), 0);
+    req.attr(IFLA_PROP_LIST | NLA_F_NESTED, &inner);
+    req.send()
+}
+
+/// The rtattrs in `bytes`: (type without flags, payload).
+fn attrs(mut bytes: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while bytes.len() >= 4 {
+        let len = u16::from_ne_bytes([bytes[0], bytes[1]]) as usize;
+        let ty = u16::from_ne_bytes([bytes[2], bytes[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > bytes.len() {
+            break;
+        }
+        out.push((ty, &bytes[4..len]));
+        bytes = bytes.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+    }
+    out
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// Every interface with its alternative names (an RTM_GETLINK dump). It
+/// blocks on the kernel's answer: call it only outside the sandbox.
+pub fn links_with_altnames() -> Result<Vec<(String, Vec<String>)>, NlError> {
+    let mut req = Request::new(RTM_GETLINK, NLM_F_DUMP);
+    req.body(&[0u8; 16]);
+    let len = req.buf.len() as u32;
+    req.buf[..4].copy_from_slice(&len.to_ne_bytes());
+    let sock: OwnedFd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )
+    .map_err(io::Error::from)?;
+    socket::sendto(
+        sock.as_raw_fd(),
+        &req.buf,
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )
+    .map_err(io::Error::from)?;
+    let mut links = Vec::new();
+    let mut rx = vec![0u8; 65536];
+    loop {
+        let n =
+            socket::recv(sock.as_raw_fd(), &mut rx, MsgFlags::empty()).map_err(io::Error::from)?;
+        let mut msgs = &rx[..n];
+        while msgs.len() >= NLMSG_HDRLEN {
+            let len = u32::from_ne_bytes([msgs[0], msgs[1], msgs[2], msgs[3]]) as usize;
+            let ty = u16::from_ne_bytes([msgs[4], msgs[5]]);
+            if len < NLMSG_HDRLEN || len > msgs.len() {
+                return Err(NlError::Protocol("message length out of bounds"));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(links),
+                NLMSG_ERROR => {
+                    if let Some(Err(e)) = find_ack(&msgs[..len], req.seq)? {
+                        return Err(e);
+                    }
+                }
+                RTM_NEWLINK if len >= NLMSG_HDRLEN + 16 => {
+                    let (mut name, mut alts) = (String::new(), Vec::new());
+                    for (ty, data) in attrs(&msgs[NLMSG_HDRLEN + 16..len]) {
+                        match ty {
+                            IFLA_IFNAME => name = c_string(data),
+                            IFLA_PROP_LIST => alts.extend(
+                                attrs(data)
+                                    .into_iter()
+                                    .filter(|(t, _)| *t == IFLA_ALT_IFNAME)
+                                    .map(|(_, d)| c_string(d)),
+                            ),
+                            _ => {}
+                        }
+                    }
+                    links.push((name, alts));
+                }
+                _ => {}
+            }
+            msgs = msgs.get(len.next_multiple_of(4)..).unwrap_or(&[]);
+        }
+    }
 }
 
 /// Sets (or, with an empty string, clears) interface `index`'s alias.
