@@ -431,7 +431,7 @@ impl Vm {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| verr(VcpuError::Ioctl("KVM_CREATE_VCPU", e)))?;
-            let cpuid = cpuid::for_vcpu(&base_cpuid, id, params.vcpus);
+            let cpuid = cpuid::for_vcpu(&base_cpuid, id, params.vcpus)?;
             let boot = (id == 0).then_some(entry);
             vcpu::configure(&fd, &cpuid, boot).map_err(verr)?;
             vcpus.push(Vcpu {
