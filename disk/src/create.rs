@@ -22,8 +22,12 @@ pub struct CreateSpec {
     /// Backing image name, stored as given (relative names are relative to
     /// the new image's directory); makes a qcow2 overlay.
     pub base: Option<PathBuf>,
+    /// The base's format (`-b raw:`/`qcow2:`); `None`: its name's.
+    pub base_format: Option<Format>,
     /// Image to copy the data from.
     pub input: Option<PathBuf>,
+    /// The input's format (`-i raw:`/`qcow2:`); `None`: its name's.
+    pub input_format: Option<Format>,
     /// qcow2 cluster size as log2 (9..=21).
     pub cluster_bits: u32,
 }
@@ -34,7 +38,9 @@ impl CreateSpec {
             format,
             size: None,
             base: None,
+            base_format: None,
             input: None,
+            input_format: None,
             cluster_bits: DEFAULT_CLUSTER_BITS,
         }
     }
@@ -78,15 +84,15 @@ pub fn create(path: &Path, spec: CreateSpec) -> Result<(), ImageError> {
             ImageError::Invalid(format!("base name {} is not UTF-8", base.display()))
         })?;
         let real = resolve_backing(path, name);
-        // The format the overlay records for its base is the one its name
-        // implies, as a VM start would read it (never its content).
-        let fmt = Format::of_name(&real);
+        // The format the overlay records for its base is the one named or
+        // its name's, as a VM start would read it (never its content).
+        let fmt = Format::named_or_of(spec.base_format, &real);
         let disk = open_path(&real, true, Some(fmt))?;
         default_size = Some(disk.size());
         backing = Some((name.to_string(), fmt));
     }
     if let Some(inp) = &spec.input {
-        let disk = open_path(inp, true, None)?;
+        let disk = open_path(inp, true, spec.input_format)?;
         default_size = Some(disk.size());
         input = Some(disk);
     }

@@ -212,3 +212,60 @@ fn convert_from_input() {
     assert!(e.to_string().contains("smaller"), "{e}");
     assert!(!dir.path("small.qcow2").exists());
 }
+
+/// A format is never read from content: a qcow2 base named `*.img` is
+/// raw to an overlay unless `-b qcow2:` names its format, and an input is
+/// read as its name (or prefix) says.
+#[test]
+fn formats_come_from_names_and_prefixes_not_content() {
+    let dir = TempDir::new("fmt");
+    let mut content = vec![0u8; 1 << 20];
+    Rng(5).fill(&mut content);
+    let src = dir.path("src.raw");
+    std::fs::write(&src, &content).unwrap();
+    let base = dir.path("base.img");
+    qemu_ok("qemu-img", &["convert", "-O", "qcow2", p(&src), p(&base)]);
+    let qcow2_bytes = std::fs::read(&base).unwrap();
+
+    // By its name the base is raw: the overlay shows its qcow2 bytes.
+    let by_name = dir.path("by-name.qcow2");
+    create(
+        &by_name,
+        CreateSpec {
+            base: Some(PathBuf::from("base.img")),
+            ..CreateSpec::new(Format::Qcow2)
+        },
+    )
+    .unwrap();
+    assert_eq!(qemu_info(&by_name).1, "qcow2");
+    let got = read_all(open_path(&by_name, true, None).unwrap().as_mut());
+    assert_eq!(&got[..qcow2_bytes.len()], &qcow2_bytes[..]);
+    // Named qcow2, it is read as qcow2, by us and by qemu.
+    let named = dir.path("named.qcow2");
+    create(
+        &named,
+        CreateSpec {
+            base: Some(PathBuf::from("base.img")),
+            base_format: Some(Format::Qcow2),
+            ..CreateSpec::new(Format::Qcow2)
+        },
+    )
+    .unwrap();
+    assert_check_clean(&named);
+    assert_eq!(
+        read_all(open_path(&named, true, None).unwrap().as_mut()),
+        content
+    );
+    // An input is copied as what it is named.
+    let copy = dir.path("copy.raw");
+    create(
+        &copy,
+        CreateSpec {
+            input: Some(base.clone()),
+            input_format: Some(Format::Qcow2),
+            ..CreateSpec::new(Format::Raw)
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&copy).unwrap(), content);
+}

@@ -22,11 +22,13 @@ pub const SPEC: Spec = Spec {
 pub fn parse(args: &[String]) -> Result<(PathBuf, CreateSpec), Error> {
     let parsed = SPEC.parse(args).map_err(|e| Error::args(CMD, e))?;
     let (mut base, mut input, mut size) = (None, None, None);
+    // `-b`/`-i` take a `raw:`/`qcow2:` prefix too; without one the name
+    // decides, never the file's content.
     for found in &parsed.opts {
         let arg = found.arg();
         match found.opt {
-            Opt::Short('b') => base = Some(PathBuf::from(arg)),
-            Opt::Short('i') => input = Some(PathBuf::from(arg)),
+            Opt::Short('b') => base = Some(named_format(arg)),
+            Opt::Short('i') => input = Some(named_format(arg)),
             Opt::Short('s') => {
                 let bytes = parse_size(arg).map_err(|e| Error::usage(CMD, format!("-s: {e}")))?;
                 if bytes == 0 {
@@ -54,9 +56,20 @@ pub fn parse(args: &[String]) -> Result<(PathBuf, CreateSpec), Error> {
     let (format, path) = parse_create_target(target);
     let mut spec = CreateSpec::new(format);
     spec.size = size;
-    spec.base = base;
-    spec.input = input;
+    if let Some((format, path)) = base {
+        (spec.base_format, spec.base) = (format, Some(path));
+    }
+    if let Some((format, path)) = input {
+        (spec.input_format, spec.input) = (format, Some(path));
+    }
     Ok((path, spec))
+}
+
+/// `raw:path`, `qcow2:path` or `path` (format `None`: the name's).
+fn named_format(arg: &str) -> (Option<vmd_disk::Format>, PathBuf) {
+    let (format, path) = parse_create_target(arg);
+    let named = arg.starts_with(&format!("{}:", format.name()));
+    (named.then_some(format), path)
 }
 
 pub fn run(_ctx: &Ctx, args: &[String]) -> Result<(), Error> {
@@ -89,11 +102,25 @@ mod tests {
         let (path, spec) = p(&["qcow2:d", "-s4M"]).unwrap();
         assert_eq!((path, spec.format), ("d".into(), Format::Qcow2));
         let (_, spec) = p(&["-b", "base.qcow2", "new.qcow2"]).unwrap();
-        assert_eq!(spec.base, Some("base.qcow2".into()));
+        assert_eq!(
+            (spec.base, spec.base_format),
+            (Some("base.qcow2".into()), None)
+        );
         let (_, spec) = p(&["-i", "in.img", "out.qcow2"]).unwrap();
         assert_eq!(
-            (spec.input, spec.format),
-            (Some("in.img".into()), Format::Qcow2)
+            (spec.input, spec.input_format, spec.format),
+            (Some("in.img".into()), None, Format::Qcow2)
+        );
+        // -b and -i name a format with a prefix, as the target does.
+        let (_, spec) = p(&["-b", "qcow2:base.img", "new.qcow2"]).unwrap();
+        assert_eq!(
+            (spec.base, spec.base_format),
+            (Some("base.img".into()), Some(Format::Qcow2))
+        );
+        let (_, spec) = p(&["-i", "raw:in.qcow2", "out.img"]).unwrap();
+        assert_eq!(
+            (spec.input, spec.input_format),
+            (Some("in.qcow2".into()), Some(Format::Raw))
         );
     }
 
