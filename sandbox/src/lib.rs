@@ -5,6 +5,7 @@
 //! while we still hold CAP_SETPCAP, and the uid switch must come after the
 //! gid switch.
 
+mod policy;
 mod seccomp;
 
 pub use caps::Capability;
@@ -13,6 +14,7 @@ use landlock::{Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus,
 use nix::sys::resource::{setrlimit, Resource};
 use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 
+pub use policy::{Identity, Sandbox, CONTROL, DEVICE, PRIV, VMM};
 pub use seccomp::{
     apply_seccomp, apply_thread_seccomp, filter_for, seccomp_action, syscall_count, Role,
     SECCOMP_ENV,
@@ -28,6 +30,8 @@ pub enum SandboxError {
     Uid { uid: u32, source: nix::Error },
     #[error("refusing to run as root (uid 0) after dropping privileges")]
     StillRoot,
+    #[error("no user to switch to (--user)")]
+    NoUser,
     #[error("clearing capability set {set:?}: {source}")]
     Caps {
         set: CapSet,

@@ -112,8 +112,9 @@ impl Refused {
     }
 }
 
-pub fn run(opts: &Options, parent: Channel) -> i32 {
-    match serve(opts, parent) {
+/// `sandbox` is control's row of the role table (`vmd_sandbox::CONTROL`).
+pub fn run(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> i32 {
+    match serve(opts, parent, sandbox) {
         Ok(()) => 0,
         Err(e) => {
             error!("{e}");
@@ -122,7 +123,7 @@ pub fn run(opts: &Options, parent: Channel) -> i32 {
     }
 }
 
-fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
+fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Result<(), String> {
     // The parent binds the socket (it stays root to remove it at exit) and
     // hands it over first thing; we never need root for it.
     let frame = parent
@@ -141,7 +142,11 @@ fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
         .set_nonblocking(true)
         .map_err(|e| format!("control socket: {e}"))?;
     let (uid, gid) = opts.user.ok_or("no --user given")?;
-    sandbox(uid, gid).map_err(|e| format!("sandbox: {e}"))?;
+    // The socket is in hand: drop to the vmd user, no host paths, only
+    // control's syscalls.
+    sandbox
+        .enter(Some((uid, gid)))
+        .map_err(|e| format!("sandbox: {e}"))?;
     info!("serving {}", opts.socket.display());
 
     let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
@@ -231,16 +236,6 @@ fn serve(opts: &Options, parent: Channel) -> Result<(), String> {
         }
         drop_idle(&mut clients);
     }
-}
-
-/// The socket is in hand: drop to the vmd user, no host paths, only
-/// control's syscalls.
-fn sandbox(uid: u32, gid: u32) -> Result<(), vmd_sandbox::SandboxError> {
-    vmd_sandbox::drop_privileges(uid, gid)?;
-    // MAX_CLIENTS plus the channel, the listener and relayed console fds.
-    vmd_sandbox::limit_resources(2 * MAX_CLIENTS as u64)?;
-    vmd_sandbox::landlock_no_fs()?;
-    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Control)
 }
 
 /// Accepts every waiting client; each one past its share is told why and

@@ -36,3 +36,7 @@ pub const VMM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// cannot raise that): each VM holds a pty, a log and its consoles in the
 /// parent.
 pub const PARENT_NOFILE: u64 = 65536;
+
+// control's open-file limit (vmd_sandbox::CONTROL) holds every client
+// plus the channel, the listener and relayed console fds.
+const _: () = assert!(vmd_sandbox::CONTROL.max_files == 2 * MAX_CLIENTS as u64);

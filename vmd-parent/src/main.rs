@@ -10,13 +10,14 @@ mod notify;
 mod options;
 mod parent;
 mod rights;
+mod roles;
 mod spawn;
 mod user;
 mod vms;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
-use options::{Options, Role, USAGE};
+use options::{Options, USAGE};
 use vmd_proto::{Channel, CHILD_CHANNEL_FD};
 
 /// The channel a child role inherits at fd 3.
@@ -44,31 +45,18 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let role_name = match opts.role {
-        Role::Parent => "parent",
-        Role::Priv => "priv",
-        Role::Control => "control",
-        Role::Vmm => "vmm",
-        Role::Device => "device",
-    };
+    let role = opts.role.def();
     // `vmd -n` is a foreground check: its words belong on the terminal.
-    logger::init(role_name, opts.foreground || opts.check_only, opts.verbose);
-    let code = if opts.role == Role::Parent {
-        parent::run(opts)
-    } else {
-        match inherited_channel() {
+    logger::init(role.name, opts.foreground || opts.check_only, opts.verbose);
+    let code = match (role.entry, role.sandbox) {
+        (Some(entry), Some(sandbox)) => match inherited_channel() {
             Err(e) => {
                 eprintln!("vmd: {e}");
                 1
             }
-            Ok(chan) => match opts.role {
-                Role::Priv => vmd_priv::run(chan),
-                Role::Control => control::run(&opts, chan),
-                Role::Vmm => vmd_vmm::run(chan),
-                Role::Device => vmd_vmm::device::run(chan),
-                Role::Parent => unreachable!("handled above"),
-            },
-        }
+            Ok(chan) => entry(&opts, chan, sandbox),
+        },
+        _ => parent::run(opts),
     };
     std::process::exit(code);
 }

@@ -8,15 +8,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/vm.conf";
 /// The unprivileged user the control and VM processes run as.
 pub const VMD_USER: &str = "_vmd";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Parent,
-    Priv,
-    Control,
-    Vmm,
-    /// A virtio device process of a VM.
-    Device,
-}
+pub use crate::roles::Role;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -86,13 +78,9 @@ impl Options {
             };
             match arg.as_str() {
                 "--role" => {
-                    opts.role = match value("--role")?.as_str() {
-                        "priv" => Role::Priv,
-                        "control" => Role::Control,
-                        "vmm" => Role::Vmm,
-                        "device" => Role::Device,
-                        other => return Err(format!("unknown role {other:?}")),
-                    }
+                    let name = value("--role")?;
+                    opts.role =
+                        Role::from_name(&name).ok_or_else(|| format!("unknown role {name:?}"))?;
                 }
                 "--user" => {
                     let v = value("--user")?;

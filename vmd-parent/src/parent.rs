@@ -25,6 +25,7 @@ use vmd_proto::{ChannelError, Msg};
 
 use crate::console::Console;
 use crate::options::Options;
+use crate::roles::Role;
 use crate::spawn::{spawn_role, spawn_titled, ChildProc};
 use crate::vms::{DevProc, Vm, VmOwner, VmProc, VmSpec, VmTable};
 
@@ -227,9 +228,9 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
 
-    let privsep = spawn_role("priv", &opts, &[]).map_err(|e| format!("starting priv: {e}"))?;
+    let privsep = spawn_role(Role::Priv, &opts, &[]).map_err(|e| format!("starting priv: {e}"))?;
     let control =
-        spawn_role("control", &opts, &[]).map_err(|e| format!("starting control: {e}"))?;
+        spawn_role(Role::Control, &opts, &[]).map_err(|e| format!("starting control: {e}"))?;
     control
         .chan
         .send(&Msg::ControlSocket, 0, &[listener.as_fd()])

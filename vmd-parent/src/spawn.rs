@@ -11,6 +11,7 @@ use nix::unistd::Pid;
 use vmd_proto::{Channel, CHILD_CHANNEL_FD};
 
 use crate::options::Options;
+use crate::roles::Role;
 
 /// A running child role and our end of its channel.
 #[derive(Debug)]
@@ -20,14 +21,14 @@ pub struct ChildProc {
 }
 
 /// Re-executes /proc/self/exe as `role`, passing on the logging flags.
-pub fn spawn_role(role: &str, opts: &Options, extra: &[String]) -> io::Result<ChildProc> {
-    spawn_titled(role, &format!("vmd: {role}"), opts, extra)
+pub fn spawn_role(role: Role, opts: &Options, extra: &[String]) -> io::Result<ChildProc> {
+    spawn_titled(role, role.def().title, opts, extra)
 }
 
 /// As [`spawn_role`], with `title` as the process's argv[0] (what `ps`
 /// shows: `vmd: vm web blk0`).
 pub fn spawn_titled(
-    role: &str,
+    role: Role,
     title: &str,
     opts: &Options,
     extra: &[String],
@@ -35,7 +36,7 @@ pub fn spawn_titled(
     let (ours, theirs) = Channel::pair()?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(title)
-        .args(["--role", role])
+        .args(["--role", role.name()])
         .args(opts.child_args())
         .args(extra)
         .stdin(Stdio::null());

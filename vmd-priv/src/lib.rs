@@ -158,24 +158,6 @@ pub fn open_disk(
     Ok(files)
 }
 
-/// priv stays root to open root-owned files, but keeps only
-/// CAP_DAC_OVERRIDE (open what root names whatever its mode),
-/// CAP_SETUID and CAP_SETGID (its opener children take the rights of
-/// whoever named a path) and CAP_NET_ADMIN (TAP devices and bridges), and
-/// only its syscalls.
-fn sandbox() -> Result<(), vmd_sandbox::SandboxError> {
-    use vmd_sandbox::Capability;
-    vmd_sandbox::keep_only_caps(&[
-        Capability::CAP_DAC_OVERRIDE,
-        Capability::CAP_SETGID,
-        Capability::CAP_SETUID,
-        Capability::CAP_NET_ADMIN,
-    ])?;
-    // One request at a time: a disk's backing chain at most.
-    vmd_sandbox::limit_resources(256)?;
-    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Priv)
-}
-
 /// One request's answer: the message and the files that travel with it.
 type Answer = (Msg, Vec<File>);
 
@@ -266,11 +248,14 @@ fn answer(net: &mut NetState, msg: Msg, vm: u32) -> Option<Answer> {
     Some(done.unwrap_or_else(|reason| (Msg::PrivFailed { kind, path, reason }, Vec::new())))
 }
 
-/// Role entry point: serve the parent until it goes away.
-pub fn run(chan: Channel) -> i32 {
+/// Role entry point: serve the parent until it goes away. `sandbox` is
+/// priv's row of the role table (`vmd_sandbox::PRIV`: root keeping only
+/// CAP_DAC_OVERRIDE, CAP_SETUID, CAP_SETGID and CAP_NET_ADMIN, and only
+/// its syscalls).
+pub fn run(chan: Channel, sandbox: &vmd_sandbox::Sandbox) -> i32 {
     net::remove_leftover_bridges();
     let mut net = NetState::new();
-    if let Err(e) = sandbox() {
+    if let Err(e) = sandbox.enter(None) {
         error!("sandbox: {e}");
         return 1;
     }

@@ -19,7 +19,9 @@ use vmd_proto::{Channel, Msg};
 use crate::devices::virtio::{backend, model};
 
 /// Role entry point; returns the exit status.
-pub fn run(parent: Channel) -> i32 {
+/// `sandbox` is the device role's row of the role table
+/// (`vmd_sandbox::DEVICE`); the filter follows the device's kind.
+pub fn run(parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> i32 {
     let frame = match parent.recv() {
         Ok(f) => f,
         Err(e) => {
@@ -47,7 +49,7 @@ pub fn run(parent: Channel) -> i32 {
         log::error!("{}: DevStart came without its fds", params.name);
         return 1;
     };
-    if let Err(e) = sandbox(&params) {
+    if let Err(e) = enter_sandbox(sandbox, &params) {
         log::error!("vm {} {}: sandbox: {e}", params.vm_name, params.name);
         return 1;
     }
@@ -78,11 +80,11 @@ pub fn role_of(kind: &DevKind) -> vmd_sandbox::Role {
 
 /// Every fd is in hand: drop to the vmd user, no host paths, and only
 /// this kind's syscalls, before a byte of the image or the guest is read.
-fn sandbox(params: &DevParams) -> Result<(), vmd_sandbox::SandboxError> {
-    vmd_sandbox::drop_privileges(params.uid, params.gid)?;
-    // The channel, its image chain (at most a few dozen backing files) or
-    // TAP, the memfd and the queue eventfds.
-    vmd_sandbox::limit_resources(128)?;
-    vmd_sandbox::landlock_no_fs()?;
-    vmd_sandbox::apply_seccomp(role_of(&params.kind))
+fn enter_sandbox(
+    sandbox: &vmd_sandbox::Sandbox,
+    params: &DevParams,
+) -> Result<(), vmd_sandbox::SandboxError> {
+    sandbox
+        .with_filter(role_of(&params.kind))
+        .enter(Some((params.uid, params.gid)))
 }

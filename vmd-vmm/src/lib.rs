@@ -34,7 +34,8 @@ use vmd_proto::{Channel, Msg};
 pub use vm::{build_and_run, DevOptions, DiskFiles, Outcome, VmError, VmFiles};
 
 /// Role entry point: serves one VM over `chan`, returns the exit status.
-pub fn run(chan: Channel) -> i32 {
+/// `sandbox` is the vmm's row of the role table (`vmd_sandbox::VMM`).
+pub fn run(chan: Channel, sandbox: &vmd_sandbox::Sandbox) -> i32 {
     let frame = match chan.recv() {
         Ok(f) => f,
         Err(e) => {
@@ -62,7 +63,7 @@ pub fn run(chan: Channel) -> i32 {
         Ok(f) => f,
         Err(e) => return report(&chan, id, ExitReason::VmmError(e.to_string())),
     };
-    if let Err(e) = sandbox(params.uid, params.gid) {
+    if let Err(e) = enter_sandbox(sandbox, params.uid, params.gid) {
         log::error!("vm {}: sandbox: {e}", params.name);
         return report(&chan, id, ExitReason::VmmError(format!("sandbox: {e}")));
     }
@@ -74,12 +75,12 @@ pub fn run(chan: Channel) -> i32 {
 
 /// Every fd is in hand: drop to the vmd user, then no host paths and only
 /// the vmm's syscalls, before any guest-controlled byte is parsed.
-fn sandbox(uid: u32, gid: u32) -> Result<(), vmd_sandbox::SandboxError> {
-    vmd_sandbox::drop_privileges(uid, gid)?;
-    // vCPU fds, disk chains, virtio eventfds: far below this.
-    vmd_sandbox::limit_resources(1024)?;
-    vmd_sandbox::landlock_no_fs()?;
-    vmd_sandbox::apply_seccomp(vmd_sandbox::Role::Vmm)?;
+fn enter_sandbox(
+    sandbox: &vmd_sandbox::Sandbox,
+    uid: u32,
+    gid: u32,
+) -> Result<(), vmd_sandbox::SandboxError> {
+    sandbox.enter(Some((uid, gid)))?;
     vcpu::narrow_vcpu_threads();
     Ok(())
 }

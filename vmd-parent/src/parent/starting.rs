@@ -466,7 +466,7 @@ impl Parent {
         }
         fds.extend(vm_ends.iter().map(|c| c.as_fd()));
         fds.extend(p.option_rom.as_ref().map(|f| f.as_fd()));
-        let child = match spawn_role("vmm", &self.opts, &["--vm".into(), vm.name.clone()]) {
+        let child = match spawn_role(Role::Vmm, &self.opts, &["--vm".into(), vm.name.clone()]) {
             Ok(child) => child,
             Err(e) => {
                 for d in &devices {
@@ -529,7 +529,7 @@ impl Parent {
             "--device".into(),
             name.clone(),
         ];
-        let child = spawn_titled("device", &title, &self.opts, &extra)
+        let child = spawn_titled(Role::Device, &title, &self.opts, &extra)
             .map_err(|e| format!("starting device process {name}: {e}"))?;
         let dev = DevParams {
             vm_id: params.id,

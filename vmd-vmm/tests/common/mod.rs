@@ -221,7 +221,7 @@ pub fn fork_vmm(kvm: &OwnedFd, tty: &OwnedFd, kernel: &Path, p: VmmParams) -> (C
     match unsafe { nix::unistd::fork() }.unwrap() {
         nix::unistd::ForkResult::Child => {
             drop(parent);
-            let code = vmd_vmm::run(child);
+            let code = vmd_vmm::run(child, &vmd_sandbox::VMM);
             // SAFETY: leave without running the test harness's atexit code.
             unsafe { libc::_exit(code) };
         }
