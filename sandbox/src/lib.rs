@@ -322,6 +322,30 @@ mod tests {
     }
 
     #[test]
+    fn a_vmm_thread_that_opens_a_path_gets_eacces_and_lives() {
+        // glibc's malloc opens /proc/sys/vm/overcommit_memory when it
+        // first trims a thread's heap: that must not kill the VM.
+        let fine = in_child(|| {
+            apply_seccomp(Role::Vmm).expect("vmm seccomp");
+            let io = std::thread::spawn(|| {
+                std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                    .map_err(|e| e.raw_os_error())
+                    .err()
+                    == Some(Some(libc::EACCES))
+            });
+            let vcpu = std::thread::spawn(|| {
+                apply_thread_seccomp(Role::Vcpu).expect("vcpu seccomp");
+                std::fs::File::open("/dev/null")
+                    .map_err(|e| e.raw_os_error())
+                    .err()
+                    == Some(Some(libc::EACCES))
+            });
+            io.join().unwrap_or(false) && vcpu.join().unwrap_or(false)
+        });
+        assert_eq!(fine, 0);
+    }
+
+    #[test]
     fn a_vcpu_thread_cannot_do_what_the_vmm_may() {
         // Under the vmm's filter a thread may make an eventfd; a thread
         // that added the vCPU filter is killed for it.

@@ -243,6 +243,13 @@ const VMM_IOCTLS: &[u64] = &[
     libc::SIOCGIFHWADDR,
 ];
 
+/// Opens the vmm's threads make though the vmm opens no path: glibc's
+/// malloc reads /proc/sys/vm/overcommit_memory the first time it trims a
+/// thread's heap (any thread that frees memory, at any moment). They are
+/// answered EACCES by a second filter (`OPEN_REFUSED`) rather than killing
+/// the VM; landlock refuses every path anyway.
+const OPEN_REFUSED: &[i64] = &[libc::SYS_open, libc::SYS_openat];
+
 /// fcntl commands: fd flags, cloexec dups, record locks on images.
 const FCNTL_CMDS: &[u64] = &[
     libc::F_GETFD as u64,
@@ -336,9 +343,11 @@ fn rules(role: Role) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::Bac
                 ],
             );
             map.insert(libc::SYS_fcntl, fcntl_rules()?);
+            map.extend(any(OPEN_REFUSED));
         }
         Role::Vcpu => {
             map = any(VCPU).collect();
+            map.extend(any(OPEN_REFUSED));
             // Closing an fd checks it first in debug builds.
             map.insert(
                 libc::SYS_fcntl,
@@ -445,6 +454,17 @@ pub fn apply_seccomp(role: Role) -> Result<(), SandboxError> {
         .and_then(BpfProgram::try_from)
         .map_err(|source| SandboxError::SeccompBuild { role, source })?;
         install(&clone3)?;
+        // open/openat pass the main filter only to meet this one: EACCES
+        // (a stacked filter's errno outranks the main filter's allow).
+        let open = SeccompFilter::new(
+            any(OPEN_REFUSED).collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            TargetArch::x86_64,
+        )
+        .and_then(BpfProgram::try_from)
+        .map_err(|source| SandboxError::SeccompBuild { role, source })?;
+        install(&open)?;
     }
     install(&filter_for(role, action)?)
 }
