@@ -431,6 +431,26 @@ impl VmmParams {
         self.disks.len() + usize::from(self.cdrom) + self.nics.len()
     }
 
+    /// The VM's device processes in the order of their channels (and of
+    /// their PCI slots): disks, the CD-ROM, nics.
+    pub fn device_kinds(&self) -> Vec<DevKind> {
+        let mut kinds: Vec<DevKind> = (0u32..)
+            .zip(&self.disks)
+            .map(|(index, disk)| DevKind::Block {
+                index,
+                disk: disk.clone(),
+            })
+            .collect();
+        if self.cdrom {
+            kinds.push(DevKind::Scsi);
+        }
+        kinds.extend((0u32..).zip(&self.nics).map(|(index, nic)| DevKind::Net {
+            index,
+            nic: nic.clone(),
+        }));
+        kinds
+    }
+
     /// Whether an option ROM fd comes last.
     pub fn boot_rom(&self) -> bool {
         self.nics.iter().any(|n| n.boot_rom)
@@ -492,6 +512,18 @@ pub enum DevKind {
     Scsi,
     /// virtio-net interface `index`: its TAP.
     Net { index: u32, nic: NicParams },
+}
+
+impl DevKind {
+    /// The device's name in its VM, also its process title's last word:
+    /// `blk0`, `cdrom`, `net1`.
+    pub fn name(&self) -> String {
+        match self {
+            DevKind::Block { index, .. } => format!("blk{index}"),
+            DevKind::Scsi => "cdrom".into(),
+            DevKind::Net { index, .. } => format!("net{index}"),
+        }
+    }
 }
 
 impl DevParams {

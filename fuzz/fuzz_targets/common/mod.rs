@@ -1,6 +1,8 @@
 //! Runs a virtio device's queue processing over guest memory built from
 //! the input (see virtq_layout.rs for the format).
 
+#![allow(dead_code)]
+
 use std::cell::RefCell;
 
 use virtio_queue::{Queue, QueueT};
@@ -36,22 +38,41 @@ fn with_memory<R>(image: &[u8], f: impl FnOnce(&GuestMemoryMmap) -> R) -> R {
 
 /// Sets up queue 0 of `dev` from the input and lets the device process it.
 pub fn run(dev: &mut dyn VirtioDevice, data: &[u8]) {
+    run_queue(dev, 0, data)
+}
+
+/// A queue of `max` entries over the input's rings, ready for a device.
+pub fn queue_for(flags: u8, max: u16, mem: &GuestMemoryMmap) -> Queue {
+    let size = queue_size(flags, max);
+    let l = layout(size);
+    let mut q = Queue::new(max).expect("queue");
+    q.try_set_size(size).expect("power-of-two size");
+    q.try_set_desc_table_address(GuestAddress(l.desc)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(l.avail)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(l.used)).unwrap();
+    q.set_event_idx(flags & F_EVENT_IDX != 0);
+    q.set_ready(true);
+    assert!(q.is_valid(mem));
+    q
+}
+
+/// Lends guest memory filled from `image` (public for targets with their
+/// own queue handling).
+pub fn with_guest<R>(image: &[u8], f: impl FnOnce(&GuestMemoryMmap) -> R) -> R {
+    with_memory(image, f)
+}
+
+/// Sets up queue `index` of `dev` from the input and lets the device
+/// process it.
+pub fn run_queue(dev: &mut dyn VirtioDevice, index: usize, data: &[u8]) {
     let Some((&flags, image)) = data.split_first() else {
         return;
     };
-    let max = dev.queue_max_sizes()[0];
-    let size = queue_size(flags, max);
-    let l = layout(size);
+    let max = dev.queue_max_sizes()[index];
+    let l = layout(queue_size(flags, max));
     with_memory(image, |mem| {
-        let mut q = Queue::new(max).expect("queue");
-        q.try_set_size(size).expect("power-of-two size");
-        q.try_set_desc_table_address(GuestAddress(l.desc)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(l.avail)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(l.used)).unwrap();
-        q.set_event_idx(flags & F_EVENT_IDX != 0);
-        q.set_ready(true);
-        assert!(q.is_valid(mem));
-        match dev.process_queue(0, &mut q, mem) {
+        let mut q = queue_for(flags, max, mem);
+        match dev.process_queue(index, &mut q, mem) {
             Ok(n) => {
                 // Every chain the device consumed went to the used ring.
                 assert_eq!(q.next_used(), n as u16);
@@ -61,7 +82,7 @@ pub fn run(dev: &mut dyn VirtioDevice, data: &[u8]) {
                     assert_eq!(used_idx, n as u16);
                 }
                 // Nothing more is available: a second pass is a no-op.
-                assert_eq!(dev.process_queue(0, &mut q, mem).ok(), Some(0));
+                assert_eq!(dev.process_queue(index, &mut q, mem).ok(), Some(0));
             }
             Err(e) => {
                 let _ = e.to_string();

@@ -2,7 +2,8 @@
 //! proto_decode (messages built from JSON, so this keeps compiling as the
 //! message types grow), qcow2 images from `vmd_disk::create` for
 //! qcow2_open (run-seeds.sh adds qemu-img's), and well-formed requests for
-//! the virtqueue targets. vm.conf seeds are copied by run-seeds.sh.
+//! the virtqueue targets, virtio-net and virtio-scsi; DHCP frames for
+//! dhcp_server. vm.conf seeds are copied by run-seeds.sh.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -250,7 +251,161 @@ fn virtq_seeds() {
     eprintln!("virtqueue seeds written");
 }
 
+/// A DHCP request frame from `mac`: Ethernet, IPv4, UDP 68 -> 67, BOOTP
+/// with the magic cookie and `options` (each [code, len, value..]).
+fn dhcp_frame(mac: [u8; 6], options: &[u8]) -> Vec<u8> {
+    let mut bootp = vec![0u8; 236];
+    bootp[0] = 1; // BOOTREQUEST
+    bootp[1] = 1; // Ethernet
+    bootp[2] = 6;
+    bootp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    bootp[28..34].copy_from_slice(&mac);
+    bootp.extend_from_slice(&[99, 130, 83, 99]);
+    bootp.extend_from_slice(options);
+    bootp.push(255);
+    let udp_len = 8 + bootp.len();
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&68u16.to_be_bytes());
+    udp.extend_from_slice(&67u16.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&bootp);
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0, 0, 0, 0, 0, 255, 255, 255, 255];
+    ip[2..4].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&[0x08, 0x00]);
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&udp);
+    frame
+}
+
+const GUEST_MAC: [u8; 6] = [0xfe, 0xe1, 0xba, 0xd0, 0, 1];
+
+fn dhcp_seeds() -> Vec<Vec<u8>> {
+    let discover = dhcp_frame(GUEST_MAC, &[53, 1, 1, 12, 3, b'v', b'm', b'1', 55, 3, 1, 3, 6]);
+    let request = dhcp_frame(
+        GUEST_MAC,
+        &[53, 1, 3, 50, 4, 100, 64, 0, 9, 54, 4, 100, 64, 0, 8],
+    );
+    let other_server = dhcp_frame(GUEST_MAC, &[53, 1, 3, 54, 4, 10, 0, 0, 1]);
+    let bootp = dhcp_frame(GUEST_MAC, &[]);
+    let stranger = dhcp_frame([2, 0, 0, 0, 0, 9], &[53, 1, 1]);
+    let frames = vec![discover, request, other_server, bootp, stranger];
+    for (name, f) in ["discover", "request", "request-other-server", "bootp", "other-mac"]
+        .iter()
+        .zip(&frames)
+    {
+        write("dhcp_server", name, f);
+    }
+    frames
+}
+
+const NET_F_RX: u8 = 1 << 5;
+const NET_F_LOCAL: u8 = 1 << 6;
+
+fn net_seeds(dhcp: &[Vec<u8>]) {
+    let max = 256;
+    // Transmit: a virtio-net header, then a frame, in one or two buffers.
+    for (name, flags, frame, split) in [
+        ("tx-dhcp-local", 2 | NET_F_LOCAL, dhcp[0].clone(), false),
+        ("tx-dhcp-split", 2 | NET_F_LOCAL, dhcp[1].clone(), true),
+        ("tx-plain", 2, dhcp[3].clone(), false),
+        ("tx-spoofed-locked", 2 | NET_F_LOCAL, dhcp[4].clone(), false),
+        ("tx-runt", 1, vec![0u8; 8], false),
+    ] {
+        let mut b = Builder::new(flags, max);
+        let d = b.data_start();
+        let mut pkt = vec![0u8; 12];
+        pkt.extend_from_slice(&frame);
+        b.put(d, &pkt);
+        if split {
+            b.desc(0, d, 12, DESC_F_NEXT, 1);
+            b.desc(1, d + 12, frame.len() as u32, 0, 0);
+        } else {
+            b.desc(0, d, pkt.len() as u32, 0, 0);
+        }
+        b.avail(0);
+        write("virtio_net_chain", name, &b.build());
+    }
+    // Receive: writable buffers, one large, one chain of small ones; the
+    // frames to receive are cut from the image at 0x4000 and 0x5000.
+    for (name, bufs) in [
+        ("rx-one", vec![(0u64, 2048u32)]),
+        ("rx-chain", vec![(0, 12), (0x8000, 64), (0x9000, 1600)]),
+        ("rx-too-small", vec![(0, 8)]),
+    ] {
+        let mut b = Builder::new(2 | NET_F_RX, max);
+        let d = b.data_start();
+        let n = bufs.len() as u16;
+        for (i, (addr, len)) in bufs.into_iter().enumerate() {
+            let i = i as u16;
+            let addr = if addr == 0 { d } else { addr };
+            let next = if i + 1 < n { DESC_F_NEXT } else { 0 };
+            b.desc(i, addr, len, DESC_F_WRITE | next, i + 1);
+        }
+        b.avail(0);
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&dhcp[0]);
+        b.put(0x4000, &frame);
+        b.put(0x5000, &[0u8; 12 + 14]);
+        write("virtio_net_chain", name, &b.build());
+    }
+    eprintln!("virtio-net and DHCP seeds written");
+}
+
+/// A virtio-scsi request for LUN 0 with `cdb`, and `data_in` bytes of
+/// room for the answer after the response header and sense.
+fn scsi_seed(name: &str, cdb: &[u8], data_in: u32, flags: u8) {
+    let mut b = Builder::new(flags, 128);
+    let d = b.data_start();
+    let mut req = vec![0u8; 19 + 32];
+    req[0] = 1; // LUN 0, target 0 in the single-level format
+    req[8..16].copy_from_slice(&7u64.to_le_bytes()); // tag
+    req[19..19 + cdb.len()].copy_from_slice(cdb);
+    b.put(d, &req);
+    b.desc(0, d, req.len() as u32, DESC_F_NEXT, 1);
+    let resp = 4 + 4 + 2 + 1 + 1 + 96;
+    if data_in > 0 {
+        b.desc(1, d + 0x100, resp, DESC_F_WRITE | DESC_F_NEXT, 2);
+        b.desc(2, d + 0x200, data_in, DESC_F_WRITE, 0);
+    } else {
+        b.desc(1, d + 0x100, resp, DESC_F_WRITE, 0);
+    }
+    b.avail(0);
+    write("scsi_cdb", name, &b.build());
+}
+
+fn scsi_seeds() {
+    scsi_seed("test-unit-ready", &[0x00, 0, 0, 0, 0, 0], 0, 2);
+    scsi_seed("inquiry", &[0x12, 0, 0, 0, 96, 0], 96, 2);
+    scsi_seed("inquiry-vpd", &[0x12, 1, 0x80, 0, 64, 0], 64, 2);
+    scsi_seed("request-sense", &[0x03, 0, 0, 0, 18, 0], 18, 2);
+    scsi_seed("report-luns", &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], 16, 2);
+    scsi_seed("read-capacity-10", &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8, 2);
+    scsi_seed("read-10", &[0x28, 0, 0, 0, 0, 3, 0, 0, 2, 0], 4096, 2);
+    scsi_seed("read-10-past-end", &[0x28, 0, 0, 0, 0, 31, 0, 0, 4, 0], 8192, 2);
+    scsi_seed("read-12", &[0xa8, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0], 2048, 2);
+    scsi_seed(
+        "read-16",
+        &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0],
+        2048,
+        2,
+    );
+    scsi_seed("mode-sense-6", &[0x1a, 0, 0x3f, 0, 64, 0], 64, 2);
+    scsi_seed("mode-sense-10", &[0x5a, 0, 0x2a, 0, 0, 0, 0, 0, 64, 0], 64, 2);
+    scsi_seed("read-toc", &[0x43, 0, 0, 0, 0, 0, 0, 0, 64, 0], 64, 2);
+    scsi_seed("get-configuration", &[0x46, 0, 0, 0, 0, 0, 0, 0, 64, 0], 64, 2);
+    scsi_seed("get-event-status", &[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8, 0], 8, 2);
+    scsi_seed("write-10", &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0], 0, 2);
+    scsi_seed("unknown-opcode", &[0xff; 16], 0, 1);
+    eprintln!("virtio-scsi seeds written");
+}
+
 fn main() {
+    let dhcp = dhcp_seeds();
+    net_seeds(&dhcp);
+    scsi_seeds();
     let tmp = std::env::temp_dir().join(format!("vmd-fuzz-seedgen-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
     proto_seeds();

@@ -426,24 +426,20 @@ impl Parent {
         // (they open and check their images while the VM process builds
         // the VM); each gets its image or TAP and one end of a channel to
         // the VM process, which gets the other end.
-        let mut backend_fds: Vec<(DevKind, Vec<BorrowedFd<'_>>)> = Vec::new();
-        for (index, (disk, fds)) in params.disks.iter().zip(&p.disks).enumerate() {
-            let kind = DevKind::Block {
-                index: index as u32,
-                disk: disk.clone(),
-            };
-            backend_fds.push((kind, fds.iter().flatten().map(|f| f.as_fd()).collect()));
-        }
-        if let Some(iso) = &p.cdrom {
-            backend_fds.push((DevKind::Scsi, vec![iso.as_fd()]));
-        }
-        for (index, (nic, tap)) in params.nics.iter().zip(&p.taps).enumerate() {
-            let kind = DevKind::Net {
-                index: index as u32,
-                nic: nic.clone(),
-            };
-            backend_fds.push((kind, tap.iter().map(|t| t.fd.as_fd()).collect()));
-        }
+        // Each kind's fds, in the order of `device_kinds`.
+        let mut backend_fds: Vec<Vec<BorrowedFd<'_>>> = Vec::new();
+        backend_fds.extend(
+            p.disks
+                .iter()
+                .map(|fds| fds.iter().flatten().map(|f| f.as_fd()).collect()),
+        );
+        backend_fds.extend(p.cdrom.iter().map(|iso| vec![iso.as_fd()]));
+        backend_fds.extend(
+            p.taps
+                .iter()
+                .map(|tap| tap.iter().map(|t| t.fd.as_fd()).collect()),
+        );
+        let backend_fds: Vec<_> = params.device_kinds().into_iter().zip(backend_fds).collect();
         let mut devices = Vec::new();
         let mut vm_ends = Vec::new();
         for (kind, fds) in backend_fds {
@@ -515,11 +511,7 @@ impl Parent {
         kind: DevKind,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(DevProc, vmd_proto::Channel), String> {
-        let name = match &kind {
-            DevKind::Block { index, .. } => format!("blk{index}"),
-            DevKind::Scsi => "cdrom".to_string(),
-            DevKind::Net { index, .. } => format!("net{index}"),
-        };
+        let name = kind.name();
         let (vm_end, dev_end) =
             vmd_proto::Channel::pair().map_err(|e| format!("{name}: channel: {e}"))?;
         let title = format!("vmd: vm {} {name}", vm.name);

@@ -21,7 +21,7 @@ use super::pci::DEVICE_LEN;
 pub const INFO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a device may take to answer a lifecycle request; a vCPU waits
 /// this long at most.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest queue a device may ask for (virtio's limit).
 const MAX_QUEUE_SIZE: u16 = 32768;
 
