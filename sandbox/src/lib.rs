@@ -351,6 +351,7 @@ mod tests {
         // that added the vCPU filter is killed for it.
         let fine = in_child(|| {
             apply_seccomp(Role::Vmm).expect("vmm seccomp");
+            // SAFETY: eventfd takes no pointers; the fd is left to exit.
             std::thread::spawn(|| unsafe { libc::eventfd(0, 0) } >= 0)
                 .join()
                 .unwrap_or(false)

@@ -24,6 +24,7 @@ use vmd_proto::{Channel, CHILD_CHANNEL_FD};
 fn inherited_channel() -> Result<Channel, String> {
     // SAFETY: fstat only writes into the struct we hand it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is a valid, writable struct stat.
     let is_socket = unsafe { libc::fstat(CHILD_CHANNEL_FD, &mut st) } == 0
         && st.st_mode & libc::S_IFMT == libc::S_IFSOCK;
     if !is_socket {

@@ -150,6 +150,7 @@ fn ping(dst: Ipv4Addr, count: u16, wait: Duration) -> u16 {
         )
     };
     let id: u16 = 0x4242;
+    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
     let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     sa.sin_family = libc::AF_INET as u16;
     sa.sin_addr.s_addr = u32::from(dst).to_be();
