@@ -124,7 +124,13 @@ fn child(chan: Channel, opener: &Opener, kind: OpenKind, path: &str, want: Want)
         if libc::dup2(sock.as_raw_fd(), 3) < 0 {
             libc::_exit(2);
         }
-        libc::close_range(4, u32::MAX, 0);
+        if libc::close_range(4, u32::MAX, 0) < 0 {
+            // A kernel without close_range (before 5.9): every fd priv may
+            // hold lies below its RLIMIT_NOFILE.
+            for fd in 4..vmd_sandbox::PRIV.max_files as libc::c_int {
+                libc::close(fd);
+            }
+        }
         std::mem::forget(sock);
         Channel::from_fd(OwnedFd::from_raw_fd(3))
     };
