@@ -18,9 +18,6 @@ use nix::sys::termios;
 
 /// Output kept for replay to a console that attaches.
 pub const REPLAY_BYTES: usize = 64 * 1024;
-/// A client that falls this far behind is detached rather than letting
-/// its backlog grow without bound.
-const CLIENT_BACKLOG_MAX: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
@@ -223,7 +220,7 @@ impl Console {
                     Err(_) => return false,
                 }
             }
-            client.backlog.len() <= CLIENT_BACKLOG_MAX
+            client.backlog.len() <= crate::limits::CONSOLE_BACKLOG_MAX
         });
     }
 

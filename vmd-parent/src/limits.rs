@@ -26,6 +26,9 @@ pub const CLIENT_REQUESTS_IN_FLIGHT: usize = 16;
 /// `vmctl console` sessions on one VM for users other than root (root may
 /// always attach).
 pub const MAX_CONSOLES_PER_VM: usize = 8;
+/// Bytes of guest output queued for a console client that does not read;
+/// past this it is detached rather than letting its backlog grow.
+pub const CONSOLE_BACKLOG_MAX: usize = 1_048_576;
 /// Instances (`vmctl start -t`) one user other than root may have.
 pub const MAX_INSTANCES_PER_USER: usize = 16;
 /// How long (seconds) a VM process gets to answer a pause or unpause;
