@@ -16,9 +16,10 @@ BUILD_PACKAGES="gcc binutils libc6-dev passwd"
 # and procps drive the tests; rsyslog is the syslog a test reads back;
 # xorriso builds the test ISO (El Torito); tftpd-hpa's in.tftpd serves the
 # network boot test's file (the test runs it in its own network namespace;
-# the package's own service is not wanted).
+# the package's own service is not wanted); python3-prometheus-client's
+# parser reads vmd's metrics the way Prometheus does.
 TEST_PACKAGES="g++ cpio kmod e2fsprogs gzip lz4 xz-utils zstd qemu-utils util-linux
-    iproute2 iputils-ping procps rsyslog xorriso tftpd-hpa"
+    iproute2 iputils-ping procps rsyslog xorriso tftpd-hpa python3-prometheus-client"
 
 install_packages() {
     local missing=() p

@@ -11,6 +11,7 @@ pub mod frame;
 pub mod msg;
 pub mod net;
 pub mod size;
+pub mod stats;
 pub mod vm;
 
 pub use channel::{Channel, ChannelError, Listener};

@@ -49,6 +49,9 @@ pub enum Request {
     Log {
         verbose: bool,
     },
+    /// `vmctl metrics`: the Prometheus text exposition of every VM's and
+    /// the daemon's counters.
+    Metrics,
 }
 
 /// What `vmctl reset` resets.
@@ -70,6 +73,8 @@ pub enum Reply {
     Console {
         tty: String,
     },
+    /// The answer to `Request::Metrics`: Prometheus text format 0.0.4.
+    Metrics(String),
 }
 
 /// A client's credentials as the control process read them from the
@@ -206,6 +211,11 @@ pub enum Msg {
     /// parent -> VM process: press the ACPI power button, asking the guest
     /// to power off (`vmctl stop` without -f).
     VmmPowerButton,
+    /// VM process -> parent, once running: `count` of its vCPUs' KVM
+    /// binary statistics fds (KVM_GET_STATS_FD) follow, the vCPUs from
+    /// `first` on, so the parent can read exit counts at any time without
+    /// asking. Sent in groups of at most MAX_FDS.
+    VmmStats { first: u32, count: u32 },
     /// VM process -> parent: the VM ended, and why; the process exits next.
     VmmExited(ExitReason),
     /// parent -> VM process: stop the vCPUs (the guest clock stops too).
@@ -219,6 +229,14 @@ pub enum Msg {
     /// parent -> control, first message: the listening control socket
     /// follows as one fd.
     ControlSocket,
+    /// control -> parent: how many vmctl clients are connected now.
+    ControlClients { count: u32 },
+    /// parent -> control: the `metrics listen` socket follows as one fd;
+    /// control serves it read-only (HTTP GET of the metrics).
+    MetricsSocket,
+    /// control -> parent: a scraper (peer id) wants the metrics; answered
+    /// with `Reply::Metrics` to that peer id.
+    MetricsRequest,
     /// priv -> parent: answers `PrivOpen` of `OpenKind::Tap`; the TAP fd
     /// follows. `name` is the interface the kernel created.
     PrivOpenedTap { index: u8, name: String },
@@ -394,8 +412,12 @@ wire_table! {
     45 => VmmUnpause {},
     46 => VmmPauseState { paused: bool },
     47 => VmmPowerButton {},
+    48 => VmmStats { first: u32, count: u32 },
     60 => SetVerbose { level: u8 },
     61 => ControlSocket {},
+    62 => ControlClients { count: u32 },
+    63 => MetricsSocket {},
+    64 => MetricsRequest {},
     80 => DevStart(params: DevParams),
     81 => DevInfo { device_type: u16, features: u64, queue_sizes: Vec<u16>, config: Vec<u8> },
     82 => DevAttach { regions: Vec<(u64, u64, u64)>, queues: u8 },
@@ -415,6 +437,8 @@ impl Msg {
             Msg::PrivOpenedTap { .. } => 1,
             Msg::PrivChildOpened { .. } => 1,
             Msg::ControlSocket => 1,
+            Msg::MetricsSocket => 1,
+            Msg::VmmStats { count, .. } => *count as usize,
             Msg::PrivOpenedDisk { backing, .. } => 1 + *backing as usize,
             Msg::VmmStart(p) => p.fd_count(),
             Msg::DevStart(p) => p.fd_count(),

@@ -451,8 +451,12 @@ fn type_codes_are_unique_and_covered() {
         Msg::VmmUnpause,
         Msg::VmmPauseState { paused: true },
         Msg::VmmPowerButton,
+        Msg::VmmStats { first: 0, count: 2 },
         Msg::SetVerbose { level: 2 },
         Msg::ControlSocket,
+        Msg::ControlClients { count: 3 },
+        Msg::MetricsSocket,
+        Msg::MetricsRequest,
         Msg::PrivOpenedDisk {
             index: 1,
             backing: 2,
@@ -604,7 +608,8 @@ fn vmm_params_fd_count_counts_one_device_channel_per_nic() {
         gid: 1,
         verbose: false,
     };
-    assert_eq!(blk.fd_count(), 1 + 3);
+    // The channel, the image and 2 backing files, the counters file.
+    assert_eq!(blk.fd_count(), 1 + 3 + 1);
     let net = DevParams {
         kind: DevKind::Net { index: 1, nic },
         ..blk.clone()

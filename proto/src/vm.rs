@@ -528,10 +528,11 @@ impl DevKind {
 
 impl DevParams {
     /// fds sent with `DevStart`: the VM channel, then the image and its
-    /// backing files, the ISO, or the TAP.
+    /// backing files (and last the disk's counters file, see
+    /// [`crate::stats`]), the ISO, or the TAP.
     pub fn fd_count(&self) -> usize {
         1 + match &self.kind {
-            DevKind::Block { disk, .. } => 1 + disk.backing as usize,
+            DevKind::Block { disk, .. } => 2 + disk.backing as usize,
             DevKind::Scsi | DevKind::Net { .. } => 1,
         }
     }

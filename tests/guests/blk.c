@@ -8,6 +8,7 @@
  * them (vmd assigns them like firmware); a zero BAR gets an address here.
  * Then it runs the verbs on the command line, in order, and powers off:
  *
+ *   stay              after the last verb, halt instead of powering off
  *   disk:N            use the N-th virtio-blk function (default 0)
  *   info              "blk: capacity=<sectors> features=0x.. ro=0|1"
  *   read:LBA:N        "read LBA N status S fnv 0x<FNV-1a 64> first <16 hex bytes>"
@@ -302,6 +303,8 @@ static void evil_garbage(void)
 	puts("evil garbage done\n");
 }
 
+static int stay;
+
 static void run(const char *cmd)
 {
 	arg = cmd;
@@ -314,7 +317,9 @@ static void run(const char *cmd)
 		const char *end = arg;
 		arg = tok;
 #define VERB(v) (starts(tok, v) && (arg = tok + sizeof(v) - 1, 1))
-		if (VERB("disk:")) {
+		if (VERB("stay")) {
+			stay = 1;
+		} else if (VERB("disk:")) {
 			blk_select((int)num(), 1);
 		} else if (VERB("info")) {
 			need_blk();
@@ -521,5 +526,7 @@ void guest_main(u32 start_info)
 	if (si->magic == HVM_START_MAGIC && si->cmdline_paddr)
 		run((const char *)(usize)si->cmdline_paddr);
 	puts("VMD-TEST blk done\n");
+	if (stay)
+		halt_forever();
 	poweroff();
 }

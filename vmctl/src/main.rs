@@ -72,6 +72,13 @@ const COMMANDS: &[Command] = &[
         flags: &[],
     },
     Command {
+        name: "metrics",
+        run: simple::metrics,
+        synopsis: "metrics",
+        about: "print every VM's and vmd's counters in the Prometheus text format",
+        flags: &[],
+    },
+    Command {
         name: "pause",
         run: simple::pause,
         synopsis: "pause name",
@@ -82,14 +89,14 @@ const COMMANDS: &[Command] = &[
         name: "reload",
         run: simple::reload,
         synopsis: "reload",
-        about: "re-read vm.conf: start new enabled VMs, leave running ones alone",
+        about: "re-read vm.conf: forget stopped VMs, start every enabled one, leave running ones alone",
         flags: &[],
     },
     Command {
         name: "reset",
         run: simple::reset,
         synopsis: "reset [all|vms|switches]",
-        about: "stop and forget VMs and/or switches, then reload vm.conf",
+        about: "stop and forget every VM and/or forget the switches (reads nothing: reload does)",
         flags: &[],
     },
     Command {

@@ -1,7 +1,7 @@
 //! The commands that take no flags: pause, unpause, wait, load, reload,
-//! reset and log. Each is one request and one reply.
+//! reset, log and metrics. Each is one request and one reply.
 
-use vmd_proto::msg::{Request, ResetWhat};
+use vmd_proto::msg::{Reply, Request, ResetWhat};
 
 use crate::args::Spec;
 use crate::client::{Ctx, Error};
@@ -89,6 +89,19 @@ pub fn parse(cmd: &'static str, args: &[String]) -> Result<Request, Error> {
         }
         other => return Err(Error::usage(cmd, format!("no such command {other:?}"))),
     })
+}
+
+/// `vmctl metrics`: the daemon's metrics in the Prometheus text format,
+/// on standard output.
+pub fn metrics(ctx: &Ctx, args: &[String]) -> Result<(), Error> {
+    operands("metrics", args, 0, 0)?;
+    match ctx.request(Request::Metrics)? {
+        (Reply::Metrics(text), _) => {
+            print!("{text}");
+            Ok(())
+        }
+        (other, _) => Err(Error::Protocol(format!("{other:?}"))),
+    }
 }
 
 macro_rules! command {

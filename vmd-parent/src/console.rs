@@ -43,6 +43,10 @@ pub struct Console {
     replay: VecDeque<u8>,
     log: File,
     clients: Vec<Client>,
+    /// Bytes the guest wrote to its console, and bytes typed into it
+    /// (metrics).
+    pub bytes_out: u64,
+    pub bytes_in: u64,
 }
 
 fn set_cloexec_nonblock(fd: BorrowedFd<'_>, nonblock: bool) -> Result<(), nix::Error> {
@@ -89,6 +93,8 @@ impl Console {
             replay: VecDeque::with_capacity(REPLAY_BYTES),
             log,
             clients: Vec::new(),
+            bytes_out: 0,
+            bytes_in: 0,
         };
         console.set_owner(owner_uid);
         Ok(console)
@@ -141,7 +147,10 @@ impl Console {
         loop {
             match self.master.read(&mut buf) {
                 Ok(0) => return,
-                Ok(n) => self.output(&buf[..n]),
+                Ok(n) => {
+                    self.bytes_out += n as u64;
+                    self.output(&buf[..n])
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -195,7 +204,9 @@ impl Console {
                 self.clients.remove(idx);
             }
             Ok(n) if vm_running => {
-                let _ = self.master.write(&buf[..n]);
+                if let Ok(w) = self.master.write(&buf[..n]) {
+                    self.bytes_in += w as u64;
+                }
             }
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -152,7 +152,18 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
     let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
     let mut refused: Vec<Refused> = Vec::new();
     let mut next_id: u32 = 1;
+    let mut reported = 0;
     loop {
+        // The parent's metrics count our clients.
+        if clients.len() != reported {
+            reported = clients.len();
+            let msg = Msg::ControlClients {
+                count: reported as u32,
+            };
+            if let Err(e) = parent.send(&msg, 0, &[]) {
+                warn!("telling the parent the client count: {e}");
+            }
+        }
         let ids: Vec<u32> = clients.keys().copied().collect();
         let mut fds = vec![
             PollFd::new(parent.as_fd(), PollFlags::POLLIN),

@@ -6,6 +6,7 @@ mod console;
 mod control;
 mod limits;
 mod logger;
+mod metrics;
 mod notify;
 mod options;
 mod parent;

@@ -29,6 +29,7 @@ use crate::roles::Role;
 use crate::spawn::{spawn_role, spawn_titled, ChildProc};
 use crate::vms::{DevProc, Vm, VmOwner, VmProc, VmSpec, VmTable};
 
+mod metrics;
 mod reconfig;
 mod requests;
 mod starting;
@@ -122,6 +123,8 @@ struct Parent {
     pending_reset: Option<(u32, ResetWhat)>,
     /// Successful reloads since vmd started.
     reloads: u64,
+    /// vmctl clients connected, as control last said.
+    control_clients: u32,
     /// The IPv6 prefix of `local inet6` without one: fd00::/8 with 56
     /// random bits (OpenBSD's global and subnet ID), drawn once at start.
     auto_prefix6: std::net::Ipv6Addr,
@@ -260,6 +263,7 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         next_autostart: Instant::now(),
         pending_reset: None,
         reloads: 0,
+        control_clients: 0,
         auto_prefix6: random_ula_prefix(),
     };
     parent.configure(config)?;
@@ -637,7 +641,7 @@ impl Parent {
                 return;
             };
             match p.chan.recv() {
-                Ok(frame) => self.vm_message(id, frame.msg),
+                Ok(frame) => self.vm_message(id, frame.msg, frame.fds),
                 Err(e) if e.is_would_block() => return,
                 Err(ChannelError::Closed) => {
                     // The process is exiting; SIGCHLD finishes the story.
@@ -661,14 +665,29 @@ impl Parent {
         }
     }
 
-    fn vm_message(&mut self, id: u32, msg: Msg) {
+    fn vm_message(&mut self, id: u32, msg: Msg, fds: Vec<OwnedFd>) {
         let Some(vm) = self.vms.vms.get_mut(&id) else {
             return;
         };
         let Some(p) = vm.proc.as_mut() else { return };
         match msg {
+            Msg::VmmStats { .. } => {
+                // Only what KVM made: the parent reads these as root, so a
+                // VM process may not slip it any other file.
+                for fd in fds {
+                    if p.kvm_stats.len() >= vm.spec.vcpus as usize {
+                        break;
+                    }
+                    if crate::metrics::is_kvm_stats_fd(&fd) {
+                        p.kvm_stats.push(fd);
+                    } else {
+                        warn!("vm {}: VmmStats with an fd that is not KVM's", vm.name);
+                    }
+                }
+            }
             Msg::VmmRunning => {
                 p.running = true;
+                p.running_since = Some(Instant::now());
                 vm.ever_ran = true;
                 if vm.state == VmState::Starting {
                     vm.state = VmState::Running;

@@ -1,6 +1,7 @@
 //! The parent's table of VMs: what each one is, its process, its console.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -214,16 +215,25 @@ pub struct VmProc {
     pub devices: Vec<DevProc>,
     /// Why a device process died while the VM ran: the VM's stop reason.
     pub device_failure: Option<String>,
+    /// The host TAP of each interface, by index (metrics read their
+    /// counters from sysfs).
+    pub taps: Vec<String>,
+    /// Each vCPU's KVM statistics fd, as the VM process handed them over
+    /// (metrics read exit counts from them).
+    pub kvm_stats: Vec<OwnedFd>,
+    /// When the VM process said the VM runs.
+    pub running_since: Option<Instant>,
 }
 
 /// A device process of a VM (`vmd: vm NAME blk0`).
-#[derive(Debug)]
 pub struct DevProc {
     /// `blk0`, `cdrom`, `net1`.
     pub name: String,
     pub pid: Pid,
     /// Not reaped yet.
     pub alive: bool,
+    /// A disk device's request counters (metrics).
+    pub disk_stats: Option<vmd_proto::stats::SharedCounters>,
 }
 
 /// Who may manage a VM besides root.

@@ -7,12 +7,14 @@
 //! Protocol, as seen from here:
 //! 1. receive exactly one `Msg::DevStart(params)` from the parent with
 //!    `params.fd_count()` fds: the channel to the VM process, then the
-//!    disk image and its backing files, the ISO, or the TAP;
+//!    disk image and its backing files (and the disk's counters file),
+//!    the ISO, or the TAP;
 //! 2. drop privileges and apply this kind's seccomp filter (narrower than
 //!    the VM process's: see docs/SECURITY.md); then open the image;
 //! 3. serve the VM process ([`crate::devices::virtio::backend::serve`])
 //!    until it closes the channel, then exit 0.
 
+use vmd_proto::stats::SharedCounters;
 use vmd_proto::vm::{DevKind, DevParams};
 use vmd_proto::{Channel, Msg};
 
@@ -44,16 +46,29 @@ pub fn run(parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> i32 {
     }
     // Nothing more comes from the parent: it watches this process by pid.
     drop(parent);
-    let mut fds = frame.fds.into_iter();
-    let Some(vm_chan) = fds.next().map(Channel::from_fd) else {
+    let mut fds = frame.fds;
+    if fds.is_empty() {
         log::error!("{}: DevStart came without its fds", params.name);
         return 1;
+    }
+    let vm_chan = Channel::from_fd(fds.remove(0));
+    // A disk's last fd is its counters file, for the parent's metrics.
+    let counters = match params.kind {
+        DevKind::Block { .. } => match fds.pop().map(|fd| SharedCounters::map(&fd)) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                log::error!("vm {} {}: counters: {e}", params.vm_name, params.name);
+                return 1;
+            }
+            None => None,
+        },
+        _ => None,
     };
     if let Err(e) = enter_sandbox(sandbox, &params) {
         log::error!("vm {} {}: sandbox: {e}", params.vm_name, params.name);
         return 1;
     }
-    let model = match model::open(&params.vm_name, &params.kind, fds.collect()) {
+    let model = match model::open(&params.vm_name, &params.kind, fds, counters) {
         Ok(m) => m,
         Err(e) => {
             log::error!("vm {} {}: {e}", params.vm_name, params.name);

@@ -402,7 +402,12 @@ _start:
     let (parent, pid) = fork_vmm(&kvm, &con.tty, &elf, params(1, ""));
     let f = parent.recv().unwrap();
     assert_eq!(f.msg, Msg::VmmRunning);
-    let f = parent.recv().unwrap();
+    // Its vCPU's KVM statistics fd, for the parent's metrics.
+    let mut f = parent.recv().unwrap();
+    if let Msg::VmmStats { first, count } = f.msg {
+        assert_eq!((first, count, f.fds.len()), (0, 1, 1));
+        f = parent.recv().unwrap();
+    }
     assert_eq!(f.msg, Msg::VmmExited(ExitReason::PowerOff));
     let status = nix::sys::wait::waitpid(pid, None).unwrap();
     assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));

@@ -112,10 +112,16 @@ fn params(vcpus: u32) -> VmmParams {
 /// The next message from the VM, failing the test after `limit`.
 fn recv(chan: &Channel, limit: Duration) -> Msg {
     let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
-    let mut fds = [PollFd::new(chan.as_fd(), PollFlags::POLLIN)];
-    let n = poll(&mut fds, PollTimeout::from(ms)).unwrap();
-    assert!(n > 0, "no message from the VM in {limit:?}");
-    chan.recv().unwrap().msg
+    loop {
+        let mut fds = [PollFd::new(chan.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::from(ms)).unwrap();
+        assert!(n > 0, "no message from the VM in {limit:?}");
+        match chan.recv().unwrap().msg {
+            // The vCPU statistics fds for the parent's metrics.
+            Msg::VmmStats { .. } => continue,
+            msg => return msg,
+        }
+    }
 }
 
 /// Sends `msg` and expects `VmmPauseState { paused }` within 2 s.

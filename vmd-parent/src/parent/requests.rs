@@ -19,6 +19,8 @@ impl Parent {
         let client = frame.peer_id;
         match frame.msg {
             Msg::ClientRequest { creds, req } => self.request(client, creds, req),
+            Msg::ControlClients { count } => self.control_clients = count,
+            Msg::MetricsRequest => self.metrics_reply(client),
             other => warn!("control sent unexpected message type {}", other.type_code()),
         }
     }
@@ -27,6 +29,22 @@ impl Parent {
         if let Err(e) = self.control.chan.send(&Msg::Reply(reply), client, fds) {
             warn!("reply to client {client}: {e}");
         }
+    }
+
+    /// The metrics text, to a vmctl client or a scraper (both through
+    /// control); one that does not fit in a message is an error.
+    pub(super) fn metrics_reply(&self, client: u32) {
+        let text = self.metrics_text();
+        if text.len() + 64 > vmd_proto::MAX_PAYLOAD {
+            return self.error(
+                client,
+                format!(
+                    "metrics are {} bytes, more than one message holds",
+                    text.len()
+                ),
+            );
+        }
+        self.reply(client, Reply::Metrics(text), &[]);
     }
 
     pub(super) fn error(&self, client: u32, reason: String) {
@@ -63,6 +81,8 @@ impl Parent {
             Request::Unpause { name } => self.pause_request(client, creds, &name, false),
             Request::Wait { name } => self.wait_request(client, creds, &name),
             Request::Log { verbose } => self.log_request(client, creds, verbose),
+            // As status: anyone who may use the socket.
+            Request::Metrics => self.metrics_reply(client),
             Request::Load { .. } | Request::Reload | Request::Reset { .. } if creds.uid != 0 => {
                 self.error(client, "permission denied".into())
             }

@@ -498,6 +498,9 @@ impl Parent {
                 kill_at: None,
                 devices,
                 device_failure: None,
+                taps: p.taps.iter().flatten().map(|t| t.name.clone()).collect(),
+                kvm_stats: Vec::new(),
+                running_since: None,
             });
         }
     }
@@ -534,6 +537,15 @@ impl Parent {
         };
         let mut all = vec![dev_end.as_fd()];
         all.extend_from_slice(fds);
+        // A disk counts its requests in a file we read for the metrics.
+        let counters = match &dev.kind {
+            DevKind::Block { .. } => Some(
+                vmd_proto::stats::SharedCounters::create(&name)
+                    .map_err(|e| format!("{name}: counters: {e}"))?,
+            ),
+            _ => None,
+        };
+        all.extend(counters.as_ref().map(|(fd, _)| fd.as_fd()));
         if let Err(e) = child.chan.send(&Msg::DevStart(dev), params.id, &all) {
             let _ = kill(child.pid, Signal::SIGKILL);
             return Err(format!("{name}: sending its parameters: {e}"));
@@ -547,6 +559,7 @@ impl Parent {
                 name,
                 pid: child.pid,
                 alive: true,
+                disk_stats: counters.map(|(_, map)| map),
             },
             vm_end,
         ))

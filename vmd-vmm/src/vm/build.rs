@@ -2,11 +2,11 @@
 //! PCI bus with the virtio devices (see `wiring`), and the vCPUs.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmd_proto::vm::{ExitReason, VmmParams, MAX_VCPUS};
 use vmm_sys_util::eventfd::EventFd;
@@ -58,6 +58,22 @@ pub struct Vm {
     pub(super) room: Arc<RoomNotifier>,
     pub(super) _serial_irq: EventFd,
     pub(super) tty: File,
+    /// Each vCPU's KVM binary statistics fd (KVM_GET_STATS_FD), handed to
+    /// the parent once the VM runs, for its metrics.
+    pub(super) stats: Vec<OwnedFd>,
+}
+
+/// KVM_GET_STATS_FD: _IO(KVMIO, 0xce), Linux 5.14 and later.
+const KVM_GET_STATS_FD: libc::c_ulong = 0xae << 8 | 0xce;
+
+/// A vCPU's statistics fd, or `None` on kernels without binary stats
+/// (metrics then lack exit counts).
+fn stats_fd(vcpu: &VcpuFd) -> Option<OwnedFd> {
+    // SAFETY: an ioctl without an argument on a vCPU fd we own; a
+    // non-negative result is a new fd that we then own.
+    let fd = unsafe { libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD as _) };
+    // SAFETY: see above.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 impl Vm {
@@ -244,11 +260,13 @@ impl Vm {
 
         let base_cpuid = cpuid::supported(&kvm)?;
         let mut vcpus = Vec::new();
+        let mut stats = Vec::new();
         for id in 0..params.vcpus {
             let verr = |err| VmError::Vcpu { id, err };
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| verr(VcpuError::Ioctl("KVM_CREATE_VCPU", e)))?;
+            stats.extend(stats_fd(&fd));
             let cpuid = cpuid::for_vcpu(&base_cpuid, id, params.vcpus)?;
             let boot = (id == 0).then_some(entry);
             vcpu::configure(&fd, &cpuid, boot).map_err(verr)?;
@@ -274,6 +292,7 @@ impl Vm {
             room,
             _serial_irq: serial_irq,
             tty: File::from(files.tty),
+            stats,
         })
     }
 

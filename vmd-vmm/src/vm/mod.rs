@@ -9,6 +9,7 @@ mod run;
 mod wiring;
 
 use std::io::{self};
+use std::os::fd::AsFd;
 use std::sync::{Mutex, MutexGuard};
 
 use vmd_proto::vm::{ExitReason, VmmParams};
@@ -126,13 +127,25 @@ pub fn build_and_run(
         params.vcpus,
         params.memory >> 20
     );
+    let mut running = running;
     if let Some(c) = chan {
         if let Err(e) = c.send(&Msg::VmmRunning, params.id, &[]) {
             log::error!("cannot tell the parent the VM runs: {e}");
-            let mut running = running;
             running.vm.exit.request(ExitReason::Stopped);
             running.stop_vcpus();
             return Outcome::ParentGone;
+        }
+        // The parent reads exit counts from these; we need them no more.
+        let stats = std::mem::take(&mut running.vm.stats);
+        for (n, group) in stats.chunks(vmd_proto::MAX_FDS).enumerate() {
+            let fds: Vec<_> = group.iter().map(|f| f.as_fd()).collect();
+            let msg = Msg::VmmStats {
+                first: (n * vmd_proto::MAX_FDS) as u32,
+                count: fds.len() as u32,
+            };
+            if let Err(e) = c.send(&msg, params.id, &fds) {
+                log::warn!("cannot hand the parent the vCPU statistics: {e}");
+            }
         }
     }
     running.event_loop(chan)

@@ -62,7 +62,7 @@ pub(super) fn backends(
         }
         for (kind, fds) in kinds.into_iter().zip(local) {
             let name = kind.name();
-            let m = model::open(&params.name, &kind, fds).map_err(|err| VmError::Model {
+            let m = model::open(&params.name, &kind, fds, None).map_err(|err| VmError::Model {
                 name: name.clone(),
                 err,
             })?;

@@ -8,6 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use super::net::dhcp::DhcpServer;
 use vmd_disk::open_disk;
 use vmd_proto::net::{format_mac, generated_mac};
+use vmd_proto::stats::SharedCounters;
 use vmd_proto::vm::DevKind;
 use vmd_tap::tap_info;
 
@@ -37,6 +38,7 @@ pub fn open(
     vm_name: &str,
     kind: &DevKind,
     fds: Vec<OwnedFd>,
+    counters: Option<SharedCounters>,
 ) -> Result<Box<dyn VirtioDevice>, ModelError> {
     let expected = match kind {
         DevKind::Block { disk, .. } => 1 + disk.backing as usize,
@@ -63,7 +65,7 @@ pub fn open(
                 if disk.read_only { ", read-only" } else { "" }
             );
             let id = block::serial(vm_name, *index as usize);
-            Box::new(VirtioBlk::new(d, id, disk.read_only))
+            Box::new(VirtioBlk::new(d, id, disk.read_only).with_counters(counters))
         }
         DevKind::Scsi => {
             let size = first.metadata().map_err(ModelError::Cdrom)?.len();

@@ -13,6 +13,7 @@
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmd_disk::Disk;
+use vmd_proto::stats::{self, SharedCounters};
 
 use crate::devices::virtio::{next_chain, ChainBuffers, VirtioDevice, VirtioError, TYPE_BLOCK};
 
@@ -55,6 +56,8 @@ pub struct VirtioBlk {
     config: [u8; 60],
     bufs: ChainBuffers,
     bounce: Vec<u8>,
+    /// Requests and bytes served, for the parent's metrics.
+    counters: Option<SharedCounters>,
 }
 
 /// `vmd-<vm>-<n>`, cut to the 20 bytes GET_ID returns (the VM name is
@@ -95,6 +98,20 @@ impl VirtioBlk {
             config,
             bufs: ChainBuffers::default(),
             bounce: vec![0; BOUNCE],
+            counters: None,
+        }
+    }
+
+    /// Counts the requests served in `counters` (the parent's metrics).
+    pub fn with_counters(mut self, counters: Option<SharedCounters>) -> VirtioBlk {
+        self.counters = counters;
+        self
+    }
+
+    fn count(&self, requests: usize, bytes: usize, n: u64) {
+        if let Some(c) = &self.counters {
+            c.add(requests, 1);
+            c.add(bytes, n);
         }
     }
 
@@ -122,9 +139,21 @@ impl VirtioBlk {
         let in_len = self.bufs.writable_len - 1;
         let out_len = self.bufs.readable_len - HEADER;
         match ty {
-            VIRTIO_BLK_T_IN => self.read(mem, sector, in_len),
+            VIRTIO_BLK_T_IN => {
+                let (status, done) = self.read(mem, sector, in_len);
+                if status == VIRTIO_BLK_S_OK {
+                    self.count(stats::DISK_READ_REQUESTS, stats::DISK_READ_BYTES, done);
+                }
+                (status, done)
+            }
             VIRTIO_BLK_T_OUT if self.read_only => (VIRTIO_BLK_S_IOERR, 0),
-            VIRTIO_BLK_T_OUT => (self.write(mem, sector, out_len), 0),
+            VIRTIO_BLK_T_OUT => {
+                let status = self.write(mem, sector, out_len);
+                if status == VIRTIO_BLK_S_OK {
+                    self.count(stats::DISK_WRITE_REQUESTS, stats::DISK_WRITE_BYTES, out_len);
+                }
+                (status, 0)
+            }
             VIRTIO_BLK_T_FLUSH => match self.disk.flush() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
