@@ -3,7 +3,6 @@
 //! `vmctl [-v] [-s socket] command [args...]`; any unambiguous prefix of a
 //! command works, as on OpenBSD.
 
-mod args;
 mod client;
 mod console;
 mod create;
@@ -16,8 +15,9 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use args::{Opt, Spec};
 use client::{Ctx, Error};
+use vmd_getopt as args;
+use vmd_getopt::{Opt, Spec};
 
 type Run = fn(&Ctx, &[String]) -> Result<(), Error>;
 

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vmd_getopt::{Opt, Spec};
+
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmd";
 pub const DEFAULT_CONFIG: &str = "/etc/vm.conf";
 /// The unprivileged user the control and VM processes run as.
@@ -54,6 +56,21 @@ fn define(arg: &str) -> Result<(String, String), String> {
     }
 }
 
+/// vmd's options, in the getopt(3) style vmctl uses too: `-fFILE` or
+/// `-f FILE`, bundles (`-dvv`), `--stop-grace 30` or `--stop-grace=30`.
+const SPEC: Spec = Spec {
+    short: "dnvD:f:s:",
+    long: &[
+        "role=",
+        "user=",
+        "vm=",
+        "device=",
+        "state-dir=",
+        "stop-grace=",
+    ],
+    intermixed: false,
+};
+
 impl Options {
     pub fn parse(args: &[String]) -> Result<Options, String> {
         let mut opts = Options {
@@ -69,61 +86,43 @@ impl Options {
             stop_grace: DEFAULT_STOP_GRACE,
             defines: Vec::new(),
         };
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let mut value = |flag: &str| {
-                it.next()
-                    .cloned()
-                    .ok_or_else(|| format!("option {flag} needs an argument"))
-            };
-            match arg.as_str() {
-                "--role" => {
-                    let name = value("--role")?;
-                    opts.role =
-                        Role::from_name(&name).ok_or_else(|| format!("unknown role {name:?}"))?;
+        let parsed = SPEC.parse(args).map_err(|e| e.to_string())?;
+        if let Some(extra) = parsed.operands.first() {
+            return Err(format!("unexpected argument {extra:?}"));
+        }
+        for found in &parsed.opts {
+            let v = found.arg();
+            match found.opt {
+                Opt::Long("role") => {
+                    opts.role = Role::from_name(v).ok_or_else(|| format!("unknown role {v:?}"))?;
                 }
-                "--user" => {
-                    let v = value("--user")?;
+                Opt::Long("user") => {
                     let (u, g) = v
                         .split_once(':')
                         .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
                         .ok_or_else(|| format!("bad --user {v:?}"))?;
                     opts.user = Some((u, g));
                 }
-                // Only for `ps`: names the VM a vmm process runs.
-                "--vm" => {
-                    value("--vm")?;
-                }
-                // Only for `ps`: names a device process's device.
-                "--device" => {
-                    value("--device")?;
-                }
-                "-D" => opts.defines.push(define(&value("-D")?)?),
-                d if d.starts_with("-D") => opts.defines.push(define(&d[2..])?),
-                "-s" => opts.socket = PathBuf::from(value("-s")?),
-                "-f" => {
-                    opts.config = PathBuf::from(value("-f")?);
+                // Only for `ps`: name the VM a vmm process runs, and a
+                // device process's device.
+                Opt::Long("vm") | Opt::Long("device") => {}
+                Opt::Short('D') => opts.defines.push(define(v)?),
+                Opt::Short('s') => opts.socket = PathBuf::from(v),
+                Opt::Short('f') => {
+                    opts.config = PathBuf::from(v);
                     opts.config_given = true;
                 }
-                "--state-dir" => opts.state_dir = PathBuf::from(value("--state-dir")?),
-                "--stop-grace" => {
-                    let v = value("--stop-grace")?;
+                Opt::Long("state-dir") => opts.state_dir = PathBuf::from(v),
+                Opt::Long("stop-grace") => {
                     let secs = v
                         .parse::<u64>()
                         .map_err(|_| format!("bad --stop-grace {v:?}: seconds expected"))?;
                     opts.stop_grace = Duration::from_secs(secs);
                 }
-                flags if flags.starts_with('-') && !flags.starts_with("--") && flags.len() > 1 => {
-                    for c in flags[1..].chars() {
-                        match c {
-                            'd' => opts.foreground = true,
-                            'n' => opts.check_only = true,
-                            'v' => opts.verbose = opts.verbose.saturating_add(1),
-                            other => return Err(format!("unknown option -{other}")),
-                        }
-                    }
-                }
-                other => return Err(format!("unexpected argument {other:?}")),
+                Opt::Short('d') => opts.foreground = true,
+                Opt::Short('n') => opts.check_only = true,
+                Opt::Short('v') => opts.verbose = opts.verbose.saturating_add(1),
+                other => return Err(format!("unknown option {other}")),
             }
         }
         Ok(opts)
@@ -204,5 +203,21 @@ mod tests {
         assert!(parse(&["--stop-grace", "soon"])
             .unwrap_err()
             .contains("--stop-grace"));
+    }
+
+    #[test]
+    fn getopt_forms_as_vmctl_takes_them() {
+        let o = parse(&["-f/etc/x.conf", "--stop-grace=7"]).unwrap();
+        assert_eq!(o.config, PathBuf::from("/etc/x.conf"));
+        assert!(o.config_given);
+        assert_eq!(o.stop_grace, Duration::from_secs(7));
+        let o = parse(&["-nf", "y.conf", "--state-dir=/s"]).unwrap();
+        assert!(o.check_only);
+        assert_eq!(o.config, PathBuf::from("y.conf"));
+        assert_eq!(o.state_dir, PathBuf::from("/s"));
+        assert!(parse(&["extra"]).unwrap_err().contains("extra"));
+        assert!(parse(&["-d", "--", "x"]).unwrap_err().contains("x"));
+        assert!(parse(&["--bogus"]).unwrap_err().contains("--bogus"));
+        assert!(parse(&["-n=1"]).unwrap_err().contains("-="));
     }
 }

@@ -1,4 +1,5 @@
-//! A small getopt(3)-like parser shared by every command.
+//! A small getopt(3)-like parser, the one both vmd and vmctl use (its
+//! own crate so vmctl links no daemon crate for it; no dependencies).
 //!
 //! Short options follow getopt's rules: they bundle (`-fw`), an option
 //! that takes an argument gets it attached (`-m256M`) or from the next word
