@@ -750,3 +750,65 @@ fn the_who_names_a_path_table_holds() {
         "priv must stay single-threaded: it forks"
     );
 }
+
+/// Supplementary groups count, as they would for the user at a shell: a
+/// client's (SO_PEERGROUPS) for what they name, an image owner's (from
+/// /etc/group) for the backing file their image names.
+#[test]
+fn supplementary_groups_count_for_users_and_image_owners() {
+    const MEMBER: &str = "vmdtestpc";
+    const SHARED: &str = "vmdtestpshare";
+    users::user(OWNER, &[SOCKET_GROUP]);
+    users::user(MEMBER, &[SOCKET_GROUP, SHARED]);
+    let dir = Daemon::dir_for("hpaths-groups");
+    std::fs::create_dir_all(&dir).unwrap();
+    chmod(&dir, 0o755);
+    // Root's file, readable and writable by the shared group only.
+    let shared = dir.join("shared.img");
+    std::fs::write(&shared, vec![0x77u8; 1 << 20]).unwrap();
+    let st = Command::new("chown")
+        .arg(format!("root:{SHARED}"))
+        .arg(&shared)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    chmod(&shared, 0o660);
+    // The member's overlay over it (made as the member: their group reads it).
+    let mdir = dir_of(&dir.join("member"), MEMBER);
+    let overlay = mdir.join("overlay.qcow2");
+    succeeded(&create_as(MEMBER, &["-b", s(&shared), s(&overlay)]));
+    let spin = guest("spin.elf");
+    let conf = dir.join("vm.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "socket owner root:{SOCKET_GROUP}\n\
+             vm tpl {{\n    boot \"{}\"\n    memory 32M\n    disable\n    allow instance {{ disk, owner :{SOCKET_GROUP} }}\n}}\n{}",
+            s(&spin),
+            vm_with_disk("member-overlay", &overlay),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with("hpaths-groups", &["-f", s(&conf)]);
+    let start_as = |user: &str, name: &str| {
+        vmctl_bounded(
+            &d,
+            Some(user),
+            &["start", "-t", "tpl", "-d", s(&shared), name],
+        )
+    };
+    // The member reads it through their supplementary group; the owner,
+    // not in it, may not.
+    succeeded(&start_as(MEMBER, "by-member"));
+    d.wait_state("by-member", "running", T);
+    stop(&d, "by-member");
+    refused(
+        &start_as(OWNER, "by-owner"),
+        &["shared.img", "Permission denied"],
+    );
+    // Root's vm.conf names the member's overlay; its backing file opens as
+    // the member, groups included.
+    succeeded(&vmctl_bounded(&d, None, &["start", "member-overlay"]));
+    d.wait_state("member-overlay", "running", T);
+    stop(&d, "member-overlay");
+}

@@ -62,6 +62,12 @@ pub fn open_as(
         path: path.to_string(),
         reason,
     };
+    log::debug!(
+        "opening {path} as uid {} gid {} groups {:?}",
+        opener.uid,
+        opener.gid,
+        opener.groups
+    );
     let (ours, theirs) = Channel::pair().map_err(|e| err(format!("socketpair: {e}")))?;
     // SAFETY: priv is single-threaded (no thread is ever started in it),
     // so the child may run ordinary code, allocation included.
