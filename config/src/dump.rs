@@ -59,6 +59,9 @@ impl Display for Config {
             }
             writeln!(f, "{line}")?;
         }
+        if let Some(m) = &g.metrics_listen {
+            writeln!(f, "metrics listen {}", q(m))?;
+        }
         match &g.staggered {
             Some(s) => writeln!(
                 f,

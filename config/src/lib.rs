@@ -158,6 +158,27 @@ pub struct Globals {
     pub agentx: Option<AgentX>,
     /// `None`: start as many VMs at once as there are CPUs, 30 s apart.
     pub staggered: Option<Staggered>,
+    /// `metrics listen ADDR`: where control serves the metrics to
+    /// scrapers.
+    #[serde(default)]
+    pub metrics_listen: Option<MetricsListen>,
+}
+
+/// Where `metrics listen` serves: a unix socket path, or a loopback TCP
+/// address (scrapers on the host only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetricsListen {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Unix(p) => write!(f, "{}", p.display()),
+            MetricsListen::Tcp(a) => write!(f, "{a}"),
+        }
+    }
 }
 
 impl Default for Globals {
@@ -168,6 +189,7 @@ impl Default for Globals {
             socket_owner: None,
             agentx: None,
             staggered: None,
+            metrics_listen: None,
         }
     }
 }

@@ -10,8 +10,8 @@ use vmd_proto::vm::{check_memory_range, validate_name, MAX_CMDLINE, MAX_VCPUS, M
 use crate::lexer::{lex, LexError, Tok, Token};
 use crate::{
     AgentX, AllowInstance, BootDevice, Config, ConfigError, DiskDef, DiskFormat, InterfaceDef,
-    Ipv4Prefix, Ipv6Prefix, Location, MacAddr, Owner, Staggered, SwitchDef, VmDef, Warning,
-    DEFAULT_LOCAL_PREFIX6, MAX_DISKS, MAX_IFNAME_LEN, MAX_INCLUDE_DEPTH, MAX_INTERFACES,
+    Ipv4Prefix, Ipv6Prefix, Location, MacAddr, MetricsListen, Owner, Staggered, SwitchDef, VmDef,
+    Warning, DEFAULT_LOCAL_PREFIX6, MAX_DISKS, MAX_IFNAME_LEN, MAX_INCLUDE_DEPTH, MAX_INTERFACES,
 };
 
 const TOP_KEYWORDS: &[&str] = &[
@@ -19,6 +19,7 @@ const TOP_KEYWORDS: &[&str] = &[
     "local",
     "socket",
     "agentx",
+    "metrics",
     "staggered",
     "vm",
     "switch",
@@ -66,7 +67,7 @@ const ALLOW_KEYWORDS: &[&str] = &[
 /// not be named after any keyword.
 const OTHER_KEYWORDS: &[&str] = &[
     "prefix", "inet6", "start", "parallel", "delay", "context", "path", "device", "format", "raw",
-    "qcow2", "net", "instance", "filename",
+    "qcow2", "net", "instance", "filename", "listen",
 ];
 /// `boot filename`: it must fit the DHCP header's 128-byte `file` field,
 /// NUL included.
@@ -414,6 +415,7 @@ impl FileParser<'_> {
                                 self.st.cfg.globals.socket_owner = Some(parse_owner(&s, at)?);
                             }
                             "agentx" => self.agentx(at)?,
+                            "metrics" => self.metrics()?,
                             "staggered" => self.staggered()?,
                             "vm" => self.vm(at)?,
                             "switch" => self.switch(at)?,
@@ -560,6 +562,34 @@ impl FileParser<'_> {
         }
         self.st.cfg.globals.agentx = Some(a);
         self.warn(at, "agentx is not supported; ignored");
+        Ok(())
+    }
+
+    /// `metrics listen PATH | ADDR:PORT`: an absolute unix socket path,
+    /// or a loopback address, so only the host's scrapers reach it.
+    fn metrics(&mut self) -> Result<()> {
+        self.expect_word("listen", "metrics")?;
+        let (s, at) = self.value("metrics listen address")?;
+        let listen = if s.starts_with('/') {
+            MetricsListen::Unix(PathBuf::from(&s))
+        } else {
+            let addr: std::net::SocketAddr = s.parse().map_err(|_| {
+                err(
+                    at.clone(),
+                    format!(
+                        "metrics listen \"{s}\": expected an absolute socket path or ADDRESS:PORT"
+                    ),
+                )
+            })?;
+            if !addr.ip().is_loopback() {
+                return Err(err(
+                    at,
+                    format!("metrics listen {addr}: only a loopback address (127.0.0.0/8, ::1) is allowed"),
+                ));
+            }
+            MetricsListen::Tcp(addr)
+        };
+        self.st.cfg.globals.metrics_listen = Some(listen);
         Ok(())
     }
 

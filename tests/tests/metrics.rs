@@ -156,3 +156,96 @@ fn vmctl_metrics_parse_and_disk_counters_follow_the_guest() {
         Some(4096.0)
     );
 }
+
+/// One HTTP exchange on a stream: what the server answered.
+fn http_exchange(mut s: impl std::io::Read + std::io::Write, request: &[u8]) -> String {
+    s.write_all(request).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// vm.conf `metrics listen`: control serves the metrics to any scraper
+/// on a unix socket or a loopback port, answers nothing but GET /metrics,
+/// and a scraper that stalls holds up no one.
+#[test]
+fn metrics_listen_serves_scrapers_and_nothing_else() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    let dir = Daemon::dir_for("scrape");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Only the host's scrapers: a public address is refused with its place.
+    let public = dir.join("public.conf");
+    std::fs::write(&public, "metrics listen \"192.0.2.1:9100\"\n").unwrap();
+    let out = Command::new(vmd_e2e::bin("vmd"))
+        .args(["-n", "-f"])
+        .arg(&public)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(":1:16: ") && err.contains("only a loopback address"),
+        "{err}"
+    );
+
+    let sock = dir.join("metrics.sock");
+    let conf = dir.join("vm.conf");
+    std::fs::write(&conf, format!("metrics listen \"{}\"\n", sock.display())).unwrap();
+    let d = Daemon::start_with("scrape", &["-f", conf.to_str().unwrap()]);
+    d.boot(&guest("idle.elf"), "16M", "scraped");
+    d.wait_state("scraped", "running", T);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666, "any local scraper may connect");
+    // A scraper that connects and says nothing does not stall the others.
+    let _stalled = UnixStream::connect(&sock).unwrap();
+    let reply = http_exchange(
+        UnixStream::connect(&sock).unwrap(),
+        b"GET /metrics HTTP/1.1\r\nHost: vmd\r\n\r\n",
+    );
+    let (head, body) = reply.split_once("\r\n\r\n").expect("HTTP head");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let m = parse(body);
+    assert_eq!(
+        value(
+            &m,
+            "vmd_vm_state",
+            &[("vm", "scraped"), ("state", "running")]
+        ),
+        Some(1.0)
+    );
+    // Nothing else is served, and nothing reaches vmd: not a vmctl request.
+    for (req, status) in [
+        (&b"POST /metrics HTTP/1.0\r\n\r\n"[..], "405"),
+        (b"GET /stop?vm=scraped HTTP/1.0\r\n\r\n", "404"),
+        (b"\x00\x00\x00\x01garbage\n\n", "405"),
+    ] {
+        let reply = http_exchange(UnixStream::connect(&sock).unwrap(), req);
+        assert!(reply.starts_with(&format!("HTTP/1.0 {status}")), "{reply}");
+    }
+    assert_eq!(d.status("scraped").unwrap().state, "running");
+    drop(d);
+    assert!(!sock.exists(), "metrics socket left behind");
+
+    // A loopback TCP port, as Prometheus scrapes.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&conf, format!("metrics listen \"127.0.0.1:{port}\"\n")).unwrap();
+    let d = Daemon::start_with("scrape", &["-f", conf.to_str().unwrap()]);
+    let reply = http_exchange(
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        b"GET /metrics HTTP/1.0\r\n\r\n",
+    );
+    let (head, body) = reply.split_once("\r\n\r\n").expect("HTTP head");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert_eq!(
+        value(&parse(body), "vmd_vms", &[("state", "running")]),
+        Some(0.0)
+    );
+    drop(d);
+}

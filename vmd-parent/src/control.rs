@@ -18,6 +18,7 @@ use crate::limits::{
     MAX_CLIENTS_PER_UID, REFUSAL_GRACE, ROOT_RESERVED_CLIENTS,
 };
 use crate::options::Options;
+use crate::scrape::{self, Scraper};
 
 /// One connected vmctl. Its socket is non-blocking: a client that does
 /// not read its replies fills its own queue and is dropped; control never
@@ -153,6 +154,9 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
     let mut refused: Vec<Refused> = Vec::new();
     let mut next_id: u32 = 1;
     let mut reported = 0;
+    // `metrics listen`, when the parent hands it over, and its scrapers.
+    let mut metrics: Option<OwnedFd> = None;
+    let mut scrapers: BTreeMap<u32, Scraper> = BTreeMap::new();
     loop {
         // The parent's metrics count our clients.
         if clients.len() != reported {
@@ -184,11 +188,33 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
                 .iter()
                 .map(|r| PollFd::new(r.chan.as_fd(), PollFlags::POLLIN)),
         );
+        // Then the metrics listener (while there is room) and scrapers.
+        let metrics_at = fds.len();
+        let listening = metrics.is_some() && scrapers.len() < scrape::MAX_SCRAPERS;
+        fds.extend(
+            metrics
+                .as_ref()
+                .filter(|_| listening)
+                .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN)),
+        );
+        let scraper_ids: Vec<u32> = scrapers.keys().copied().collect();
+        let scrapers_at = fds.len();
+        fds.extend(scrapers.values().map(|s| {
+            let mut events = PollFlags::empty();
+            if s.wants_input() {
+                events |= PollFlags::POLLIN;
+            }
+            if s.wants_output() {
+                events |= PollFlags::POLLOUT;
+            }
+            PollFd::new(s.fd(), events)
+        }));
         let timeout = clients
             .values()
             .filter_map(Client::idle_since)
             .map(|since| since + CLIENT_IDLE_TIMEOUT)
             .chain(refused.iter().map(|r| r.until))
+            .chain(scrapers.values().map(Scraper::deadline))
             .min()
             .map_or(PollTimeout::NONE, |at| {
                 let left = at.saturating_duration_since(Instant::now());
@@ -210,6 +236,13 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
             match parent.recv() {
                 Ok(frame) => match frame.msg {
                     Msg::SetVerbose { level } => log::set_max_level(vmd_proto::log_filter(level)),
+                    Msg::MetricsSocket => {
+                        metrics = frame.fds.into_iter().next();
+                        info!("serving the metrics to scrapers");
+                    }
+                    msg if scrapers.contains_key(&frame.peer_id) => {
+                        scrape::answer(&mut scrapers, frame.peer_id, msg)
+                    }
                     msg => relay_reply(&mut clients, frame.peer_id, msg, frame.fds),
                 },
                 // The parent is gone or broken: nothing left to serve.
@@ -246,6 +279,28 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
             }
         }
         drop_idle(&mut clients);
+        if listening && !ready[metrics_at].is_empty() {
+            if let Some(l) = &metrics {
+                scrape::accept(l, &mut scrapers, &mut next_id);
+            }
+        }
+        for (i, id) in scraper_ids.iter().enumerate() {
+            let revents = ready[scrapers_at + i];
+            let mut keep = true;
+            if revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                && scrapers.get(id).is_some_and(Scraper::wants_input)
+            {
+                keep = scrape::readable(&parent, &mut scrapers, *id);
+            }
+            if keep && scrapers.get(id).is_some_and(Scraper::wants_output) {
+                keep = scrape::writable(&mut scrapers, *id);
+            }
+            if !keep {
+                scrapers.remove(id);
+            }
+        }
+        let now = Instant::now();
+        scrapers.retain(|_, s| s.deadline() > now);
     }
 }
 

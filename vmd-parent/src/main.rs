@@ -12,6 +12,7 @@ mod options;
 mod parent;
 mod rights;
 mod roles;
+mod scrape;
 mod spawn;
 mod user;
 mod vms;

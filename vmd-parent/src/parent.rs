@@ -125,6 +125,9 @@ struct Parent {
     reloads: u64,
     /// vmctl clients connected, as control last said.
     control_clients: u32,
+    /// Where the metrics are served (bound at start; a reload that
+    /// changes it takes effect at the next start).
+    metrics_listen: Option<vmd_config::MetricsListen>,
     /// The IPv6 prefix of `local inet6` without one: fd00::/8 with 56
     /// random bits (OpenBSD's global and subnet ID), drawn once at start.
     auto_prefix6: std::net::Ipv6Addr,
@@ -239,6 +242,16 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         .send(&Msg::ControlSocket, 0, &[listener.as_fd()])
         .map_err(|e| format!("handing the socket to control: {e}"))?;
     drop(listener);
+    // `metrics listen`: bound here (control may not), served by control.
+    let metrics_listen = config.globals.metrics_listen.clone();
+    if let Some(listen) = &metrics_listen {
+        let sock = bind_metrics_socket(listen)?;
+        control
+            .chan
+            .send(&Msg::MetricsSocket, 0, &[sock.as_fd()])
+            .map_err(|e| format!("handing the metrics socket to control: {e}"))?;
+        info!("metrics on {listen}");
+    }
     crate::notify::ready();
     info!(
         "started (priv pid {}, control pid {}), socket {}",
@@ -265,9 +278,44 @@ fn setup(mut opts: Options) -> Result<(Parent, SignalFd), String> {
         reloads: 0,
         control_clients: 0,
         auto_prefix6: random_ula_prefix(),
+        metrics_listen,
     };
     parent.configure(config)?;
     Ok((parent, signals))
+}
+
+/// Binds `metrics listen`: a unix socket any local user may connect to
+/// (a stale socket from an earlier run is replaced; any other file there
+/// is an error), or a loopback TCP port.
+fn bind_metrics_socket(listen: &vmd_config::MetricsListen) -> Result<OwnedFd, String> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match listen {
+        vmd_config::MetricsListen::Unix(path) => {
+            if let Ok(m) = std::fs::symlink_metadata(path) {
+                if !m.file_type().is_socket() {
+                    return Err(format!(
+                        "metrics listen {}: exists and is not a socket",
+                        path.display()
+                    ));
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("metrics listen {}: {e}", path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+                .map_err(|e| format!("metrics listen {}: {e}", path.display()))?;
+            l.set_nonblocking(true)
+                .map_err(|e| format!("metrics listen: {e}"))?;
+            Ok(OwnedFd::from(l))
+        }
+        vmd_config::MetricsListen::Tcp(addr) => {
+            let l = std::net::TcpListener::bind(addr)
+                .map_err(|e| format!("metrics listen {addr}: {e}"))?;
+            l.set_nonblocking(true)
+                .map_err(|e| format!("metrics listen: {e}"))?;
+            Ok(OwnedFd::from(l))
+        }
+    }
 }
 
 /// Raises the open-file limit to PARENT_NOFILE (root may raise the hard
@@ -566,6 +614,9 @@ impl Parent {
             }
         }
         let _ = std::fs::remove_file(&self.opts.socket);
+        if let Some(vmd_config::MetricsListen::Unix(path)) = &self.metrics_listen {
+            let _ = std::fs::remove_file(path);
+        }
         info!("exiting");
         self.exit_code
     }

@@ -56,6 +56,9 @@ impl Parent {
         let config = initial_config(&self.opts)?;
         let resolved = resolve(&config)?;
         set_socket_owner(&self.opts.socket, &config)?;
+        if config.globals.metrics_listen != self.metrics_listen {
+            warn!("metrics listen changed: it takes effect when vmd restarts");
+        }
         self.forget_idle();
         self.config = config;
         self.define(resolved);
