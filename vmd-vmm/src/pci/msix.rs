@@ -135,6 +135,16 @@ impl Msix {
         }
     }
 
+    /// The GSI an interrupt source may signal directly (an extra irqfd on
+    /// it) for `vector`: MSI-X on, the vector unmasked and routed. `None`
+    /// while it must go through [`Msix::notify`] (masking latches pending).
+    pub fn direct_gsi(&self, vector: u16) -> Option<u32> {
+        let v = usize::from(vector);
+        let ok =
+            self.enabled() && v < self.table.len() && !self.masked(v) && self.routed[v].is_some();
+        ok.then(|| self.gsis[v])
+    }
+
     fn masked(&self, v: usize) -> bool {
         self.control & CONTROL_MASK != 0 || self.table[v][3] & VECTOR_MASKED != 0
     }

@@ -123,6 +123,10 @@ pub struct VirtioPci {
     notify: Vec<EventFd>,
     /// The backend writes queue n's when it used buffers.
     calls: Vec<EventFd>,
+    /// The GSI each queue's call eventfd is an irqfd of now: with MSI-X on
+    /// and its vector unmasked, the backend's write reaches the guest
+    /// through KVM without waking this process.
+    direct: Vec<Option<u32>>,
     /// The backend writes this when the driver broke the rules.
     error: EventFd,
     /// BAR 0 base the ioeventfds are registered at.
@@ -237,6 +241,7 @@ impl VirtioPci {
             queue_vectors: vec![NO_VECTOR; queues.len()],
             queues,
             notify,
+            direct: vec![None; calls.len()],
             calls,
             error,
             ioevents_at: None,
@@ -266,6 +271,32 @@ impl VirtioPci {
             Err(e) => {
                 self.backend_failed(&e.to_string());
                 false
+            }
+        }
+    }
+
+    /// Makes each queue's call eventfd an irqfd of its vector's GSI while
+    /// the vector can take it directly, and takes it back otherwise (then
+    /// the I/O thread reads the call and goes through MSI-X masking or
+    /// INTx). Run after anything that changes a queue's vector, the MSI-X
+    /// table or its control word.
+    fn update_direct(&mut self) {
+        for q in 0..self.calls.len() {
+            let want = self.msix.direct_gsi(self.queue_vectors[q]);
+            if want == self.direct[q] {
+                continue;
+            }
+            if let Some(gsi) = self.direct[q].take() {
+                if let Err(e) = self.vm.unregister_irqfd(&self.calls[q], gsi) {
+                    log::warn!("{}: queue {q}: releasing irqfd: {e}", self.name);
+                }
+            }
+            if let Some(gsi) = want {
+                match self.vm.register_irqfd(&self.calls[q], gsi) {
+                    Ok(()) => self.direct[q] = Some(gsi),
+                    // The I/O thread still relays every call.
+                    Err(e) => log::debug!("{}: queue {q}: direct irqfd: {e}", self.name),
+                }
             }
         }
     }
@@ -417,6 +448,7 @@ impl VirtioPci {
             } else {
                 NO_VECTOR
             };
+            self.update_direct();
             return;
         }
         // Enabled queues are fixed until reset.
@@ -489,6 +521,7 @@ impl VirtioPci {
             q.reset();
         }
         self.queue_vectors.fill(NO_VECTOR);
+        self.update_direct();
         self.msix_config = NO_VECTOR;
         self.status = 0;
         self.driver_features = 0;
@@ -605,6 +638,7 @@ impl BusDevice for VirtioPci {
             }
         } else if let Some(o) = in_range(offset, n, MSIX_TABLE_OFFSET, self.msix.table_len()) {
             self.msix.write_table(o, data);
+            self.update_direct();
         }
     }
 }
@@ -621,6 +655,7 @@ impl PciDevice for VirtioPci {
         if offset < ctrl + 2 && offset + len > ctrl {
             let v = self.config.u16(ctrl);
             self.msix.set_control(v);
+            self.update_direct();
         }
     }
     fn bar_moved(&mut self, bar: usize, addr: Option<u64>) {
@@ -632,6 +667,8 @@ impl PciDevice for VirtioPci {
 
 impl Drop for VirtioPci {
     fn drop(&mut self) {
+        self.queue_vectors.fill(NO_VECTOR);
+        self.update_direct();
         self.register_ioevents(None);
         let _ = self.vm.unregister_irqfd(&self.intx.irq, self.intx.gsi);
     }
@@ -742,8 +779,8 @@ fn worker_loop(
             lock(dev).set_needs_reset();
         }
         for (q, n) in calls.iter().enumerate() {
-            if ready(&fds[4 + q]) {
-                let _ = n.read();
+            // Nothing to read: KVM took the call (a direct irqfd).
+            if ready(&fds[4 + q]) && n.read().is_ok() {
                 let mut d = lock(dev);
                 let vector = d.queue_vectors[q];
                 d.signal(vector, ISR_QUEUE);
