@@ -415,14 +415,47 @@ pub struct DhcpLease {
     pub boot_file: Option<String>,
 }
 
+/// What one of the fds that come with `VmmStart` is. [`VmmParams::fds`]
+/// lists them in their order; the parent sends by it and the VM process
+/// takes them apart by it, so the order is written down once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmFd {
+    /// /dev/kvm, read-write.
+    Kvm,
+    /// The console: a pty slave in raw mode.
+    Console,
+    /// The kernel (or BIOS) image, read-only.
+    Kernel,
+    /// The initrd, read-only (only with `has_initrd`).
+    Initrd,
+    /// The channel to device process N, in [`VmmParams::device_kinds`]'
+    /// order.
+    Device(usize),
+    /// iPXE's option ROM, read-only (only when a nic has `boot_rom`).
+    OptionRom,
+}
+
 impl VmmParams {
-    /// fds sent with these params, in order: /dev/kvm, console tty,
+    /// The fds sent with these params, in order: /dev/kvm, console tty,
     /// kernel, the initrd when there is one, then one channel to each
     /// device process (per disk, the CD-ROM, per nic, in that order; the
     /// images and TAPs themselves go to the device processes), then the
     /// option ROM when a nic has `boot_rom`.
+    pub fn fds(&self) -> Vec<VmmFd> {
+        let mut fds = vec![VmmFd::Kvm, VmmFd::Console, VmmFd::Kernel];
+        if self.has_initrd {
+            fds.push(VmmFd::Initrd);
+        }
+        fds.extend((0..self.device_count()).map(VmmFd::Device));
+        if self.boot_rom() {
+            fds.push(VmmFd::OptionRom);
+        }
+        fds
+    }
+
+    /// How many fds come with these params ([`VmmParams::fds`]).
     pub fn fd_count(&self) -> usize {
-        3 + usize::from(self.has_initrd) + self.device_count() + usize::from(self.boot_rom())
+        self.fds().len()
     }
 
     /// How many device processes serve this VM (one per disk, CD-ROM and

@@ -19,7 +19,7 @@ use vmd_proto::msg::ResetWhat;
 use vmd_proto::msg::{Creds, Opener, Reply, Request};
 use vmd_proto::vm::{
     is_vm_id, validate_name, DevKind, DevParams, DhcpLease, DiskParams, ExitReason, NicParams,
-    OpenKind, StartRequest, VmState, VmmParams,
+    OpenKind, StartRequest, VmState, VmmFd, VmmParams,
 };
 use vmd_proto::{ChannelError, Msg};
 

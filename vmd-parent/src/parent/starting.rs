@@ -456,12 +456,25 @@ impl Parent {
                 }
             }
         }
-        let mut fds = vec![kvm.as_fd(), tty.as_fd(), kernel.as_fd()];
-        if let Some(initrd) = &p.initrd {
-            fds.push(initrd.as_fd());
-        }
-        fds.extend(vm_ends.iter().map(|c| c.as_fd()));
-        fds.extend(p.option_rom.as_ref().map(|f| f.as_fd()));
+        // In the order VmmParams::fds gives, which the VM process reads by.
+        let fds: Option<Vec<BorrowedFd<'_>>> = params
+            .fds()
+            .into_iter()
+            .map(|what| match what {
+                VmmFd::Kvm => Some(kvm.as_fd()),
+                VmmFd::Console => Some(tty.as_fd()),
+                VmmFd::Kernel => Some(kernel.as_fd()),
+                VmmFd::Initrd => p.initrd.as_ref().map(|f| f.as_fd()),
+                VmmFd::Device(i) => vm_ends.get(i).map(|c| c.as_fd()),
+                VmmFd::OptionRom => p.option_rom.as_ref().map(|f| f.as_fd()),
+            })
+            .collect();
+        let Some(fds) = fds else {
+            for d in &devices {
+                let _ = kill(d.pid, Signal::SIGKILL);
+            }
+            return self.start_failed(id, "internal: an fd VmmStart needs is missing".into());
+        };
         let child = match spawn_role(Role::Vmm, &self.opts, &["--vm".into(), vm.name.clone()]) {
             Ok(child) => child,
             Err(e) => {

@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use vmd_proto::vm::VmmParams;
+use vmd_proto::vm::{VmmFd, VmmParams};
 use vmd_proto::Channel;
 use vmd_tap::tap_info;
 
@@ -73,28 +73,25 @@ impl VmFiles {
         if got != expected {
             return Err(VmError::FdCount { expected, got });
         }
-        let mut it = fds.into_iter();
-        let mut next = || it.next().ok_or(VmError::FdCount { expected, got });
-        let kvm = next()?;
-        let tty = next()?;
-        let kernel = next()?;
-        let initrd = if params.has_initrd {
-            Some(next()?)
-        } else {
-            None
-        };
-        let devices = (0..params.device_count())
-            .map(|_| next().map(Channel::from_fd))
-            .collect::<Result<_, _>>()?;
-        let option_rom = if params.boot_rom() {
-            Some(next()?)
-        } else {
-            None
-        };
+        // Taken apart by the same description the parent sent by.
+        let (mut kvm, mut tty, mut kernel, mut initrd, mut option_rom) =
+            (None, None, None, None, None);
+        let mut devices = Vec::with_capacity(params.device_count());
+        for (what, fd) in params.fds().into_iter().zip(fds) {
+            match what {
+                VmmFd::Kvm => kvm = Some(fd),
+                VmmFd::Console => tty = Some(fd),
+                VmmFd::Kernel => kernel = Some(fd),
+                VmmFd::Initrd => initrd = Some(fd),
+                VmmFd::Device(_) => devices.push(Channel::from_fd(fd)),
+                VmmFd::OptionRom => option_rom = Some(fd),
+            }
+        }
+        let missing = || VmError::FdCount { expected, got };
         Ok(VmFiles {
-            kvm,
-            tty,
-            kernel,
+            kvm: kvm.ok_or_else(missing)?,
+            tty: tty.ok_or_else(missing)?,
+            kernel: kernel.ok_or_else(missing)?,
             initrd,
             disks: Vec::new(),
             cdrom: None,
