@@ -162,8 +162,13 @@ fn a_users_paths_open_with_the_users_rights() {
     let raw_node = format!("raw:{}", s(&node));
     let out = instance(&d, "i5", &["-d", &raw_node]);
     refused(&out, &["block device", "only root"]);
+    // A device or a FIFO the user may open is no image or initrd.
+    let out = instance(&d, "i6", &["--initrd", "/dev/zero"]);
+    refused(&out, &["/dev/zero", "not a regular file"]);
+    let out = instance(&d, "i7", &["-d", "raw:/dev/null"]);
+    refused(&out, &["/dev/null", "not a regular file"]);
     // None of the refused instances is left behind.
-    for name in ["i1", "i2", "i3", "i4", "i5"] {
+    for name in ["i1", "i2", "i3", "i4", "i5", "i6", "i7"] {
         assert!(d.status(name).is_none(), "{name} left behind");
     }
 
@@ -811,4 +816,57 @@ fn supplementary_groups_count_for_users_and_image_owners() {
     succeeded(&vmctl_bounded(&d, None, &["start", "member-overlay"]));
     d.wait_state("member-overlay", "running", T);
     stop(&d, "member-overlay");
+}
+
+/// A backing chain that loops, or runs deeper than OpenBSD's limit, fails
+/// the start with an error naming the image, and priv serves the next one.
+#[test]
+fn looping_and_too_deep_backing_chains_fail_cleanly() {
+    let d = Daemon::start("hpaths-chains");
+    let img = |name: &str| d.dir.join(name);
+    d.ok(&["create", "-s", "1M", s(&img("a.qcow2"))]);
+    d.ok(&["create", "-b", "a.qcow2", s(&img("b.qcow2"))]);
+    // a.qcow2 now names b.qcow2, which names a.qcow2.
+    let st = Command::new("qemu-img")
+        .args([
+            "rebase",
+            "-u",
+            "-F",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            s(&img("a.qcow2")),
+        ])
+        .status()
+        .expect("qemu-img (qemu-utils)");
+    assert!(st.success());
+    let spin = guest("spin.elf");
+    let start = |name: &str, disk: &Path| {
+        vmctl_bounded(
+            &d,
+            None,
+            &["start", "-b", s(&spin), "-m", "32M", "-d", s(disk), name],
+        )
+    };
+    refused(&start("loop", &img("b.qcow2")), &["loop", "b.qcow2"]);
+    // l0 <- l1 <- ... <- l6: six backing files below l6 (qemu-img makes
+    // what vmctl create refuses to).
+    d.ok(&["create", "-s", "1M", s(&img("l0.qcow2"))]);
+    for i in 1..=6 {
+        let base = format!("l{}.qcow2", i - 1);
+        let st = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &base])
+            .arg(img(&format!("l{i}.qcow2")))
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+    }
+    refused(
+        &start("deep", &img("l6.qcow2")),
+        &["more than 4 backing files"],
+    );
+    // Four are fine.
+    succeeded(&start("four", &img("l4.qcow2")));
+    d.wait_state("four", "running", T);
+    stop(&d, "four");
 }
