@@ -627,3 +627,53 @@ fn a_later_vmd_removes_its_own_leftover_bridges_and_no_one_elses() {
         ns.links()
     );
 }
+
+#[test]
+fn an_instance_keeps_its_templates_locked_lladdr() {
+    users::user(OWNER, &[GROUP]);
+    let ns = NetNs::new("hu-lock");
+    let dir = Daemon::dir_for("hu-lock");
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("vm.conf");
+    let net = guest("net.elf");
+    // The template's interface is locked; its guest answers from a forged
+    // MAC. An instance may change interfaces, and takes another switch.
+    std::fs::write(
+        &conf,
+        format!(
+            "socket owner root:{GROUP}\n\
+             switch sw {{\n    interface vmdbr8\n}}\n\
+             switch open {{\n    interface vmdbr9\n}}\n\
+             vm forger {{\n    boot \"{}\"\n    memory 32M\n    disable\n    \
+             cmdline \"net.ip=10.78.0.4/24 net.forge=1 net.timeout=300\"\n    \
+             interface {{ switch sw; locked lladdr }}\n    \
+             allow instance {{ interface, owner {OWNER} }}\n}}\n",
+            net.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_in("hu-lock", Some(&ns), &["-f", conf.to_str().unwrap()]);
+    let reach = |who: Option<&str>| {
+        let args = ["start", "-t", "forger", "-n", "open", "inst"];
+        let out = match who {
+            Some(user) => d.vmctl_as(user, &args),
+            None => d.vmctl(&args),
+        };
+        assert!(out.status.success(), "{}", stderr(&out));
+        d.console("inst").wait_for("VMD-TEST net ready", T);
+        ns.run(&["ip", "addr", "replace", "10.78.0.1/24", "dev", "vmdbr9"]);
+        ns.run(&["ip", "link", "set", "vmdbr9", "up"]);
+        ns.run(&["ip", "neigh", "flush", "dev", "vmdbr9"]);
+        let reached = ns.ping("10.78.0.4", 3);
+        d.ok(&["stop", "-f", "-w", "inst"]);
+        reached
+    };
+    // Root may drop the lock: the forger is reached (the network works).
+    assert!(reach(None), "root's unlocked instance was not reached");
+    // The maker may not: the interface on the other switch stays locked,
+    // and the forged frames are dropped.
+    assert!(
+        !reach(Some(OWNER)),
+        "the instance's interface lost its template's locked lladdr"
+    );
+}
