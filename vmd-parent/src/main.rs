@@ -12,7 +12,6 @@ mod options;
 mod parent;
 mod rights;
 mod roles;
-mod scrape;
 mod spawn;
 mod user;
 mod vms;
