@@ -33,12 +33,14 @@ pub struct Sandbox {
 /// priv stays root to open root-owned files, but keeps only
 /// CAP_DAC_OVERRIDE (open what root names whatever its mode), CAP_SETUID
 /// and CAP_SETGID (its opener children take the rights of whoever named a
-/// path) and CAP_NET_ADMIN (TAP devices and bridges). One request at a
-/// time: a disk's backing chain at most.
+/// path), CAP_KILL (and priv kills them once they answered or timed out:
+/// they run as another user) and CAP_NET_ADMIN (TAP devices and bridges).
+/// One request at a time: a disk's backing chain at most.
 pub const PRIV: Sandbox = Sandbox {
     identity: Identity::Root {
         keep: &[
             Capability::CAP_DAC_OVERRIDE,
+            Capability::CAP_KILL,
             Capability::CAP_SETGID,
             Capability::CAP_SETUID,
             Capability::CAP_NET_ADMIN,

@@ -870,3 +870,84 @@ fn looping_and_too_deep_backing_chains_fail_cleanly() {
     d.wait_state("four", "running", T);
     stop(&d, "four");
 }
+
+/// A FUSE mount whose server never answers, detached (then its
+/// connection closed, which ends every wait on it) when dropped.
+struct SilentFuse {
+    dir: PathBuf,
+    _dev: std::fs::File,
+}
+
+impl SilentFuse {
+    /// Mounts one at `dir` for `uid`/`gid`, or says why it cannot.
+    fn mount(dir: &Path, uid: u32, gid: u32) -> Result<SilentFuse, String> {
+        use std::os::fd::AsRawFd;
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+            .map_err(|e| format!("/dev/fuse: {e}"))?;
+        let opts = format!(
+            "fd={},rootmode=40000,user_id={uid},group_id={gid},allow_other",
+            dev.as_raw_fd()
+        );
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let (src, target, fstype, data) = (c("vmdtest"), c(s(dir)), c("fuse"), c(&opts));
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                data.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(format!("mount fuse: {}", std::io::Error::last_os_error()));
+        }
+        Ok(SilentFuse {
+            dir: dir.to_path_buf(),
+            _dev: dev,
+        })
+    }
+}
+
+impl Drop for SilentFuse {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(s(&self.dir)).unwrap();
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A user can name a path on a file system that never answers (a FUSE
+/// server of their own): the opener child waits, not priv, which gives up
+/// after its timeout, kills the child, and serves root's next start.
+#[test]
+fn a_file_system_that_never_answers_does_not_hang_priv() {
+    let d = daemon("hpaths-fuse", &template());
+    let owner = users::user(OWNER, &[SOCKET_GROUP]);
+    let mnt = dir_of(&d.dir.join("fuse"), OWNER);
+    let fuse = match SilentFuse::mount(&mnt, owner.uid.as_raw(), owner.gid.as_raw()) {
+        Ok(f) => f,
+        Err(why) => return vmd_e2e::skipped("a_file_system_that_never_answers", &why),
+    };
+    let hung = format!("{}/disk.img", s(&mnt));
+    let out = vmctl_bounded(&d, Some(OWNER), &["start", "-t", "tpl", "-d", &hung, "f1"]);
+    refused(&out, &["disk.img", "no answer within 10 s"]);
+    assert!(
+        d.status("f1").is_none(),
+        "the failed instance is left behind"
+    );
+    // priv is free again: root's start runs.
+    let spin = guest("spin.elf");
+    succeeded(&vmctl_bounded(
+        &d,
+        None,
+        &["start", "-b", s(&spin), "-m", "32M", "after-fuse"],
+    ));
+    d.wait_state("after-fuse", "running", T);
+    stop(&d, "after-fuse");
+    drop(fuse);
+}

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::waitpid;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use vmd_disk::{self as image, Format, Lock};
 use vmd_proto::msg::{OpenedFile, Opener};
@@ -79,10 +79,38 @@ pub fn open_as(
     drop(theirs);
     let answer = receive(&ours, path);
     // Its work is done (or it is late): it never outlives the answer, even
-    // if the user stopped it (same uid) before it could exit.
-    let _ = kill(pid, Signal::SIGKILL);
-    let _ = waitpid(pid, None);
+    // if the user stopped it (same uid) before it could exit. Killing a
+    // process of another uid takes CAP_KILL.
+    if let Err(e) = kill(pid, Signal::SIGKILL) {
+        log::warn!("killing opener child {pid}: {e}");
+    }
+    reap(pid);
     answer
+}
+
+/// Children that did not die at once (an uninterruptible wait in a file
+/// system), reaped later so priv never waits for one.
+static STRAGGLERS: std::sync::Mutex<Vec<Pid>> = std::sync::Mutex::new(Vec::new());
+
+/// Reaps `pid` if it is gone within a second, else remembers it; reaps
+/// earlier stragglers that have gone since.
+fn reap(pid: Pid) {
+    let gone = |p: Pid| {
+        !matches!(
+            waitpid(p, Some(WaitPidFlag::WNOHANG)),
+            Ok(WaitStatus::StillAlive)
+        )
+    };
+    let mut stragglers = STRAGGLERS.lock().unwrap_or_else(|e| e.into_inner());
+    stragglers.retain(|p| !gone(*p));
+    for _ in 0..100 {
+        if gone(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    log::warn!("opener child {pid} does not die yet; reaping it later");
+    stragglers.push(pid);
 }
 
 fn receive(chan: &Channel, path: &str) -> Result<(File, OpenedFile), OpenError> {
