@@ -103,14 +103,19 @@ pub(super) fn accept_clients(
     clients: &mut BTreeMap<u32, Client>,
     refused: &mut Vec<Refused>,
     next_id: &mut u32,
-) {
+) -> bool {
     loop {
         let chan = match listener.accept() {
             Ok(chan) => chan,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            // Out of fds: the caller stops polling the listener a moment,
+            // rather than spinning on a connection it cannot take.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                return true;
+            }
             Err(e) => {
                 warn!("accept: {e}");
-                return;
+                return false;
             }
         };
         let creds = match chan.peer_creds() {
@@ -129,9 +134,10 @@ pub(super) fn accept_clients(
                 "refusing a client of uid {} (pid {}): {why}",
                 creds.uid, creds.pid
             );
-            // As many refusals wait for their request as clients may be
-            // served; past that a refused client is just closed.
-            if refused.len() < MAX_CLIENTS {
+            // As many refusals wait for their request as one user may
+            // hold connections (so they and the clients fit in control's
+            // fd limit); past that a refused client is just closed.
+            if refused.len() < MAX_CLIENTS_PER_UID {
                 refused.push(Refused {
                     chan,
                     why,

@@ -35,6 +35,9 @@ pub fn run(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> i
     }
 }
 
+/// How long the listener rests when control is out of fds.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Result<(), String> {
     // The parent binds the socket (it stays root to remove it at exit) and
     // hands it over first thing; we never need root for it.
@@ -65,6 +68,8 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
     let mut refused: Vec<Refused> = Vec::new();
     let mut next_id: u32 = 1;
     let mut reported = 0;
+    // Set while we are out of fds: the listener rests until then.
+    let mut accept_paused: Option<Instant> = None;
     // `metrics listen`, when the parent hands it over, and its scrapers.
     let mut metrics: Option<OwnedFd> = None;
     let mut scrapers: BTreeMap<u32, Scraper> = BTreeMap::new();
@@ -80,9 +85,17 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
             }
         }
         let ids: Vec<u32> = clients.keys().copied().collect();
+        let accepting = accept_paused.is_none_or(|t| Instant::now() >= t);
         let mut fds = vec![
             PollFd::new(parent.as_fd(), PollFlags::POLLIN),
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(
+                listener.as_fd(),
+                if accepting {
+                    PollFlags::POLLIN
+                } else {
+                    PollFlags::empty()
+                },
+            ),
         ];
         fds.extend(ids.iter().filter_map(|id| clients.get(id)).map(|c| {
             let mut events = PollFlags::empty();
@@ -125,6 +138,7 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
             .filter_map(Client::idle_since)
             .map(|since| since + CLIENT_IDLE_TIMEOUT)
             .chain(refused.iter().map(|r| r.until))
+            .chain(accept_paused.filter(|_| !accepting))
             .chain(scrapers.values().map(Scraper::deadline))
             .min()
             .map_or(PollTimeout::NONE, |at| {
@@ -172,8 +186,12 @@ fn serve(opts: &Options, parent: Channel, sandbox: &vmd_sandbox::Sandbox) -> Res
             }
             !readable && now < r.until
         });
-        if !ready[1].is_empty() {
-            accept_clients(&listener, &mut clients, &mut refused, &mut next_id);
+        if accepting && !ready[1].is_empty() {
+            let out_of_fds = accept_clients(&listener, &mut clients, &mut refused, &mut next_id);
+            if out_of_fds && accept_paused.is_none() {
+                warn!("out of file descriptors: not accepting clients for a moment");
+            }
+            accept_paused = out_of_fds.then(|| Instant::now() + ACCEPT_PAUSE);
         }
         for (i, id) in ids.iter().enumerate() {
             let revents = ready[i + 2];
