@@ -13,27 +13,28 @@ pub mod scsi;
 
 use std::os::fd::RawFd;
 
+use virtio_bindings::{virtio_config, virtio_ids, virtio_ring};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Feature bits every device offers (virtio 1.2, 6).
-pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_F_RING_INDIRECT_DESC: u64 = 1 << virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 
 /// Device status bits (2.1).
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-pub const STATUS_DRIVER: u8 = 2;
-pub const STATUS_DRIVER_OK: u8 = 4;
-pub const STATUS_FEATURES_OK: u8 = 8;
-pub const STATUS_NEEDS_RESET: u8 = 0x40;
-pub const STATUS_FAILED: u8 = 0x80;
+pub const STATUS_ACKNOWLEDGE: u8 = virtio_config::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+pub const STATUS_DRIVER: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER as u8;
+pub const STATUS_DRIVER_OK: u8 = virtio_config::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+pub const STATUS_FEATURES_OK: u8 = virtio_config::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+pub const STATUS_NEEDS_RESET: u8 = virtio_config::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+pub const STATUS_FAILED: u8 = virtio_config::VIRTIO_CONFIG_S_FAILED as u8;
 
 /// Device types (5).
-pub const TYPE_NET: u16 = 1;
-pub const TYPE_BLOCK: u16 = 2;
-pub const TYPE_RNG: u16 = 4;
-pub const TYPE_SCSI: u16 = 8;
+pub const TYPE_NET: u16 = virtio_ids::VIRTIO_ID_NET as u16;
+pub const TYPE_BLOCK: u16 = virtio_ids::VIRTIO_ID_BLOCK as u16;
+pub const TYPE_RNG: u16 = virtio_ids::VIRTIO_ID_RNG as u16;
+pub const TYPE_SCSI: u16 = virtio_ids::VIRTIO_ID_SCSI as u16;
 
 /// Guest misbehaviour that the device cannot answer on the request
 /// itself: the transport sets DEVICE_NEEDS_RESET and stops the device.

@@ -10,6 +10,7 @@
 //! a malformed one) makes the transport ask for a device reset. Data goes
 //! through one bounce buffer allocated once.
 
+use virtio_bindings::virtio_blk;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmd_disk::Disk;
@@ -23,25 +24,25 @@ const QUEUE_SIZE: u16 = 256;
 const BOUNCE: usize = 128 << 10;
 
 // Feature bits (5.2.3).
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
-pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
-pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << virtio_blk::VIRTIO_BLK_F_SEG_MAX;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << virtio_blk::VIRTIO_BLK_F_RO;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << virtio_blk::VIRTIO_BLK_F_BLK_SIZE;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << virtio_blk::VIRTIO_BLK_F_FLUSH;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << virtio_blk::VIRTIO_BLK_F_DISCARD;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << virtio_blk::VIRTIO_BLK_F_WRITE_ZEROES;
 
 // Request types and status values (5.2.6).
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-pub const VIRTIO_BLK_ID_BYTES: usize = 20;
-const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+pub const VIRTIO_BLK_T_IN: u32 = virtio_blk::VIRTIO_BLK_T_IN;
+pub const VIRTIO_BLK_T_OUT: u32 = virtio_blk::VIRTIO_BLK_T_OUT;
+pub const VIRTIO_BLK_T_FLUSH: u32 = virtio_blk::VIRTIO_BLK_T_FLUSH;
+pub const VIRTIO_BLK_T_GET_ID: u32 = virtio_blk::VIRTIO_BLK_T_GET_ID;
+pub const VIRTIO_BLK_T_DISCARD: u32 = virtio_blk::VIRTIO_BLK_T_DISCARD;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = virtio_blk::VIRTIO_BLK_T_WRITE_ZEROES;
+pub const VIRTIO_BLK_S_OK: u8 = virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+pub const VIRTIO_BLK_ID_BYTES: usize = virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
+const WRITE_ZEROES_FLAG_UNMAP: u32 = virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
 /// Limits advertised for DISCARD and WRITE_ZEROES.
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;

@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use virtio_bindings::virtio_net;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -50,15 +51,15 @@ const MAX_PENDING: usize = 8;
 const RX_BATCH: usize = 256;
 
 // Feature bits (5.1.3).
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
-pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
-pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-const VIRTIO_NET_S_LINK_UP: u16 = 1;
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << virtio_net::VIRTIO_NET_F_CSUM;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_CSUM;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << virtio_net::VIRTIO_NET_F_MAC;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_TSO4;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << virtio_net::VIRTIO_NET_F_GUEST_TSO6;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << virtio_net::VIRTIO_NET_F_HOST_TSO4;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << virtio_net::VIRTIO_NET_F_HOST_TSO6;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << virtio_net::VIRTIO_NET_F_STATUS;
+const VIRTIO_NET_S_LINK_UP: u16 = virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 
 /// Counters, for logs and tests.
 #[derive(Debug, Default, Clone, Copy)]

@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use virtio_bindings::virtio_scsi;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -47,13 +48,13 @@ const REQ_HEADER: u64 = 19;
 const RESP_HEADER: u64 = 12;
 
 // Response codes (5.6.6.1).
-pub const VIRTIO_SCSI_S_OK: u8 = 0;
-pub const VIRTIO_SCSI_S_BAD_TARGET: u8 = 3;
-pub const VIRTIO_SCSI_S_FAILURE: u8 = 9;
+pub const VIRTIO_SCSI_S_OK: u8 = virtio_scsi::VIRTIO_SCSI_S_OK as u8;
+pub const VIRTIO_SCSI_S_BAD_TARGET: u8 = virtio_scsi::VIRTIO_SCSI_S_BAD_TARGET as u8;
+pub const VIRTIO_SCSI_S_FAILURE: u8 = virtio_scsi::VIRTIO_SCSI_S_FAILURE as u8;
 // Control request types (5.6.6.2).
-const VIRTIO_SCSI_T_TMF: u32 = 0;
-const VIRTIO_SCSI_T_AN_QUERY: u32 = 1;
-const VIRTIO_SCSI_T_AN_SUBSCRIBE: u32 = 2;
+const VIRTIO_SCSI_T_TMF: u32 = virtio_scsi::VIRTIO_SCSI_T_TMF;
+const VIRTIO_SCSI_T_AN_QUERY: u32 = virtio_scsi::VIRTIO_SCSI_T_AN_QUERY;
+const VIRTIO_SCSI_T_AN_SUBSCRIBE: u32 = virtio_scsi::VIRTIO_SCSI_T_AN_SUBSCRIBE;
 
 // SCSI status.
 pub const GOOD: u8 = 0;
