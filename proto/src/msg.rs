@@ -73,8 +73,12 @@ pub enum Reply {
     Console {
         tty: String,
     },
-    /// The answer to `Request::Metrics`: Prometheus text format 0.0.4.
+    /// The answer to `Request::Metrics`: Prometheus text format 0.0.4
+    /// (its last part, when `MetricsPart`s came first).
     Metrics(String),
+    /// A part of the metrics text too long for one message; more follows,
+    /// `Metrics` last.
+    MetricsPart(String),
 }
 
 /// A client's credentials as the control process read them from the

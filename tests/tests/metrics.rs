@@ -249,3 +249,38 @@ fn metrics_listen_serves_scrapers_and_nothing_else() {
     );
     drop(d);
 }
+
+/// Metrics longer than one message (here 300 defined VMs, well over
+/// 128 KiB of text) come whole, to vmctl and to a scraper.
+#[test]
+fn metrics_of_many_vms_come_whole() {
+    use std::os::unix::net::UnixStream;
+    let dir = Daemon::dir_for("many");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("metrics.sock");
+    let mut conf = format!("metrics listen \"{}\"\n", sock.display());
+    for i in 0..300 {
+        conf.push_str(&format!(
+            "vm \"many{i}\" {{\n    memory 16M\n    disable\n}}\n"
+        ));
+    }
+    let path = dir.join("vm.conf");
+    std::fs::write(&path, conf).unwrap();
+    let d = Daemon::start_with("many", &["-f", path.to_str().unwrap()]);
+    let text = d.ok(&["metrics"]);
+    assert!(text.len() > 128 << 10, "only {} bytes", text.len());
+    let m = parse(&text);
+    assert_eq!(value(&m, "vmd_vms", &[("state", "stopped")]), Some(300.0));
+    assert_eq!(value(&m, "vmd_vm_vcpus", &[("vm", "many299")]), Some(1.0));
+    let reply = http_exchange(
+        UnixStream::connect(&sock).unwrap(),
+        b"GET /metrics HTTP/1.0\r\n\r\n",
+    );
+    let (head, body) = reply.split_once("\r\n\r\n").expect("HTTP head");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert_eq!(body.len(), text.len());
+    assert_eq!(
+        value(&parse(body), "vmd_vms", &[("state", "stopped")]),
+        Some(300.0)
+    );
+}

@@ -108,6 +108,20 @@ impl Ctx {
         }
     }
 
+    /// Sends `req` and returns the connection, whose replies the caller
+    /// reads one by one (an answer in several messages).
+    pub fn request_stream(&self, req: Request) -> Result<Replies, Error> {
+        let chan = connect(&self.socket)?;
+        if self.verbose > 0 {
+            eprintln!("vmctl: -> {req:?}");
+        }
+        chan.send(&Msg::Request(req), 0, &[])?;
+        Ok(Replies {
+            chan,
+            verbose: self.verbose,
+        })
+    }
+
     /// A request answered by `Reply::Ok(text)`: prints "vmctl: text" on
     /// stderr (as OpenBSD's vmctl does with warnx) unless it is empty.
     pub fn request_ok(&self, req: Request) -> Result<(), Error> {
@@ -119,6 +133,31 @@ impl Ctx {
                 Ok(())
             }
             (other, _) => Err(Error::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// The replies to one request, read as they come.
+pub struct Replies {
+    chan: Channel,
+    verbose: u32,
+}
+
+impl Replies {
+    /// The next reply; `Reply::Error` becomes [`Error::Daemon`].
+    pub fn next(&mut self) -> Result<Reply, Error> {
+        let frame = match self.chan.recv() {
+            Ok(f) => f,
+            Err(ChannelError::Closed) => return Err(Error::NoReply),
+            Err(e) => return Err(e.into()),
+        };
+        if self.verbose > 0 {
+            eprintln!("vmctl: <- {:?}", frame.msg);
+        }
+        match frame.msg {
+            Msg::Reply(Reply::Error(reason)) => Err(Error::Daemon(reason)),
+            Msg::Reply(reply) => Ok(reply),
+            other => Err(Error::Protocol(format!("{other:?}"))),
         }
     }
 }

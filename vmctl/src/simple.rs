@@ -94,13 +94,21 @@ pub fn parse(cmd: &'static str, args: &[String]) -> Result<Request, Error> {
 /// `vmctl metrics`: the daemon's metrics in the Prometheus text format,
 /// on standard output.
 pub fn metrics(ctx: &Ctx, args: &[String]) -> Result<(), Error> {
+    use std::io::Write;
     operands("metrics", args, 0, 0)?;
-    match ctx.request(Request::Metrics)? {
-        (Reply::Metrics(text), _) => {
-            print!("{text}");
-            Ok(())
+    let mut out = std::io::stdout().lock();
+    let mut print = |text: &str| {
+        out.write_all(text.as_bytes())
+            .map_err(|e| Error::io("standard output", e))
+    };
+    // A long text comes in parts, the last as `Metrics`.
+    let mut reply = ctx.request_stream(Request::Metrics)?;
+    loop {
+        match reply.next()? {
+            Reply::MetricsPart(text) => print(&text)?,
+            Reply::Metrics(text) => return print(&text),
+            other => return Err(Error::Protocol(format!("{other:?}"))),
         }
-        (other, _) => Err(Error::Protocol(format!("{other:?}"))),
     }
 }
 

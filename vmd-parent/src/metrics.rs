@@ -92,6 +92,23 @@ impl Exposition {
     }
 }
 
+/// `text` cut at line ends into parts of at most `max` bytes (a longer
+/// line is cut where it must), in order.
+pub fn parts(mut text: String, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while text.len() > max {
+        let mut cut = text[..max].rfind('\n').map_or(max, |i| i + 1);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let rest = text.split_off(cut);
+        out.push(text);
+        text = rest;
+    }
+    out.push(text);
+    out
+}
+
 /// A label value as the text format wants it: backslash, quote and
 /// newline escaped.
 fn escape(v: &str) -> String {
@@ -204,6 +221,19 @@ mod tests {
              # HELP vmd_vm_vcpus vCPUs.\n# TYPE vmd_vm_vcpus gauge\nvmd_vm_vcpus{vm=\"a\"} 2\n\
              vmd_vm_vcpus{vm=\"b\\\"\\\\\\n\"} 1\n"
         );
+    }
+
+    #[test]
+    fn parts_cut_at_line_ends_and_lose_nothing() {
+        let text: String = (0..1000).map(|i| format!("metric_{i} {i}\n")).collect();
+        let p = parts(text.clone(), 100);
+        assert!(p.len() > 100);
+        assert!(p.iter().all(|s| s.len() <= 100 && s.ends_with('\n')));
+        assert_eq!(p.concat(), text);
+        assert_eq!(parts("short\n".into(), 100), ["short\n"]);
+        // A line longer than a part is cut, still losing nothing.
+        let long = "x".repeat(250);
+        assert_eq!(parts(long.clone(), 100).concat(), long);
     }
 
     /// A statistics blob laid out as KVM lays it out.

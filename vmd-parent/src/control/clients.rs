@@ -233,7 +233,10 @@ pub(super) fn relay_reply(
         warn!("parent sent message type {} for a client", msg.type_code());
         return;
     }
-    client.in_flight = client.in_flight.saturating_sub(1);
+    // A part of the metrics is not yet the answer.
+    if !matches!(msg, Msg::Reply(Reply::MetricsPart(_))) {
+        client.in_flight = client.in_flight.saturating_sub(1);
+    }
     if client.queue.len() >= CLIENT_QUEUE_MAX {
         warn!(
             "client {id} (uid {}) does not read its replies; dropping it",

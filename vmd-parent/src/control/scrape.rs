@@ -29,6 +29,8 @@ pub struct Scraper {
     asked: bool,
     response: Vec<u8>,
     written: usize,
+    /// The metrics' parts so far, when they come in several.
+    parts: String,
     since: Instant,
 }
 
@@ -78,6 +80,7 @@ pub fn accept(listener: &OwnedFd, scrapers: &mut BTreeMap<u32, Scraper>, next_id
                 asked: false,
                 response: Vec::new(),
                 written: 0,
+                parts: String::new(),
                 since: Instant::now(),
             },
         );
@@ -158,7 +161,15 @@ pub fn answer(scrapers: &mut BTreeMap<u32, Scraper>, id: u32, msg: Msg) {
         return;
     };
     s.response = match msg {
-        Msg::Reply(Reply::Metrics(text)) => http("200 OK", &text),
+        Msg::Reply(Reply::MetricsPart(text)) => {
+            s.parts.push_str(&text);
+            return;
+        }
+        Msg::Reply(Reply::Metrics(text)) => {
+            let mut body = std::mem::take(&mut s.parts);
+            body.push_str(&text);
+            http("200 OK", &body)
+        }
         Msg::Reply(Reply::Error(e)) => http("503 Service Unavailable", &format!("{e}\n")),
         _ => http("500 Internal Server Error", ""),
     };

@@ -32,19 +32,17 @@ impl Parent {
     }
 
     /// The metrics text, to a vmctl client or a scraper (both through
-    /// control); one that does not fit in a message is an error.
+    /// control), in as many messages as it takes: parts cut at line ends,
+    /// `Reply::Metrics` last.
     pub(super) fn metrics_reply(&self, client: u32) {
-        let text = self.metrics_text();
-        if text.len() + 64 > vmd_proto::MAX_PAYLOAD {
-            return self.error(
-                client,
-                format!(
-                    "metrics are {} bytes, more than one message holds",
-                    text.len()
-                ),
-            );
+        // Room for the frame's header and encoding.
+        const PART: usize = vmd_proto::MAX_PAYLOAD - 4096;
+        let mut parts = crate::metrics::parts(self.metrics_text(), PART);
+        let last = parts.pop().unwrap_or_default();
+        for part in parts {
+            self.reply(client, Reply::MetricsPart(part), &[]);
         }
-        self.reply(client, Reply::Metrics(text), &[]);
+        self.reply(client, Reply::Metrics(last), &[]);
     }
 
     pub(super) fn error(&self, client: u32, reason: String) {
