@@ -7,6 +7,7 @@ use vmd_proto::vm::DhcpLease;
 use vmd_vmm::devices::virtio::net::dhcp::DhcpServer;
 
 const GUEST_MAC: [u8; 6] = [0xfe, 0xe1, 0xba, 0xd0, 0, 1];
+const SERVER_MAC: [u8; 6] = [0xfe, 0xe1, 0xba, 0xd0, 0, 0x80];
 
 fuzz_target!(|frame: &[u8]| {
     let lease = DhcpLease {
@@ -18,13 +19,16 @@ fuzz_target!(|frame: &[u8]| {
     };
     let server = DhcpServer::new(
         GUEST_MAC,
-        [0xfe, 0xe1, 0xba, 0xd0, 0, 0x80],
+        SERVER_MAC,
         lease,
         Some("fuzz-vm".into()),
     );
     if let Some(reply) = server.handle(frame) {
         // An answer is one Ethernet frame to the guest, never a jumbo one.
         assert!(reply.len() >= 14 + 20 + 8 + 236 && reply.len() <= 1514, "{}", reply.len());
-        assert_eq!(&reply[..6], &GUEST_MAC[..], "answers only the guest");
+        // To the guest, or broadcast when the guest asked for it (RFC
+        // 2131 4.1), from the server's MAC.
+        assert!(reply[..6] == GUEST_MAC || reply[..6] == [0xff; 6], "{:x?}", &reply[..6]);
+        assert_eq!(&reply[6..12], &SERVER_MAC[..]);
     }
 });
