@@ -677,3 +677,71 @@ fn an_instance_keeps_its_templates_locked_lladdr() {
         "the instance's interface lost its template's locked lladdr"
     );
 }
+
+/// The VM process (`--role vmm`) among vmd's children, if one runs.
+fn vmm_child(vmd: u32) -> Option<u32> {
+    vmd_e2e::children_of(vmd).into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| {
+                c.split(|b| *b == 0)
+                    .collect::<Vec<_>>()
+                    .windows(2)
+                    .any(|w| w[0] == b"--role" && w[1] == b"vmm")
+            })
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn a_vm_process_that_never_starts_does_not_hang_start() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::process::{Command, Stdio};
+    let (d, _ns) = setup("hu-vstart");
+    let timeout = limit("VMM_START_TIMEOUT");
+    // Stop the VM process before it says the VM runs. That is a race with
+    // its start; a try that comes too late is undone and tried again.
+    for _ in 0..10 {
+        let start = Command::new("timeout")
+            .arg((timeout + 30).to_string())
+            .arg(vmd_e2e::bin("vmctl"))
+            .arg("-s")
+            .arg(&d.socket)
+            .args(["start", "owned"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + T;
+        let vmm = loop {
+            if let Some(pid) = vmm_child(d.pid()) {
+                break pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "no vm process");
+        };
+        kill(Pid::from_raw(vmm as i32), Signal::SIGSTOP).unwrap();
+        let out = start.wait_with_output().unwrap();
+        assert_ne!(out.status.code(), Some(124), "vmctl start hung");
+        if out.status.success() {
+            // Too late: it said it runs before it stopped.
+            kill(Pid::from_raw(vmm as i32), Signal::SIGCONT).unwrap();
+            d.ok(&["stop", "-f", "-w", "owned"]);
+            continue;
+        }
+        assert_eq!(
+            stderr(&out),
+            format!("vmctl: vm owned: vm process failed: did not start within {timeout} s")
+        );
+        let st = d.wait_state("owned", "stopped", T);
+        assert_eq!(st.pid, 0);
+        assert!(
+            !vmd_e2e::process_alive(vmm),
+            "the stuck vm process was left"
+        );
+        // And the VM starts normally again.
+        d.ok(&["start", "owned"]);
+        d.wait_state("owned", "running", T);
+        d.ok(&["stop", "-f", "-w", "owned"]);
+        return;
+    }
+    panic!("never caught the vm process before it ran, in 10 tries");
+}

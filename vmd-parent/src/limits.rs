@@ -35,6 +35,9 @@ pub const MAX_INSTANCES_PER_USER: usize = 16;
 /// then the client is told, and the state stays what the VM process last
 /// reported.
 pub const VMM_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long (seconds) a VM process gets from its start to saying the VM
+/// runs; then it is killed and the start fails with that reason.
+pub const VMM_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// vmd raises its open-file limit to this (or its hard limit, if it
 /// cannot raise that): each VM holds a pty, a log and its consoles in the
 /// parent.

@@ -488,7 +488,7 @@ impl Parent {
             .vms
             .values()
             .filter_map(|vm| vm.proc.as_ref())
-            .flat_map(|p| [p.terminate_at, p.kill_at])
+            .flat_map(|p| [p.terminate_at, p.kill_at, p.start_by])
             .flatten()
             .chain(self.vms.vms.values().filter_map(|vm| vm.pause_deadline))
             .chain(autostart)
@@ -532,6 +532,20 @@ impl Parent {
         let now = Instant::now();
         for vm in self.vms.vms.values_mut() {
             if let Some(p) = &mut vm.proc {
+                if p.start_by.is_some_and(|t| t <= now) {
+                    p.start_by = None;
+                    if !p.running {
+                        let secs = crate::limits::VMM_START_TIMEOUT.as_secs();
+                        warn!(
+                            "vm {}: vm process did not start within {secs} s, killing it",
+                            vm.name
+                        );
+                        p.exit_msg = Some(ExitReason::VmmError(format!(
+                            "did not start within {secs} s"
+                        )));
+                        let _ = kill(p.pid, Signal::SIGKILL);
+                    }
+                }
                 if p.terminate_at.is_some_and(|t| t <= now) {
                     info!("vm {}: guest did not power off, stopping it", vm.name);
                     terminate(&vm.name, vm.id, p);
@@ -738,6 +752,7 @@ impl Parent {
             }
             Msg::VmmRunning => {
                 p.running = true;
+                p.start_by = None;
                 p.running_since = Some(Instant::now());
                 vm.ever_ran = true;
                 if vm.state == VmState::Starting {

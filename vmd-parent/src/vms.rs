@@ -211,6 +211,9 @@ pub struct VmProc {
     pub terminate_at: Option<Instant>,
     /// When a graceful stop turns into SIGKILL.
     pub kill_at: Option<Instant>,
+    /// When a VM process that has not said the VM runs is killed and its
+    /// start fails (VMM_START_TIMEOUT after it was started).
+    pub start_by: Option<Instant>,
     /// The VM's device processes (one per disk, CD-ROM and nic).
     pub devices: Vec<DevProc>,
     /// Why a device process died while the VM ran: the VM's stop reason.

@@ -509,6 +509,7 @@ impl Parent {
                 exit_msg: None,
                 terminate_at: None,
                 kill_at: None,
+                start_by: Some(Instant::now() + crate::limits::VMM_START_TIMEOUT),
                 devices,
                 device_failure: None,
                 taps: p.taps.iter().flatten().map(|t| t.name.clone()).collect(),
