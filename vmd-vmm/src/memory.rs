@@ -32,6 +32,8 @@ pub enum MemoryError {
     Regions(Vec<(u64, u64, u64)>, u64),
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot}: {err}")]
     Register { slot: u32, err: kvm_ioctls::Error },
+    #[error("the thread registering guest RAM with KVM panicked")]
+    RegisterThread,
 }
 
 /// Where RAM lies in guest physical memory.

@@ -31,7 +31,7 @@ use crate::devices::virtio::pci::{SharedRam, Worker, VIRTIO_PCI_DEVICE_BASE, VIR
 use crate::devices::virtio::TYPE_NET;
 use crate::devices::Sink;
 use crate::lifecycle::ExitSignal;
-use crate::memory::{self, RamLayout};
+use crate::memory::{self, MemoryError, RamLayout};
 use crate::pci::HostBridge;
 use crate::vcpu::{self, Vcpu, VcpuError};
 
@@ -108,18 +108,32 @@ impl Vm {
             .map_err(kvm_io("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
             .map_err(kvm_io("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_io("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            // KVM answers the PC speaker port (0x61) with a dummy.
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_io("KVM_CREATE_PIT2"))?;
-
         let ram = RamLayout::new(params.memory)?;
         let guest_ram = memory::create(&ram)?;
         let mem = guest_ram.mem;
-        memory::register(&vm, &mem)?;
+        // Each of these ioctls sleeps in the kernel (SRCU grace periods for
+        // the memory slot, the PIC/IOAPIC/PIT I/O-bus entries and the IRQ
+        // routing; a kthread for the PIT): most of a start's VMM time, and
+        // not work. A helper thread registers the RAM while this one makes
+        // the interrupt controllers, so the waits that do not share a lock
+        // overlap (docs/BENCHMARKS.md, where the time goes).
+        std::thread::scope(|s| {
+            let slots = s.spawn(|| memory::register(&vm, &mem));
+            let chips = vm
+                .create_irq_chip()
+                .map_err(kvm_io("KVM_CREATE_IRQCHIP"))
+                .and_then(|()| {
+                    let pit = kvm_pit_config {
+                        // KVM answers the PC speaker port (0x61) with a dummy.
+                        flags: KVM_PIT_SPEAKER_DUMMY,
+                        ..Default::default()
+                    };
+                    vm.create_pit2(pit).map_err(kvm_io("KVM_CREATE_PIT2"))
+                });
+            let slots = slots.join().unwrap_or(Err(MemoryError::RegisterThread));
+            chips?;
+            slots.map_err(VmError::from)
+        })?;
         let vm = Arc::new(vm);
 
         let mut kernel = File::from(files.kernel);
