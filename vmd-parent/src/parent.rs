@@ -26,7 +26,7 @@ use vmd_proto::{ChannelError, Msg};
 use crate::console::Console;
 use crate::options::Options;
 use crate::roles::Role;
-use crate::spawn::{spawn_role, spawn_titled, ChildProc};
+use crate::spawn::{spawn_role, spawn_sending, ChildProc, SpawnError};
 use crate::vms::{DevProc, Vm, VmOwner, VmProc, VmSpec, VmTable};
 
 mod metrics;

@@ -33,7 +33,39 @@ pub fn spawn_titled(
     opts: &Options,
     extra: &[String],
 ) -> io::Result<ChildProc> {
+    spawn_sending(role, title, opts, extra, |_| Ok(())).map_err(|e| match e {
+        SpawnError::Spawn(e) => e,
+        SpawnError::First(e) => io::Error::other(e),
+    })
+}
+
+/// Why [`spawn_sending`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The first message could not be queued (no child was started).
+    #[error("{0}")]
+    First(String),
+    #[error("{0}")]
+    Spawn(#[from] io::Error),
+}
+
+/// As [`spawn_titled`], with `first` queued on the channel before the
+/// fork: the child reads it as soon as it runs, instead of waiting for the
+/// parent to wake once `spawn` has returned and send it (a wake-up less on
+/// the start path; docs/BENCHMARKS.md, where the time goes).
+pub fn spawn_sending(
+    role: Role,
+    title: &str,
+    opts: &Options,
+    extra: &[String],
+    first: impl FnOnce(&Channel) -> Result<(), String>,
+) -> Result<ChildProc, SpawnError> {
     let (ours, theirs) = Channel::pair()?;
+    // Nobody reads yet: a frame the socket buffer cannot hold fails here
+    // instead of blocking the parent (MAX_PAYLOAD fits the default one).
+    ours.set_nonblocking(true)?;
+    first(&ours).map_err(SpawnError::First)?;
+    ours.set_nonblocking(false)?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg0(title)
         .args(["--role", role.name()])

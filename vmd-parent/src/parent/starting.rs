@@ -475,23 +475,30 @@ impl Parent {
             }
             return self.start_failed(id, "internal: an fd VmmStart needs is missing".into());
         };
-        let child = match spawn_role(Role::Vmm, &self.opts, &["--vm".into(), vm.name.clone()]) {
+        let extra = ["--vm".into(), vm.name.clone()];
+        let child = match spawn_sending(
+            Role::Vmm,
+            Role::Vmm.def().title,
+            &self.opts,
+            &extra,
+            |chan| {
+                chan.send(&Msg::VmmStart(params), id, &fds)
+                    .map_err(|e| e.to_string())
+            },
+        ) {
             Ok(child) => child,
             Err(e) => {
                 for d in &devices {
+                    // Reaped by the SIGCHLD path as unknown children.
                     let _ = kill(d.pid, Signal::SIGKILL);
                 }
-                return self.start_failed(id, format!("starting vm process: {e}"));
+                let what = match e {
+                    SpawnError::First(_) => "sending vm parameters",
+                    SpawnError::Spawn(_) => "starting vm process",
+                };
+                return self.start_failed(id, format!("{what}: {e}"));
             }
         };
-        if let Err(e) = child.chan.send(&Msg::VmmStart(params), id, &fds) {
-            let _ = kill(child.pid, Signal::SIGKILL);
-            for d in &devices {
-                let _ = kill(d.pid, Signal::SIGKILL);
-            }
-            // Reaped by the SIGCHLD path as unknown children.
-            return self.start_failed(id, format!("sending vm parameters: {e}"));
-        }
         // Ours of the images, TAPs and channels close when `p` and
         // `vm_ends` drop: each TAP lives exactly as long as its device
         // process holds it.
@@ -538,8 +545,6 @@ impl Parent {
             "--device".into(),
             name.clone(),
         ];
-        let child = spawn_titled(Role::Device, &title, &self.opts, &extra)
-            .map_err(|e| format!("starting device process {name}: {e}"))?;
         let dev = DevParams {
             vm_id: params.id,
             vm_name: vm.name.clone(),
@@ -560,10 +565,14 @@ impl Parent {
             _ => None,
         };
         all.extend(counters.as_ref().map(|(fd, _)| fd.as_fd()));
-        if let Err(e) = child.chan.send(&Msg::DevStart(dev), params.id, &all) {
-            let _ = kill(child.pid, Signal::SIGKILL);
-            return Err(format!("{name}: sending its parameters: {e}"));
-        }
+        let child = spawn_sending(Role::Device, &title, &self.opts, &extra, |chan| {
+            chan.send(&Msg::DevStart(dev), params.id, &all)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(|e| match e {
+            SpawnError::First(e) => format!("{name}: sending its parameters: {e}"),
+            SpawnError::Spawn(e) => format!("starting device process {name}: {e}"),
+        })?;
         debug!(
             "vm {}: device process {name} started ({})",
             vm.name, child.pid
