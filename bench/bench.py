@@ -52,6 +52,8 @@ PEERS_DIR = Path(os.environ.get("PEERS_DIR", "/var/tmp/peers"))
 FIRECRACKER = PEERS_DIR / "firecracker"
 CLOUD_HV = PEERS_DIR / "cloud-hypervisor"
 ALL_VMMS = ["vmd", "firecracker", "cloud-hypervisor", "qemu-microvm", "qemu-pc"]
+# qemu-microvm runs only the boot figures (no PCI): VMMS=...,qemu-microvm adds it.
+DEFAULT_VMMS = "vmd,firecracker,cloud-hypervisor,qemu-pc"
 
 
 def have(vmm):
@@ -62,7 +64,15 @@ def have(vmm):
 
 # VMMS=vmd,firecracker,... narrows the columns (QEMU's firmware makes its
 # boots 100x slower than the others').
-VMMS = [v for v in os.environ.get("VMMS", ",".join(ALL_VMMS)).split(",") if v in ALL_VMMS and have(v)]
+VMMS = [v for v in os.environ.get("VMMS", DEFAULT_VMMS).split(",") if v in ALL_VMMS and have(v)]
+# QEMU runs only the figures named here (its firmware takes ~1.4 CPU s a
+# boot, minutes for the idle-memory and exit figures on a busy machine):
+# by default those whose targets name it.
+QEMU_FIGS = set(os.environ.get("QEMU_FIGS", "boot,blk,net,bios").split(","))
+
+
+def vmms_for(fig):
+    return [v for v in VMMS if not v.startswith("qemu") or fig in QEMU_FIGS]
 PEERS = [v for v in VMMS if v != "vmd"]
 # Peers that can drive the PCI test guests' devices (QEMU microvm has only
 # virtio-mmio).
@@ -441,6 +451,40 @@ def tree(pid):
     return out
 
 
+def vm_pids(vmm_pid, name):
+    """Every process of one vmd VM: the vmm and what it started, and the
+    device processes the parent starts for it (`vmd: vm NAME blk0`)."""
+    pids = tree(vmm_pid)
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                argv0 = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if argv0.startswith(f"vmd: vm {name} ") and int(d) not in pids:
+                pids.append(int(d))
+    return pids
+
+
+def private_overhead(pid, guest_bytes):
+    """KiB of pages only this process maps (Private_Clean + Private_Dirty:
+    what the host gets back when it exits), guest RAM mapping left out."""
+    total, cur, maps = 0, None, []
+    for line in open(f"/proc/{pid}/smaps"):
+        parts = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            cur = {"path": parts[5] if len(parts) > 5 else "", "size": 0, "priv": 0}
+            maps.append(cur)
+        elif parts[0] in ("Private_Clean:", "Private_Dirty:"):
+            cur["priv"] += int(parts[1])
+        elif parts[0] == "Size:":
+            cur["size"] = int(parts[1])
+    g = guest_bytes // 1024
+    guest = max((m["priv"] for m in maps if g <= m["size"] <= g + 4096
+                 and (m["path"] in ("", "[anon]") or m["path"].startswith("/memfd:"))), default=0)
+    return sum(m["priv"] for m in maps) - guest
+
+
 def smaps_overhead(pid, guest_bytes):
     """(VMM RSS, guest RAM Rss, overhead) in KiB from /proc/PID/smaps.
     The guest RAM mapping is the anonymous mapping whose size is within
@@ -514,7 +558,7 @@ def fig_boot(vmd, tr):
     me = os.getpid()
     for gname, kernel, cmdline, marks, timeout, runs, mem in guests:
         for i in range(runs):
-            for vmm in VMMS:
+            for vmm in vmms_for("boot"):
                 if (f"{gname}-boot", vmm) in failures:
                     continue
                 log(f"boot {gname} {vmm} run {i + 1}/{runs}")
@@ -547,7 +591,7 @@ def fig_exits(vmd):
     marks = [f"VMD-BENCH {k} {e}\n".encode() for k in ["pio-out", "pio-in", "mmio-write", "mmio-read"]
              for e in ["begin", "end"]] + [b"VMD-BENCH exits done\n"]
     for i in range(RUNS):
-        for vmm in VMMS:
+        for vmm in vmms_for("exits"):
             if ("exits", vmm) in failures:
                 continue
             log(f"exits {vmm} run {i + 1}/{RUNS}")
@@ -575,7 +619,7 @@ def fig_exits(vmd):
 def fig_memory(vmd):
     for count in (1, 10):
         for i in range(RUNS):
-            for vmm in VMMS:
+            for vmm in vmms_for("memory"):
                 if (f"mem{count}", vmm) in failures:
                     continue
                 log(f"memory {count} idle VM(s) {vmm} run {i + 1}/{RUNS}")
@@ -592,20 +636,22 @@ def fig_memory(vmd):
                         for name, p in started:
                             vmd.wait_marks(name, [IDLE_MARK], 60, p)
                             p.wait()
-                            pids += tree(vmd.pid(name))
+                            pids += vm_pids(vmd.pid(name), name)
                     else:
                         for q in qs:
                             q.wait_marks([IDLE_MARK], 60)
                             pids.append(q.p.pid)
                     time.sleep(0.5)
-                    over = rss = guest = 0
+                    over = rss = guest = priv = 0
                     for pid in pids:
                         r, g, o = smaps_overhead(pid, 64 << 20)
                         rss, guest, over = rss + r, guest + g, over + o
+                        priv += private_overhead(pid, 64 << 20)
                     if count == 1:
                         add("1 idle VM: VMM RSS (MiB)", vmm, rss / 1024)
                         add("1 idle VM: guest pages touched (MiB)", vmm, guest / 1024)
                         add("1 idle VM: overhead = RSS - guest (MiB)", vmm, over / 1024)
+                        add("1 idle VM: private overhead = unshared pages - guest (MiB)", vmm, priv / 1024)
                         if vmm == "vmd" and i == 0:
                             d = sum(smaps_overhead(p, 1 << 60)[0] for p in vmd.daemon_pids())
                             notes.append(f"vmd's fixed daemons (parent, control, priv) add {d / 1024:.1f} MiB RSS "
@@ -613,6 +659,7 @@ def fig_memory(vmd):
                     else:
                         add("10 idle VMs: total overhead (MiB)", vmm, over / 1024)
                         add("10 idle VMs: overhead per VM (MiB)", vmm, over / 1024 / 10)
+                        add("10 idle VMs: Pss per VM, guest pages included (MiB)", vmm, pss_mib(pids) / 10)
                 except Exception as e:
                     fail(f"mem{count}", vmm, e)
                 finally:
@@ -1299,7 +1346,9 @@ def tl_analyse(t0, t_end, text, roles, me):
     wakes = {}                  # tid -> [(t, waker tid)]
     cur_sys = {}                # tid -> syscall it is in
     sys_exits = {}              # tid -> [(t, name)]
+    sys_names = {}              # tid -> [(t, syscall entered)]
     writes = []                 # (t, tid) write-like syscall entries
+    out_calls = []              # (t, tid) every traced thread's writes/sends
     first_run = None
     for ts, pid, name, rest, _ in ev:
         if name == "sched_switch":
@@ -1323,13 +1372,19 @@ def tl_analyse(t0, t_end, text, roles, me):
             if n == 16:
                 cmd = int(rest.split("(")[1].split(",")[1], 16)
                 cur_sys[pid] = f"ioctl({KVM_IOCTLS.get(cmd, hex(cmd))})"
+            sys_names.setdefault(pid, []).append((ts, cur_sys[pid]))
             if n == 16 and rest.split("(")[1].split(",")[1].strip() == "ae80" and first_run is None:
                 first_run = (ts, pid)
             if cur_sys[pid] in ("write", "pwrite64", "writev") and role.get(tgid.get(pid, pid)) == "parent":
                 writes.append((ts, pid))
+            if cur_sys[pid] in ("write", "writev", "sendmsg", "sendto") and tgid.get(pid, pid) != me:
+                out_calls.append((ts, pid))
         elif name == "sys_exit":
             sys_exits.setdefault(pid, []).append((ts, cur_sys.get(pid, "?")))
             cur_sys.pop(pid, None)
+    def cur_name(tid, t):
+        return next((n for ts_, n in sys_names.get(tid, []) if ts_ == t), "write")
+
     # The end: the parent's last console-log write before the harness saw the byte.
     ends = [(t, p) for t, p in writes if t <= t_end and (first_run is None or t > first_run[0])]
     if not ends:
@@ -1362,6 +1417,17 @@ def tl_analyse(t0, t_end, text, roles, me):
             if wp == 0 or waker == me or tgid.get(wp, wp) not in role and wp not in forks:
                 # Woken by an interrupt (a timer or I/O) in someone else's
                 # context: the wait was the thread's own.
+                # A write by another traced thread while it slept is what a
+                # kernel thread passed on (a pty's data goes through the
+                # tty layer's flush work): follow that thread.
+                src = [(ot, op) for ot, op in out_calls
+                       if op != tid and (bt is None or ot >= bt) and ot <= wt]
+                if src and not sc.endswith("sleep"):
+                    ot, op = src[-1]
+                    path.append((ot, wt, tid, f"hand-off through the kernel: {who(op)}'s {cur_name(op, ot)} "
+                                 f"woke it via a kernel thread ({sc})"))
+                    tid, t = op, ot
+                    continue
                 if bt is not None and bt < wt:
                     path.append((max(bt, t0), wt, tid, f"sleeping in {sc}, woken by the kernel (a timer, an interrupt or a kernel thread)"))
                 t = bt if bt is not None else wt
@@ -1443,6 +1509,10 @@ def fig_timeline(vmd):
             merged.append((a, b, tid, what))
     for a, b, tid, what in merged:
         L.append(f"| {ms(a):.2f} | {ms(b):.2f} | {(b - a) * 1e3:.2f} | {who(tid)} | {what} |")
+    if merged:
+        last = merged[-1][1]
+        L.append(f"| {ms(last):.2f} | {ms(t_end):.2f} | {(t_end - last) * 1e3:.2f} | harness | its next poll "
+                 "of the console log (every 0.5 ms, and it too waits for a CPU) |")
     waits = [(b - a, who(tid), what) for a, b, tid, what in path if what != "running" and b > a]
     tot = sum(w for w, _, _ in waits)
     L += ["", f"Waits that are not work on the path: {tot * 1e3:.2f} ms of {ms(t_end):.2f} ms "
@@ -1697,9 +1767,9 @@ def io_target():
 
 METHODS = [
     "- **Start -> first serial byte / marker**: t0 is taken just before spawning `vmctl start` (vmd) or "
-    "`qemu-system-x86_64` (QEMU). vmd's serial output is read from its console log "
-    "(`STATE/console/NAME.log`, written by the parent as it drains the pty), polled every 0.5 ms; QEMU's "
-    "from its `-serial stdio` pipe by a reader thread. A marker counts when its whole line has arrived. "
+    "the peer's process (`firecracker`, `cloud-hypervisor`, `qemu-system-x86_64`). vmd's serial output is read "
+    "from its console log (`STATE/console/NAME.log`, written by the parent as it drains the pty), polled every "
+    "0.5 ms; each peer's from its stdout pipe (its serial console) by a reader thread. A marker counts when its whole line has arrived. "
     "The test guest is `tests/guests/bench_boot.elf` (PVH entry, prints `VMD-BENCH boot` as its first "
     "output, then powers off); under QEMU it is loaded with `-kernel` (microvm: qboot + PVH; pc: SeaBIOS + "
     "the PVH option ROM). The Linux rows boot Debian's vmlinux (PVH note) with "
@@ -1714,9 +1784,13 @@ METHODS = [
     "The `all processes` row adds, for vmd, vmctl, control, parent and priv. For QEMU the guest's first "
     "instruction is its firmware's (qboot or SeaBIOS), not the test guest's.",
     "- **Memory**: `bench_boot.elf idle` prints `VMD-BENCH idle` and halts with interrupts off. 0.5 s "
-    "after the marker, Rss of every mapping in /proc/PID/smaps of the VMM process is summed; the guest "
-    "RAM mapping (anonymous, 64 MiB to 68 MiB in size, the largest Rss of those) is subtracted. RSS counts "
-    "shared library pages in full for each process (QEMU maps many more libraries than vmd).",
+    "after the marker, Rss of every mapping in /proc/PID/smaps of each of the VM's processes (vmd: the vmm, "
+    "what it started and the VM's device processes; a peer: its process) is summed; the guest RAM mapping "
+    "(anonymous or memfd, 64 MiB to 68 MiB in size, the largest Rss of those) is subtracted. RSS counts "
+    "every file page mapped in full for each process (libraries, and the VMM binary itself: vmd's is shared "
+    "with its daemons, a peer's with its other VMs only). The private row counts only pages no other process "
+    "maps (Private_Clean + Private_Dirty, guest RAM left out): what the host gets back when the VM stops. The "
+    "Pss row splits shared pages among the processes mapping them (guest pages included).",
     f"- **Exits**: `tests/guests/bench_exits.elf n={EXITS_N}` switches to ring 3 (CPL3 runs natively on "
     "this nested KVM; the TSS I/O bitmap allows every port, since this KVM ignores RFLAGS.IOPL for ring 3) "
     "and runs four phases of N accesses: `outb` to port 0x2e0, `inb` from it, 32-bit stores to and loads "
