@@ -14,7 +14,8 @@
 //! directly keeps the workspace free of another dependency and its
 //! vm-memory version coupling.
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::{Immutable, IntoBytes};
 
 use crate::arch::x86_64::layout::{
     ACPI_DSDT, ACPI_END, ACPI_FACS, ACPI_FADT, ACPI_MADT, ACPI_RSDP, ACPI_XSDT, IOAPIC_ADDR,
@@ -43,7 +44,7 @@ const CREATOR_REVISION: u32 = 1;
 
 /// The common header of every system description table (ACPI 5.2.6).
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct SdtHeader {
     signature: [u8; 4],
     length: u32,
@@ -58,7 +59,7 @@ struct SdtHeader {
 
 /// Root System Description Pointer, ACPI 2.0+ form (5.2.5.3).
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Rsdp {
     signature: [u8; 8],
     /// Covers the first 20 bytes (the ACPI 1.0 part).
@@ -76,7 +77,7 @@ struct Rsdp {
 
 /// Generic Address Structure (5.2.3.2).
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Gas {
     space_id: u8,
     bit_width: u8,
@@ -103,7 +104,7 @@ impl Gas {
 
 /// Fixed ACPI Description Table, revision 6 (5.2.9), 276 bytes.
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Fadt {
     header: SdtHeader,
     firmware_ctrl: u32,
@@ -196,7 +197,7 @@ const RESET_VALUE: u8 = 0x06;
 /// Firmware ACPI Control Structure (5.2.10): only for the global lock;
 /// no firmware waking vector (no S3).
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Facs {
     signature: [u8; 4],
     length: u32,
@@ -230,7 +231,7 @@ const ALL_PROCESSORS: u8 = 0xff;
 const ISA_BUS: u8 = 0;
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct MadtLocalApic {
     kind: u8,
     length: u8,
@@ -240,7 +241,7 @@ struct MadtLocalApic {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct MadtIoApic {
     kind: u8,
     length: u8,
@@ -251,7 +252,7 @@ struct MadtIoApic {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct MadtIntSourceOverride {
     kind: u8,
     length: u8,
@@ -262,7 +263,7 @@ struct MadtIntSourceOverride {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct MadtLocalApicNmi {
     kind: u8,
     length: u8,
@@ -270,25 +271,6 @@ struct MadtLocalApicNmi {
     flags: u16,
     lint: u8,
 }
-
-// SAFETY: plain packed structs of integers; every bit pattern is valid.
-unsafe impl ByteValued for SdtHeader {}
-// SAFETY: as above.
-unsafe impl ByteValued for Rsdp {}
-// SAFETY: as above.
-unsafe impl ByteValued for Gas {}
-// SAFETY: as above.
-unsafe impl ByteValued for Fadt {}
-// SAFETY: as above.
-unsafe impl ByteValued for Facs {}
-// SAFETY: as above.
-unsafe impl ByteValued for MadtLocalApic {}
-// SAFETY: as above.
-unsafe impl ByteValued for MadtIoApic {}
-// SAFETY: as above.
-unsafe impl ByteValued for MadtIntSourceOverride {}
-// SAFETY: as above.
-unsafe impl ByteValued for MadtLocalApicNmi {}
 
 // The fixed-size tables fit their slots in layout.rs; the RSDP sits on
 // the 16-byte boundary the scan needs and the FACS is 64-byte aligned.
@@ -349,13 +331,13 @@ fn rsdp(xsdt: u64) -> Rsdp {
         xsdt_addr: xsdt,
         ..Default::default()
     };
-    r.checksum = checksum(&r.as_slice()[..RSDP_V1_LEN]);
-    r.extended_checksum = checksum(r.as_slice());
+    r.checksum = checksum(&r.as_bytes()[..RSDP_V1_LEN]);
+    r.extended_checksum = checksum(r.as_bytes());
     r
 }
 
 fn xsdt(tables: &[u64]) -> Vec<u8> {
-    let mut t = header(b"XSDT", 1).as_slice().to_vec();
+    let mut t = header(b"XSDT", 1).as_bytes().to_vec();
     for a in tables {
         t.extend_from_slice(&a.to_le_bytes());
     }
@@ -397,7 +379,7 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         x_pm1a_cnt_blk: pm1a_cnt,
         ..Default::default()
     };
-    finish(f.as_slice().to_vec())
+    finish(f.as_bytes().to_vec())
 }
 
 fn facs() -> Facs {
@@ -577,13 +559,13 @@ fn dsdt_aml(window: &std::ops::Range<u32>) -> Vec<u8> {
 /// The DSDT, its PCI root bridge decoding memory `window`.
 fn dsdt(window: &std::ops::Range<u32>) -> Vec<u8> {
     // Revision 2: integers in AML are 64 bits wide.
-    let mut t = header(b"DSDT", 2).as_slice().to_vec();
+    let mut t = header(b"DSDT", 2).as_bytes().to_vec();
     t.extend_from_slice(&dsdt_aml(window));
     finish(t)
 }
 
 fn madt(vcpus: u32) -> Vec<u8> {
-    let mut t = header(b"APIC", 5).as_slice().to_vec();
+    let mut t = header(b"APIC", 5).as_bytes().to_vec();
     t.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
     t.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
     // MAX_VCPUS is far below 255, so 8-bit APIC ids (no x2APIC entries).
@@ -596,7 +578,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
                 apic_id: id as u8,
                 flags: LAPIC_ENABLED,
             }
-            .as_slice(),
+            .as_bytes(),
         );
     }
     t.extend_from_slice(
@@ -608,7 +590,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
             gsi_base: 0,
             ..Default::default()
         }
-        .as_slice(),
+        .as_bytes(),
     );
     // ISA IRQ 0 (the PIT) needs no override: KVM's default routing (which
     // we keep) wires GSI n to IOAPIC pin n, and the MP table says the same.
@@ -622,7 +604,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
             gsi: u32::from(SCI_IRQ),
             flags: INTI_ACTIVE_HIGH_LEVEL,
         }
-        .as_slice(),
+        .as_bytes(),
     );
     t.extend_from_slice(
         MadtLocalApicNmi {
@@ -632,7 +614,7 @@ fn madt(vcpus: u32) -> Vec<u8> {
             flags: INTI_CONFORMING,
             lint: 1,
         }
-        .as_slice(),
+        .as_bytes(),
     );
     finish(t)
 }
@@ -644,9 +626,9 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<u64, AcpiError> {
         return Err(AcpiError::TooLarge(vcpus));
     }
     let tables: [(&'static str, u64, Vec<u8>); 6] = [
-        ("RSDP", ACPI_RSDP, rsdp(ACPI_XSDT).as_slice().to_vec()),
+        ("RSDP", ACPI_RSDP, rsdp(ACPI_XSDT).as_bytes().to_vec()),
         ("XSDT", ACPI_XSDT, xsdt(&[ACPI_FADT, ACPI_MADT])),
-        ("FACS", ACPI_FACS, facs().as_slice().to_vec()),
+        ("FACS", ACPI_FACS, facs().as_bytes().to_vec()),
         ("FADT", ACPI_FADT, fadt(ACPI_FACS, ACPI_DSDT)),
         ("DSDT", ACPI_DSDT, dsdt(&DIRECT_PCI_WINDOW)),
         ("MADT", ACPI_MADT, madt),
@@ -705,13 +687,13 @@ pub fn loader_files(
     const T: &str = LOADER_TABLES_FILE;
     let mut blob = Vec::new();
     // The FACS first: the blob's alignment below gives it its 64 bytes.
-    let facs_at = append(&mut blob, facs().as_slice());
+    let facs_at = append(&mut blob, facs().as_bytes());
     let dsdt_at = append(&mut blob, &dsdt(&pci_window));
     let fadt_at = append(&mut blob, &fadt(facs_at, dsdt_at));
     let madt_at = append(&mut blob, &madt(vcpus));
     let listed = [fadt_at, madt_at];
     let xsdt_at = append(&mut blob, &xsdt(&listed));
-    let rsdp = rsdp(xsdt_at).as_slice().to_vec();
+    let rsdp = rsdp(xsdt_at).as_bytes().to_vec();
 
     // The blob is a few KiB (the MADT at MAX_VCPUS included), so every
     // offset fits the script's 32-bit fields.

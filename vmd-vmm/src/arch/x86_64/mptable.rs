@@ -5,7 +5,8 @@
 //! for it. The configuration table follows it when it fits in the EBDA's
 //! 1 KiB, and otherwise goes to the (reserved) BIOS ROM area.
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::{Immutable, IntoBytes};
 
 use crate::arch::x86_64::layout::{
     BIOS_ROM_END, BIOS_ROM_START, EBDA_END, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR,
@@ -53,7 +54,7 @@ const ISA_BUS_ID: u8 = 0;
 const ALL_LAPICS: u8 = 0xff;
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct FloatingPointer {
     signature: [u8; 4],
     config_table: u32,
@@ -68,7 +69,7 @@ struct FloatingPointer {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct ConfigHeader {
     signature: [u8; 4],
     base_length: u16,
@@ -86,7 +87,7 @@ struct ConfigHeader {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Processor {
     kind: u8,
     lapic_id: u8,
@@ -98,7 +99,7 @@ struct Processor {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Bus {
     kind: u8,
     bus_id: u8,
@@ -106,7 +107,7 @@ struct Bus {
 }
 
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct IoApic {
     kind: u8,
     id: u8,
@@ -117,7 +118,7 @@ struct IoApic {
 
 /// Both interrupt entry kinds (I/O and local) share this layout.
 #[repr(C, packed)]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, IntoBytes, Immutable)]
 struct Interrupt {
     kind: u8,
     int_type: u8,
@@ -127,19 +128,6 @@ struct Interrupt {
     dst_apic: u8,
     dst_pin: u8,
 }
-
-// SAFETY: plain packed structs of integers; every bit pattern is valid.
-unsafe impl ByteValued for FloatingPointer {}
-// SAFETY: as above.
-unsafe impl ByteValued for ConfigHeader {}
-// SAFETY: as above.
-unsafe impl ByteValued for Processor {}
-// SAFETY: as above.
-unsafe impl ByteValued for Bus {}
-// SAFETY: as above.
-unsafe impl ByteValued for IoApic {}
-// SAFETY: as above.
-unsafe impl ByteValued for Interrupt {}
 
 /// Makes the bytes of `data` sum to zero mod 256.
 fn checksum(data: &[u8]) -> u8 {
@@ -174,7 +162,7 @@ fn config_table(vcpus: u32) -> Vec<u8> {
                 features: CPU_FEATURES,
                 reserved: [0; 2],
             }
-            .as_slice(),
+            .as_bytes(),
         );
     }
     push(
@@ -183,7 +171,7 @@ fn config_table(vcpus: u32) -> Vec<u8> {
             bus_id: ISA_BUS_ID,
             bus_type: *b"ISA   ",
         }
-        .as_slice(),
+        .as_bytes(),
     );
     let ioapic = ioapic_id(vcpus);
     push(
@@ -194,7 +182,7 @@ fn config_table(vcpus: u32) -> Vec<u8> {
             flags: IOAPIC_ENABLED,
             addr: IOAPIC_ADDR,
         }
-        .as_slice(),
+        .as_bytes(),
     );
     // KVM's default routing wires ISA IRQ n to IOAPIC pin n.
     for irq in 0..ISA_IRQS {
@@ -208,7 +196,7 @@ fn config_table(vcpus: u32) -> Vec<u8> {
                 dst_apic: ioapic,
                 dst_pin: irq,
             }
-            .as_slice(),
+            .as_bytes(),
         );
     }
     // The legacy PIC feeds the BSP's LINT0; NMIs reach every LINT1.
@@ -223,7 +211,7 @@ fn config_table(vcpus: u32) -> Vec<u8> {
                 dst_apic,
                 dst_pin: pin,
             }
-            .as_slice(),
+            .as_bytes(),
         );
     }
 
@@ -237,10 +225,10 @@ fn config_table(vcpus: u32) -> Vec<u8> {
         lapic_addr: LAPIC_ADDR,
         ..Default::default()
     };
-    let mut table = header.as_slice().to_vec();
+    let mut table = header.as_bytes().to_vec();
     table.extend_from_slice(&entries);
     header.checksum = checksum(&table);
-    table[..std::mem::size_of::<ConfigHeader>()].copy_from_slice(header.as_slice());
+    table[..std::mem::size_of::<ConfigHeader>()].copy_from_slice(header.as_bytes());
     table
 }
 
@@ -266,8 +254,8 @@ pub fn write(mem: &GuestMemoryMmap, vcpus: u32) -> Result<(), MpTableError> {
         spec_rev: SPEC_REV_1_4,
         ..Default::default()
     };
-    fp.checksum = checksum(fp.as_slice());
-    mem.write_obj(fp, GuestAddress(EBDA_START))
+    fp.checksum = checksum(fp.as_bytes());
+    mem.write_slice(fp.as_bytes(), GuestAddress(EBDA_START))
         .map_err(MpTableError::Write)
 }
 
